@@ -1,0 +1,283 @@
+"""The ``tinylm`` command: thin argument parsing over functions that return results.
+
+Flags for the model and training settings are generated from the config dataclasses, so
+every field can be set from the command line (``--n-layer 6``, ``--max-tokens 2e6``) and
+their help is the field's docstring. Precedence: preset < --config YAML < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig, field_docs, preset
+from tinylm.errors import UserError
+
+BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
+
+
+# --- flags generated from the dataclasses ---------------------------------------------
+
+
+def _on_off(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("on", "true", "yes", "1"):
+        return True
+    if lowered in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def _integer(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, kind: type, title: str, skip=()) -> None:
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(kind)
+    docs = field_docs(kind)
+    for f in dataclasses.fields(kind):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        flag = "--" + f.name.replace("_", "-")
+        help_text = docs.get(f.name, "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        elif base is bool:
+            kwargs.update(type=_on_off, nargs="?", const=True, metavar="on|off")
+        elif base is int:
+            kwargs["type"] = _integer
+        elif base is float:
+            kwargs["type"] = float
+        else:
+            kwargs["type"] = str
+        group.add_argument(flag, **kwargs)
+
+
+def _split_flags(args: argparse.Namespace) -> tuple[dict, dict]:
+    given = vars(args)
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return (
+        {k: v for k, v in given.items() if k in model_names},
+        {k: v for k, v in given.items() if k in train_names},
+    )
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of settings")
+    return raw
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Preset, then the YAML recipe, then explicit flags."""
+    recipe = _load_yaml(args.config) if getattr(args, "config", None) else {}
+    preset_name = getattr(args, "preset", None) or recipe.pop("preset", None) or "basic"
+    model = dataclasses.asdict(preset(preset_name))
+    train: dict[str, Any] = {}
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for section, target, names in (("model", model, model_names), ("train", train, train_names)):
+        nested = recipe.pop(section, {}) or {}
+        unknown = set(nested) - names
+        if unknown:
+            raise UserError(f"unknown {section} setting(s) in {args.config}: {', '.join(sorted(unknown))}")
+        target.update(nested)
+    for key, value in recipe.items():  # flat keys go wherever they belong
+        if key in model_names:
+            model[key] = value
+        elif key in train_names:
+            train[key] = value
+        else:
+            raise UserError(f"unknown setting {key!r} in {args.config}")
+    model_flags, train_flags = _split_flags(args)
+    model.update(model_flags)
+    train.update(train_flags)
+    if not any(train.get(k) for k in BUDGET_FIELDS):
+        train["max_steps"] = 200
+    return RunConfig(model=ModelConfig(**model), train=TrainConfig(**train), preset=preset_name)
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tinylm.train import CONFIG_FILE, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / CONFIG_FILE).exists():
+            raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+        cfg = RunConfig.load(run_dir / CONFIG_FILE)
+        model_flags, train_flags = _split_flags(args)
+        other = sorted(set(model_flags) | (set(train_flags) - set(BUDGET_FIELDS) - {"device"}))
+        if other or args.preset or args.config:
+            raise UserError("with --resume only --max-steps, --max-tokens, --max-time and --device may change")
+        for key, value in train_flags.items():
+            setattr(cfg.train, key, value)
+        cfg.train.out = str(run_dir)
+        cfg.train.__post_init__()
+        if train_flags:
+            cfg.save(run_dir / CONFIG_FILE)
+    else:
+        cfg = resolve_config(args)
+    result = train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    _print_summary(result.summary, result.run_dir)
+    if result.interrupted:
+        print(f"interrupted at step {result.summary['steps']}; continue with: tinylm train --resume {result.run_dir}")
+        return 130
+    return 0
+
+
+def _print_summary(s: dict, run_dir: Path) -> None:
+    def fmt(v):
+        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    rows = [
+        ("val loss start -> best", f"{fmt(s['start_val_loss'])} -> {fmt(s['best_val_loss'])} (step {s['best_step']})"),
+        ("final val / train loss", f"{fmt(s['final_val_loss'])} / {fmt(s['final_train_loss'])}"),
+        ("steps, token slots", f"{s['steps']}, {s['tokens']:,}"),
+        ("utilisation", fmt(s["utilisation"])),
+        ("train time", f"{s['train_time_s']:.1f} s ({fmt(s['tokens_per_s'])} tok/s)"),
+        ("stability", f"{s['stability']['label']} ({s['stability']['reason']})"),
+    ]
+    for name, value in rows:
+        print(f"{name:<24} {value}")
+    print(f"run directory            {run_dir}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from tinylm.data.prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(args.data, args.tokenizer, args.val_fraction, args.text_field, args.doc_sep)
+    data = prepare(options, out=Path(args.out) if args.out else None)
+    meta = data.meta
+    print(f"prepared {meta['source']} with {meta['tokenizer']} (vocabulary {meta['vocab_size']}, {meta['dtype']})")
+    for split, info in meta["splits"].items():
+        print(f"  {split:<5} {info['documents']:>9,} documents {info['tokens']:>12,} tokens")
+    if args.block_size:
+        _print_utilisation(data, args.block_size)
+    print(f"  in {data.directory}")
+    return 0
+
+
+def _print_utilisation(data, block_size: int) -> None:
+    from tinylm.data.batching import PackedRows, PaddedRows
+
+    split = data.split("train")
+    eot = data.meta["eot_id"]
+    padded = PaddedRows(split, block_size, eot, seed=0)
+    packed = PackedRows(split, block_size, eot, seed=0)
+    packed_util = packed.n_rows * block_size / (len(split.tokens) - 1)
+    print(
+        f"  token utilisation at block {block_size}: packed {100 * packed_util:.2f}% of the stream in full "
+        f"blocks (100% of slots real), padded {100 * padded.expected_utilisation:.2f}% of slots real "
+        f"({padded.truncated_docs:,} documents truncated)"
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from tinylm.costs import model_costs
+
+    cfg = resolve_config(args)
+    costs = model_costs(cfg.model, batch_size=cfg.train.batch_size)
+    if args.json:
+        print(json.dumps({"preset": cfg.preset, "model": dataclasses.asdict(cfg.model), **costs.to_dict()}, indent=2))
+        return 0
+    m = cfg.model
+    print(f"preset {cfg.preset}: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, block {m.block_size}, "
+          f"vocabulary {m.vocab_size}")  # fmt: skip
+    print(f"  parameters            {costs.params:,} ({costs.params_non_embedding:,} without embeddings)")
+    print(f"  training FLOPs/token  {costs.flops_per_token_train:,} "
+          f"({100 * costs.output_layer_flop_share:.0f}% in the output layer)")  # fmt: skip
+    mem = costs.memory_bytes
+    print(f"  memory, batch {cfg.train.batch_size}      ~{mem['total'] / 2**20:,.0f} MiB "
+          f"(weights+grads+AdamW {(mem['weights'] + mem['gradients'] + mem['optimizer']) / 2**20:,.0f}, "
+          f"activations {mem['activations'] / 2**20:,.0f}, logits chunk {mem['logits_chunk'] / 2**20:,.0f})")  # fmt: skip
+    return 0
+
+
+def cmd_fetch_tokenizer(args: argparse.Namespace) -> int:
+    from tinylm.data.tokenizer import gpt2_ranks_path
+
+    path = gpt2_ranks_path(fetch=True)
+    print(f"GPT-2 tokenizer ranks verified at {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinylm", description="Train small GPT models and measure what matters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (or --resume one)")
+    p.add_argument("--preset", choices=list(PRESETS), help="model shape to start from (default basic)")
+    p.add_argument("--config", help="YAML recipe; flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_dataclass_flags(p, ModelConfig, "model")
+    _add_dataclass_flags(p, TrainConfig, "training")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="tokenise a data source into memory-mapped token files")
+    p.add_argument("--data", required=True, help="path, 'shakespeare', 'tinystories' or 'hf:NAME[:CONFIG]'")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or 'bpe:N'")
+    p.add_argument("--out", help="directory to write (default: the cache, keyed by content)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--doc-sep", default=None)
+    p.add_argument("--block-size", type=_integer, default=512, help="report token utilisation at this block size")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("info", help="parameters, FLOPs and memory of a model")
+    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--config", help="YAML recipe")
+    p.add_argument("--json", action="store_true")
+    _add_dataclass_flags(p, ModelConfig, "model")
+    p.add_argument("--batch-size", type=_integer, default=argparse.SUPPRESS, dest="batch_size")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fetch-tokenizer", help="install the GPT-2 tokenizer ranks for offline use")
+    p.set_defaults(func=cmd_fetch_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"tinylm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tinylm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Typed run configuration: model shape, data, optimisation and budget.
+
+Every field is documented where it is declared, validated in ``__post_init__`` and saved
+with each run as ``config.json``. Named presets are plain data (:data:`PRESETS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tinylm.errors import UserError
+
+GPT2_VOCAB_SIZE = 50257
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a GPT-2 style decoder."""
+
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    block_size: int = 512
+    """Longest context, in tokens (learned positions)."""
+    vocab_size: int = GPT2_VOCAB_SIZE
+    """Rows of the tied token embedding / output layer."""
+    dropout: float = 0.0
+    """Dropout on attention, MLP and embeddings (0 for these short runs)."""
+    bias: bool = True
+    """Biases in Linear layers and LayerNorms, as GPT-2 has."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The three sizes of the seed report (parameter counts with the GPT-2 vocabulary).
+    "basic": ModelConfig(n_layer=4, n_head=4, n_embd=128),  # 7,291,776
+    "mid": ModelConfig(n_layer=6, n_head=6, n_embd=192),  # 12,417,216
+    # quality pads the vocabulary to a multiple of 64 (as nanoGPT does) for faster GPU
+    # matmuls; the 47 extra rows are never a target.
+    "quality": ModelConfig(n_layer=12, n_head=6, n_embd=384, vocab_size=50304),  # 40,807,680
+    # For tests and smoke runs: seconds on a laptop CPU.
+    "tiny": ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+Init = Literal["scaled", "naive"]
+Schedule = Literal["constant", "cosine", "wsd"]
+Batching = Literal["padded", "packed"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's shape."""
+
+    # --- data ---
+    data: str = "shakespeare"
+    """Data spec: a file or folder path, 'shakespeare', 'tinystories' or 'hf:NAME[:CONFIG]'."""
+    tokenizer: str = "gpt2"
+    """'gpt2' (tiktoken r50k_base) or 'bpe:N' (byte-level BPE trained on the data)."""
+    batching: Batching = "packed"
+    """'packed': documents joined by <|endoftext|> into full blocks; 'padded': one document a row."""
+    doc_mask: bool = False
+    """Packed only: attention stays inside each document, positions restart per document."""
+    val_fraction: float = 0.05
+    """Share of documents held out when the source has no validation split."""
+    text_field: str = "text"
+    """Field holding the text in .json/.jsonl/.parquet/hub sources."""
+    doc_sep: str | None = None
+    """Line that separates documents in a .txt without <|endoftext|> lines (default: blank lines)."""
+
+    # --- model init ---
+    init: Init = "scaled"
+    """'scaled': GPT-2 init, N(0, 0.02) and residual projections 0.02/sqrt(2 n_layer); 'naive': N(0, 1)."""
+
+    # --- optimisation ---
+    lr: float = 1e-3
+    """Peak learning rate."""
+    schedule: Schedule = "constant"
+    """'constant', 'cosine' (warm-up then cosine decay) or 'wsd' (warm-up, stable, decay)."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps for cosine/wsd; default 5% of the run."""
+    min_lr_ratio: float = 0.1
+    """Floor of cosine/wsd decay as a fraction of the peak."""
+    decay_fraction: float = 0.2
+    """wsd: the final share of the run spent decaying."""
+    weight_decay: float = 0.1
+    """AdamW decay on matrices (never on biases, LayerNorms or position embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+    # --- budget: whichever comes first ends the run ---
+    max_steps: int | None = None
+    """Optimizer steps."""
+    max_tokens: int | None = None
+    """Token slots (steps x batch x accumulation x block size)."""
+    max_time: float | None = None
+    """Seconds of training (evaluation included)."""
+
+    # --- evaluation and logging ---
+    eval_every: int = 50
+    """Steps between validation passes (step 0 and the last step are always evaluated)."""
+    eval_tokens: int | None = 65536
+    """Cap on validation tokens (a fixed prefix of the validation stream); None uses all."""
+    log_every: int = 1
+    """Steps between metrics.jsonl lines."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints; default: at every evaluation."""
+    tensorboard: bool = False
+    """Also write metrics as TensorBoard events under OUT/tensorboard."""
+
+    # --- stability guard ---
+    guard: bool = True
+    """Skip non-finite or extreme updates and roll back from divergence with a lower LR."""
+
+    # --- run ---
+    seed: int = 1337
+    device: str = "auto"
+    """'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N'."""
+    out: str = "runs/latest"
+    """Run directory."""
+
+    def __post_init__(self) -> None:
+        if self.init not in ("scaled", "naive"):
+            raise UserError(f"init must be 'scaled' or 'naive', got {self.init!r}")
+        if self.schedule not in ("constant", "cosine", "wsd"):
+            raise UserError(f"schedule must be constant, cosine or wsd, got {self.schedule!r}")
+        if self.batching not in ("padded", "packed"):
+            raise UserError(f"batching must be 'padded' or 'packed', got {self.batching!r}")
+        if self.doc_mask and self.batching != "packed":
+            raise UserError("--doc-mask needs --batching packed")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise UserError("batch_size and grad_accum must be at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("max_steps", "max_tokens", "eval_every", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise UserError(f"max_time must be positive, got {self.max_time}")
+        if self.max_steps is None and self.max_tokens is None and self.max_time is None:
+            raise UserError("no budget: give --max-steps, --max-tokens or --max-time")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the model's shape and how it is trained. Saved as config.json."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200))
+    preset: str | None = None
+    """Name of the preset the model shape started from, if any."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        return cls(
+            model=_build(ModelConfig, raw.get("model", {}), "model"),
+            train=_build(TrainConfig, raw.get("train", {}), "train"),
+            preset=raw.get("preset"),
+        )
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _build(kind: type, raw: dict[str, Any], section: str) -> Any:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"unknown {section} setting(s): {', '.join(unknown)}")
+    return kind(**raw)
+
+
+def field_docs(kind: type) -> dict[str, str]:
+    """The docstring under each dataclass field (used as CLI help)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(kind)))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = following.value.value
+    return docs

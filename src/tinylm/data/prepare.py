@@ -1,0 +1,202 @@
+"""Tokenise a source once into memory-mapped token files with document boundaries.
+
+A prepared directory holds, per split, ``SPLIT.bin`` (every document's tokens followed by
+<|endoftext|>, uint16 when the vocabulary fits, else uint32) and ``SPLIT.idx`` (int64
+offsets: document i is ``bin[idx[i]:idx[i+1]]``), plus ``meta.json`` and, for a trained BPE,
+``tokenizer.json``. It is written under a temporary name and renamed, so a directory that
+exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tinylm.data.sources import ReadOptions, Source, open_source
+from tinylm.data.tokenizer import BPETokenizer, Tokenizer, cache_dir, load_tokenizer, parse_bpe_size
+from tinylm.errors import UserError
+
+FORMAT_VERSION = 1
+_BATCH_CHARS = 1 << 22  # documents are tokenised in batches of about 4 MB of text
+
+
+@dataclass
+class PrepareOptions:
+    data: str
+    tokenizer: str = "gpt2"
+    val_fraction: float = 0.05
+    text_field: str = "text"
+    doc_sep: str | None = None
+
+
+@dataclass
+class PreparedData:
+    directory: Path
+    meta: dict
+    tokenizer: Tokenizer
+
+    def split(self, name: str) -> TokenSplit:
+        return TokenSplit.load(self.directory, name, np.dtype(self.meta["dtype"]))
+
+
+@dataclass
+class TokenSplit:
+    tokens: np.ndarray  # memory-mapped, (n_tokens,)
+    offsets: np.ndarray  # (n_docs + 1,)
+
+    @classmethod
+    def load(cls, directory: Path, split: str, dtype: np.dtype) -> TokenSplit:
+        tokens = np.memmap(directory / f"{split}.bin", dtype=dtype, mode="r")
+        offsets = np.fromfile(directory / f"{split}.idx", dtype=np.int64)
+        return cls(tokens, offsets)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+def cache_key(source: Source, options: PrepareOptions) -> str:
+    identity = {
+        "format": FORMAT_VERSION,
+        "source": source.fingerprint,
+        "tokenizer": options.tokenizer,
+        "val_fraction": options.val_fraction,
+        "text_field": options.text_field,
+        "doc_sep": options.doc_sep,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = False) -> PreparedData:
+    """Prepare ``options.data`` into ``out`` (default: the content-keyed cache) or reuse it."""
+    bpe_size = parse_bpe_size(options.tokenizer)  # fail on a bad tokenizer before reading data
+    source = open_source(options.data, ReadOptions(options.text_field, options.doc_sep))
+    key = cache_key(source, options)
+    directory = out if out is not None else cache_dir() / "data" / key
+    meta_path = directory / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("cache_key") == key:
+            return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
+        if out is not None:
+            raise UserError(f"{directory} holds data prepared from something else; choose another --out")
+    elif directory.exists() and any(directory.iterdir()):
+        raise UserError(f"{directory} exists and is not a prepared data directory")
+
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _write(source, options, key, bpe_size, tmp, quiet)
+        if directory.exists():
+            directory.rmdir()  # empty, checked above
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
+
+
+def _is_val(index: int, fraction: float) -> bool:
+    """Deterministic, evenly spread split by document index: every (1/fraction)-th document."""
+    return int((index + 1) * fraction) > int(index * fraction)
+
+
+def _split_documents(source: Source, fraction: float, want_val: bool) -> Iterator[str]:
+    if source.val is not None:
+        yield from (source.val() if want_val else source.train())
+        return
+    for i, doc in enumerate(source.train()):
+        if _is_val(i, fraction) == want_val:
+            yield doc
+
+
+def _write(source: Source, options: PrepareOptions, key: str, bpe_size: int | None, tmp: Path, quiet: bool) -> dict:
+    started = time.perf_counter()
+    if bpe_size is None:
+        tokenizer: Tokenizer = load_tokenizer("gpt2")
+    else:
+        if not quiet:
+            print(f"training a byte-level BPE of {bpe_size} tokens on {source.description}", file=sys.stderr)
+        tokenizer = BPETokenizer.train(_split_documents(source, options.val_fraction, False), bpe_size)
+        tokenizer.save(tmp)
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    splits = {}
+    for split in ("train", "val"):
+        docs = _split_documents(source, options.val_fraction, split == "val")
+        total = source.size_bytes if split == "train" else None
+        splits[split] = _tokenize_split(docs, tokenizer, dtype, tmp / split, total, quiet, split)
+        if splits[split]["documents"] == 0:
+            raise UserError(
+                f"{source.description}: the {split} split has no documents"
+                + (" (the corpus is empty)" if split == "train" else "; raise --val-fraction")
+            )
+    meta = {
+        "format": FORMAT_VERSION,
+        "cache_key": key,
+        "source": source.description,
+        "fingerprint": source.fingerprint,
+        "tokenizer": tokenizer.spec,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": np.dtype(dtype).name,
+        "val_fraction": options.val_fraction if source.val is None else None,
+        "own_validation_split": source.val is not None,
+        "splits": splits,
+        "invalid_utf8_bytes": source.stats.invalid_bytes,
+        "prepare_seconds": round(time.perf_counter() - started, 3),
+    }
+    if source.stats.invalid_bytes:
+        print(
+            f"warning: {source.stats.invalid_bytes} bytes of invalid UTF-8 in {source.description} "
+            "were replaced with U+FFFD",
+            file=sys.stderr,
+        )
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _tokenize_split(
+    docs: Iterator[str], tokenizer: Tokenizer, dtype, stem: Path, total_bytes: int | None, quiet: bool, split: str
+) -> dict:
+    n_docs = n_tokens = n_chars = 0
+    offsets = [0]
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenising {split}", disable=quiet or None)
+    with open(stem.with_suffix(".bin"), "wb") as out:
+
+        def flush(batch: list[str]) -> None:
+            nonlocal n_docs, n_tokens
+            for ids in tokenizer.encode_batch(batch):
+                ids.append(tokenizer.eot_id)
+                np.asarray(ids, dtype=dtype).tofile(out)
+                n_tokens += len(ids)
+                offsets.append(n_tokens)
+            n_docs += len(batch)
+            bar.update(sum(len(d.encode("utf-8", "replace")) for d in batch))
+
+        batch: list[str] = []
+        batch_chars = 0
+        for doc in docs:
+            batch.append(doc)
+            batch_chars += len(doc)
+            n_chars += len(doc)
+            if batch_chars >= _BATCH_CHARS:
+                flush(batch)
+                batch, batch_chars = [], 0
+        if batch:
+            flush(batch)
+    bar.close()
+    np.asarray(offsets, dtype=np.int64).tofile(stem.with_suffix(".idx"))
+    return {"documents": n_docs, "tokens": n_tokens, "characters": n_chars}

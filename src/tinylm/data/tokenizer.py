@@ -1,0 +1,186 @@
+"""Tokenizers: GPT-2's (tiktoken r50k_base, offline) and a byte-level BPE trained on the data.
+
+The GPT-2 ranks are not downloaded from a model hub: they are byte-identical to
+``whisper/assets/gpt2.tiktoken`` in the openai-whisper source distribution on PyPI, which a
+package registry serves. ``fetch_gpt2_ranks`` takes them from there once, checks the sha256
+and keeps them in the user's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from tinylm.errors import UserError
+
+EOT_TEXT = "<|endoftext|>"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+_WHISPER_SDIST = "openai-whisper==20250625"
+# GPT-2's pre-tokenisation pattern (as published with the r50k_base encoding).
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer(Protocol):
+    spec: str
+    vocab_size: int
+    eot_id: int
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+def cache_dir() -> Path:
+    """Where tinylm keeps the tokenizer ranks and prepared data sets."""
+    if os.environ.get("TINYLM_CACHE"):
+        return Path(os.environ["TINYLM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tinylm"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def gpt2_ranks_path(fetch: bool = True) -> Path:
+    """Path of a verified r50k_base ranks file, fetching it once if needed."""
+    explicit = os.environ.get("TINYLM_GPT2_RANKS")
+    path = Path(explicit) if explicit else cache_dir() / "gpt2.tiktoken"
+    if path.exists():
+        if _sha256(path) != GPT2_RANKS_SHA256:
+            raise UserError(f"{path} is not the GPT-2 ranks file (sha256 mismatch); delete it")
+        return path
+    if explicit:
+        raise UserError(f"TINYLM_GPT2_RANKS points to {path}, which does not exist")
+    if not fetch:
+        raise UserError("the GPT-2 tokenizer is not installed; run: tinylm fetch-tokenizer")
+    return fetch_gpt2_ranks(path)
+
+
+def fetch_gpt2_ranks(dest: Path) -> Path:
+    """Take gpt2.tiktoken out of the openai-whisper sdist (a PyPI download) and verify it."""
+    print(f"tinylm: fetching the GPT-2 tokenizer ranks from PyPI ({_WHISPER_SDIST} sdist)", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               "--dest", tmp, _WHISPER_SDIST]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("openai_whisper-*.tar.gz")) + list(Path(tmp).glob("openai-whisper-*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"could not download {_WHISPER_SDIST} for the GPT-2 ranks: {last}")
+        with tarfile.open(sdists[0]) as archive:
+            member = next((m for m in archive.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken")), None)
+            if member is None:
+                raise UserError(f"{sdists[0].name} holds no whisper/assets/gpt2.tiktoken")
+            data = archive.extractfile(member).read()  # type: ignore[union-attr]
+    if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
+        raise UserError("the downloaded GPT-2 ranks fail the sha256 check; not installed")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = dest.with_suffix(".tmp")
+    tmp_path.write_bytes(data)
+    os.replace(tmp_path, dest)
+    return dest
+
+
+class GPT2Tokenizer:
+    """tiktoken's r50k_base: 50257 tokens, <|endoftext|> = 50256."""
+
+    spec = "gpt2"
+
+    def __init__(self) -> None:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        ranks = load_tiktoken_bpe(str(gpt2_ranks_path()))
+        self._enc = tiktoken.Encoding(
+            name="gpt2", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT_TEXT: len(ranks)}
+        )
+        self.vocab_size = self._enc.n_vocab
+        self.eot_id = self._enc.eot_token
+        self._threads = max(1, os.cpu_count() or 1)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=self._threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode(list(ids))
+
+    def save(self, directory: Path) -> None:
+        pass  # fully described by its spec
+
+
+class BPETokenizer:
+    """A byte-level BPE (Hugging Face ``tokenizers``) trained on the user's data."""
+
+    FILE = "tokenizer.json"
+
+    def __init__(self, hf_tokenizer, spec: str) -> None:
+        self._tok = hf_tokenizer
+        self.spec = spec
+        self.vocab_size = hf_tokenizer.get_vocab_size()
+        self.eot_id = hf_tokenizer.token_to_id(EOT_TEXT)
+
+    @classmethod
+    def train(cls, documents: Iterator[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(documents, trainer=trainer)
+        return cls(tok, f"bpe:{vocab_size}")
+
+    @classmethod
+    def load(cls, directory: Path, spec: str) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_file(str(directory / cls.FILE)), spec)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory: Path) -> None:
+        self._tok.save(str(directory / self.FILE))
+
+
+def parse_bpe_size(spec: str) -> int | None:
+    """'bpe:N' -> N; 'gpt2' -> None; anything else is a user error."""
+    if spec == "gpt2":
+        return None
+    if spec.startswith("bpe:"):
+        try:
+            size = int(spec[4:])
+        except ValueError:
+            size = 0
+        if size < 257:
+            raise UserError(f"bpe vocabulary must be an integer of at least 257 (the bytes + EOT), got {spec!r}")
+        return size
+    raise UserError(f"unknown tokenizer {spec!r}; use 'gpt2' or 'bpe:N'")
+
+
+def load_tokenizer(spec: str, directory: Path | None = None) -> Tokenizer:
+    """The tokenizer named by spec; a trained BPE is read from ``directory``."""
+    if parse_bpe_size(spec) is None:
+        return GPT2Tokenizer()
+    if directory is None or not (directory / BPETokenizer.FILE).exists():
+        raise UserError(f"no trained tokenizer for {spec!r} in {directory}")
+    return BPETokenizer.load(directory, spec)

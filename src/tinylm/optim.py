@@ -1,0 +1,54 @@
+"""AdamW with decay / no-decay groups, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tinylm.config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """Weight decay on weight matrices only: never on biases, LayerNorms or position embeddings."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.dim() >= 2 and "wpe" not in name else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # fused kernels on GPU; the multi-tensor (foreach) path on CPU
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fast)
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None, time_fraction: float = 0.0) -> float:
+    """Learning rate for ``step`` (0-based).
+
+    With a step budget the schedule is laid out over ``total_steps``; with only a time
+    budget, progress is the fraction of the time used.
+    """
+    if cfg.schedule == "constant":
+        return cfg.lr
+    floor = cfg.lr * cfg.min_lr_ratio
+    if total_steps is not None:
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total_steps))
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+    else:
+        warmup_fraction = 0.05
+        if time_fraction < warmup_fraction:
+            return cfg.lr * max(time_fraction / warmup_fraction, 1e-3)
+        progress = (time_fraction - warmup_fraction) / (1 - warmup_fraction)
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "cosine":
+        return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # wsd: hold the peak, then decay linearly over the final decay_fraction of the run
+    stable = 1.0 - cfg.decay_fraction
+    if progress <= stable:
+        return cfg.lr
+    return cfg.lr - (cfg.lr - floor) * (progress - stable) / cfg.decay_fraction

@@ -1,0 +1,262 @@
+"""The training loop: ``train(cfg) -> TrainResult``; the CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tinylm import checkpoint
+from tinylm.config import RunConfig
+from tinylm.data.batching import training_rows, validation_batches
+from tinylm.data.prepare import PreparedData, PrepareOptions, prepare
+from tinylm.errors import UserError
+from tinylm.evaluate import autocast_for, validation_loss
+from tinylm.metrics import MetricsLog, truncate_metrics
+from tinylm.model import GPT
+from tinylm.optim import build_optimizer, learning_rate
+from tinylm.stability import StabilityMonitor
+from tinylm.summary import SUMMARY_FILE, write_summary
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    interrupted: bool = False
+
+
+@dataclass
+class Progress:
+    """Everything about where a run stands that a checkpoint must carry."""
+
+    step: int = 0
+    tokens: int = 0  # token slots trained on
+    real_tokens: int = 0  # slots holding a real (non-pad) target
+    elapsed_s: float = 0.0
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    stability: dict[str, Any] = field(default_factory=dict)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {name!r}") from e
+
+
+def prepare_data(cfg: RunConfig, quiet: bool = False) -> PreparedData:
+    t = cfg.train
+    options = PrepareOptions(t.data, t.tokenizer, t.val_fraction, t.text_field, t.doc_sep)
+    return prepare(options, quiet=quiet)
+
+
+def fit_vocabulary(cfg: RunConfig, data: PreparedData) -> None:
+    """A trained BPE shrinks the embedding to its size; a vocabulary that does not fit is an error."""
+    vocab = data.meta["vocab_size"]
+    if data.meta["tokenizer"].startswith("bpe:"):
+        cfg.model.vocab_size = vocab
+    elif vocab > cfg.model.vocab_size:
+        raise UserError(
+            f"the {data.meta['tokenizer']} vocabulary has {vocab} tokens, more than the model's "
+            f"embedding ({cfg.model.vocab_size}); raise --vocab-size"
+        )
+
+
+def total_steps(cfg: RunConfig) -> int | None:
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+    limits = [t.max_steps] if t.max_steps else []
+    if t.max_tokens:
+        limits.append(math.ceil(t.max_tokens / per_step))
+    return min(limits) if limits else None
+
+
+class _StopFlag:
+    """Set by Ctrl-C / SIGTERM: the loop finishes the step, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.requested:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.requested = True
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    if (run_dir / CONFIG_FILE).exists() or (run_dir / SUMMARY_FILE).exists():
+        raise UserError(f"{run_dir} holds another run; resume it with --resume {run_dir} or choose another --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file")
+
+
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    quiet: bool = False,
+    interrupt_after: int | None = None,
+) -> TrainResult:
+    """Train (or, with ``resume``, continue) the run described by cfg in ``cfg.train.out``.
+
+    interrupt_after: behave as if Ctrl-C came during that step (for tests).
+    """
+    t = cfg.train
+    run_dir = Path(t.out)
+    if not resume:
+        check_fresh_run_dir(run_dir)
+    device = select_device(t.device)
+    data = prepare_data(cfg, quiet=quiet)
+    fit_vocabulary(cfg, data)
+    T = cfg.model.block_size
+    eot = data.meta["eot_id"]
+    rows = training_rows(data.split("train"), t.batching, T, eot, t.seed, t.doc_mask)
+    val_batches = validation_batches(data.split("val"), T, t.batch_size, t.eval_tokens, eot, t.doc_mask)
+
+    torch.manual_seed(t.seed)
+    model = GPT(cfg.model)
+    model.init_weights(t.init, seed=t.seed)
+    model.to(device)
+    optimizer = build_optimizer(model, t, device)
+
+    if resume:
+        progress = Progress(**checkpoint.load(run_dir, model, optimizer))
+        truncate_metrics(run_dir, progress.step)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / CONFIG_FILE)
+        progress = Progress()
+
+    steps_budget = total_steps(cfg)
+    slots_per_micro = t.batch_size * T
+    monitor = StabilityMonitor(t.guard, progress.stability)
+    log = MetricsLog(run_dir, t.tensorboard)
+    stop = _StopFlag()
+    context = {
+        "params": model.num_params(),
+        "params_non_embedding": model.num_params(non_embedding=True),
+        "device": str(device),
+        "data": data.meta["source"],
+        "tokenizer": data.meta["tokenizer"],
+        "batching": t.batching,
+    }
+    if t.batching == "padded":
+        context["truncated_docs"] = rows.truncated_docs
+
+    def evaluate() -> float:
+        loss = validation_loss(model, val_batches, device)
+        progress.val_losses.append((progress.step, loss))
+        return loss
+
+    def time_used() -> float:
+        return progress.elapsed_s
+
+    def budget_done() -> bool:
+        if steps_budget is not None and progress.step >= steps_budget:
+            return True
+        return t.max_time is not None and time_used() >= t.max_time
+
+    bar = tqdm(total=steps_budget, initial=progress.step, unit="step", disable=True if quiet else None)
+    interrupted = False
+    model.train()
+    with stop.installed():
+        clock = time.perf_counter()
+        if progress.step == 0 and not progress.val_losses:
+            val = evaluate()
+            log.write({"step": 0, "tokens": 0, "val_loss": val, "elapsed_s": 0.0})
+            monitor.observe_val(0, val)
+            monitor.remember_good(model, optimizer, 0)
+        while not budget_done():
+            time_fraction = time_used() / t.max_time if t.max_time else 0.0
+            lr = learning_rate(t, progress.step, steps_budget, time_fraction) * monitor.lr_scale
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            train_loss, real = 0.0, 0
+            for micro in range(t.grad_accum):
+                first_row = (progress.step * t.grad_accum + micro) * t.batch_size
+                batch = rows.batch(first_row, t.batch_size).to(device)
+                with autocast_for(device):
+                    _, loss = model(batch.x, batch.y, batch.doc_ids)
+                (loss / t.grad_accum).backward()
+                train_loss += loss.item() / t.grad_accum
+                real += batch.real_tokens
+            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            if monitor.allow_update(progress.step, train_loss, grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            progress.step += 1
+            progress.tokens += slots_per_micro * t.grad_accum
+            progress.real_tokens += real
+            now = time.perf_counter()
+            progress.elapsed_s += now - clock
+            clock = now
+            record = {
+                "step": progress.step,
+                "tokens": progress.tokens,
+                "real_tokens": progress.real_tokens,
+                "lr": lr,
+                "train_loss": train_loss,
+                "grad_norm": grad_norm,
+            }
+            done = budget_done()
+            if done or progress.step % t.eval_every == 0:
+                record["val_loss"] = evaluate()
+                monitor.observe_val(progress.step, record["val_loss"])
+                monitor.remember_good(model, optimizer, progress.step)
+            if monitor.rollback_wanted:
+                monitor.rollback(model, optimizer, progress.step)
+            progress.elapsed_s += time.perf_counter() - clock
+            clock = time.perf_counter()
+            record["elapsed_s"] = progress.elapsed_s
+            for event in monitor.drain_events():
+                log.write(event)
+            if "val_loss" in record or progress.step % t.log_every == 0:
+                log.write(record)
+            progress.stability = monitor.state()
+            tokens_per_s = progress.tokens / max(progress.elapsed_s, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            if "val_loss" in record and bar.disable and not quiet:
+                print(f"step {progress.step}: train {train_loss:.4f} val {record['val_loss']:.4f}", flush=True)
+            stop_now = stop.requested or (interrupt_after is not None and progress.step >= interrupt_after)
+            ckpt_every = t.checkpoint_every or t.eval_every
+            if done or stop_now or progress.step % ckpt_every == 0:
+                checkpoint.save(run_dir, model, optimizer, progress.__dict__)
+            if stop_now and not done:
+                interrupted = True
+                break
+            if monitor.gave_up:
+                break
+    bar.close()
+    log.close()
+    summary = write_summary(run_dir, progress, context, monitor, interrupted, steps_budget)
+    return TrainResult(run_dir, summary, interrupted)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a private cache per test session and small corpora written by the tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tinylm.config import ModelConfig, RunConfig, TrainConfig
+from tinylm.data.tokenizer import gpt2_ranks_path
+
+_NAMES = ["lily", "tom", "max", "sue", "ben", "mia", "sam", "zoe"]
+_THINGS = ["ball", "cat", "tree", "boat", "cake", "dog", "kite", "box"]
+_VERBS = ["saw", "found", "liked", "wanted", "made", "lost", "took", "had"]
+_FEELINGS = ["happy", "sad", "glad", "tired", "brave", "kind"]
+
+
+def make_story(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(3, 9)):
+        name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+        sentences.append(
+            rng.choice(
+                [
+                    f"{name} {rng.choice(_VERBS)} a {thing}.",
+                    f"the {thing} was big and {name} was {rng.choice(_FEELINGS)}.",
+                    f"one day {name} went to the park with a {thing}.",
+                    f'"i like my {thing}," said {name}.',
+                ]
+            )
+        )
+    return "once upon a time, " + " ".join(sentences)
+
+
+def write_stories(path: Path, n: int, seed: int = 0) -> Path:
+    """A TinyStories-layout file: each story followed by a '<|endoftext|>' line."""
+    rng = random.Random(seed)
+    path.write_text("".join(f"{make_story(rng)}\n<|endoftext|>\n" for _ in range(n)))
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TINYLM_GPT2_RANKS", str(gpt2_ranks_path()))  # the installed ranks, found before redirecting
+    mp.setenv("TINYLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def stories(tmp_path_factory) -> Path:
+    return write_stories(tmp_path_factory.mktemp("data") / "stories.txt", 400)
+
+
+def tiny_config(data: Path | str, out: Path, **train) -> RunConfig:
+    settings = dict(
+        data=str(data), out=str(out), max_steps=12, batch_size=4, eval_every=4, eval_tokens=512, lr=3e-3, seed=7
+    )
+    settings.update(train)
+    model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
+    return RunConfig(model=model, train=TrainConfig(**settings), preset="tiny")
