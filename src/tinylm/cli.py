@@ -230,9 +230,16 @@ def cmd_fetch_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line and exit code 2, like every other input error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinylm", description="Train small GPT models and measure what matters.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="tinylm", description="Train small GPT models and measure what matters.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model (or --resume one)")
     p.add_argument("--preset", choices=list(PRESETS), help="model shape to start from (default basic)")

@@ -109,17 +109,22 @@ def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = Fals
     return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
 
 
+def token_dtype(vocab_size: int) -> type:
+    """The smallest unsigned integer type that holds every token id."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
 def _is_val(index: int, fraction: float) -> bool:
     """Deterministic, evenly spread split by document index: every (1/fraction)-th document."""
     return int((index + 1) * fraction) > int(index * fraction)
 
 
-def _split_documents(source: Source, fraction: float, want_val: bool) -> Iterator[str]:
+def _training_documents(source: Source, fraction: float) -> Iterator[str]:
     if source.val is not None:
-        yield from (source.val() if want_val else source.train())
+        yield from source.train()
         return
     for i, doc in enumerate(source.train()):
-        if _is_val(i, fraction) == want_val:
+        if not _is_val(i, fraction):
             yield doc
 
 
@@ -130,15 +135,26 @@ def _write(source: Source, options: PrepareOptions, key: str, bpe_size: int | No
     else:
         if not quiet:
             print(f"training a byte-level BPE of {bpe_size} tokens on {source.description}", file=sys.stderr)
-        tokenizer = BPETokenizer.train(_split_documents(source, options.val_fraction, False), bpe_size)
+        tokenizer = BPETokenizer.train(_training_documents(source, options.val_fraction), bpe_size)
         tokenizer.save(tmp)
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    splits = {}
-    for split in ("train", "val"):
-        docs = _split_documents(source, options.val_fraction, split == "val")
-        total = source.size_bytes if split == "train" else None
-        splits[split] = _tokenize_split(docs, tokenizer, dtype, tmp / split, total, quiet, split)
-        if splits[split]["documents"] == 0:
+        if tokenizer.vocab_size < bpe_size:
+            print(f"warning: the data supports only {tokenizer.vocab_size} of the {bpe_size} BPE tokens asked for",
+                  file=sys.stderr)  # fmt: skip
+    dtype = token_dtype(tokenizer.vocab_size)
+    source.stats.invalid_bytes = 0  # count the tokenising pass only
+    bar = tqdm(total=source.size_bytes, unit="B", unit_scale=True, desc="tokenising", disable=quiet or None)
+    writers = {split: _SplitWriter(tmp / split, tokenizer, dtype, bar) for split in ("train", "val")}
+    if source.val is None:  # one pass, each document routed to its side
+        for i, doc in enumerate(source.train()):
+            writers["val" if _is_val(i, options.val_fraction) else "train"].add(doc)
+    else:
+        for split, read in (("train", source.train), ("val", source.val)):
+            for doc in read():
+                writers[split].add(doc)
+    splits = {split: writer.close() for split, writer in writers.items()}
+    bar.close()
+    for split, info in splits.items():
+        if info["documents"] == 0:
             raise UserError(
                 f"{source.description}: the {split} split has no documents"
                 + (" (the corpus is empty)" if split == "train" else "; raise --val-fraction")
@@ -168,35 +184,35 @@ def _write(source: Source, options: PrepareOptions, key: str, bpe_size: int | No
     return meta
 
 
-def _tokenize_split(
-    docs: Iterator[str], tokenizer: Tokenizer, dtype, stem: Path, total_bytes: int | None, quiet: bool, split: str
-) -> dict:
-    n_docs = n_tokens = n_chars = 0
-    offsets = [0]
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenising {split}", disable=quiet or None)
-    with open(stem.with_suffix(".bin"), "wb") as out:
+class _SplitWriter:
+    """Appends documents, tokenised in batches, to SPLIT.bin and records their offsets."""
 
-        def flush(batch: list[str]) -> None:
-            nonlocal n_docs, n_tokens
-            for ids in tokenizer.encode_batch(batch):
-                ids.append(tokenizer.eot_id)
-                np.asarray(ids, dtype=dtype).tofile(out)
-                n_tokens += len(ids)
-                offsets.append(n_tokens)
-            n_docs += len(batch)
-            bar.update(sum(len(d.encode("utf-8", "replace")) for d in batch))
+    def __init__(self, stem: Path, tokenizer: Tokenizer, dtype, bar: tqdm):
+        self.stem, self.tokenizer, self.dtype, self.bar = stem, tokenizer, dtype, bar
+        self.file = open(stem.with_suffix(".bin"), "wb")
+        self.offsets = [0]
+        self.pending: list[str] = []
+        self.pending_chars = 0
+        self.characters = 0
 
-        batch: list[str] = []
-        batch_chars = 0
-        for doc in docs:
-            batch.append(doc)
-            batch_chars += len(doc)
-            n_chars += len(doc)
-            if batch_chars >= _BATCH_CHARS:
-                flush(batch)
-                batch, batch_chars = [], 0
-        if batch:
-            flush(batch)
-    bar.close()
-    np.asarray(offsets, dtype=np.int64).tofile(stem.with_suffix(".idx"))
-    return {"documents": n_docs, "tokens": n_tokens, "characters": n_chars}
+    def add(self, doc: str) -> None:
+        self.pending.append(doc)
+        self.pending_chars += len(doc)
+        if self.pending_chars >= _BATCH_CHARS:
+            self._flush()
+
+    def _flush(self) -> None:
+        for ids in self.tokenizer.encode_batch(self.pending):
+            ids.append(self.tokenizer.eot_id)
+            np.asarray(ids, dtype=self.dtype).tofile(self.file)
+            self.offsets.append(self.offsets[-1] + len(ids))
+        self.bar.update(sum(len(d.encode("utf-8", "replace")) for d in self.pending))
+        self.characters += self.pending_chars
+        self.pending, self.pending_chars = [], 0
+
+    def close(self) -> dict:
+        if self.pending:
+            self._flush()
+        self.file.close()
+        np.asarray(self.offsets, dtype=np.int64).tofile(self.stem.with_suffix(".idx"))
+        return {"documents": len(self.offsets) - 1, "tokens": self.offsets[-1], "characters": self.characters}

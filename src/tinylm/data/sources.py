@@ -51,7 +51,7 @@ def open_source(spec: str, options: ReadOptions) -> Source:
     if spec == "shakespeare":
         return _shakespeare()
     if spec == "tinystories":
-        return _hub("roneneldan/TinyStories", None, options, offline_hint=True)
+        return _hub("roneneldan/TinyStories", None, options)
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         return _hub(name, config or None, options)
@@ -248,7 +248,7 @@ def _shakespeare() -> Source:
 # --- Hugging Face hub -------------------------------------------------------------------
 
 
-def _hub(name: str, config: str | None, options: ReadOptions, offline_hint: bool = False) -> Source:
+def _hub(name: str, config: str | None, options: ReadOptions) -> Source:
     try:
         import datasets
     except ImportError as e:

@@ -1,0 +1,251 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_stories
+from tinylm.config import ModelConfig
+from tinylm.data.batching import PackedRows, PaddedRows, document_ids, validation_batches
+from tinylm.data.prepare import PrepareOptions, TokenSplit, prepare, token_dtype
+from tinylm.data.sources import ReadOptions, open_source
+from tinylm.errors import UserError
+from tinylm.loss import IGNORE_INDEX
+from tinylm.model import GPT
+
+
+def docs_of(path, **options):
+    return list(open_source(str(path), ReadOptions(**options)).train())
+
+
+def test_tinystories_layout_splits_at_endoftext_lines(tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_text("first story.\n\nsecond paragraph.\n<|endoftext|>\nnext one.\n<|endoftext|>\n\nlast\n")
+    assert docs_of(path) == ["first story.\n\nsecond paragraph.", "next one.", "last"]
+
+
+def test_plain_text_splits_at_blank_lines_or_doc_sep(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a b\nc\n\n\nd e\n---\nf\n")
+    assert docs_of(path) == ["a b\nc", "d e\n---\nf"]
+    assert docs_of(path, doc_sep="---") == ["a b\nc\n\n\nd e", "f"]
+
+
+def test_json_jsonl_and_parquet_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "x": 1}\n')
+    (tmp_path / "b.json").write_text(json.dumps([{"body": "three"}, {"body": "four"}]))
+    assert docs_of(tmp_path / "a.jsonl") == ["one", "two"]
+    assert docs_of(tmp_path / "b.json", text_field="body") == ["three", "four"]
+    with pytest.raises(UserError, match="no field 'text'"):
+        docs_of(tmp_path / "b.json")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["five", "six", ""]}), tmp_path / "c.parquet")
+    assert docs_of(tmp_path / "c.parquet") == ["five", "six"]
+
+
+def test_folder_with_train_and_valid_files_uses_its_own_split(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_stories(folder / "train.txt", 30, seed=1)
+    write_stories(folder / "valid.txt", 5, seed=2)
+    data = prepare(PrepareOptions(str(folder)), quiet=True)
+    assert data.meta["own_validation_split"]
+    assert data.meta["splits"]["train"]["documents"] == 30
+    assert data.meta["splits"]["val"]["documents"] == 5
+
+
+def test_split_by_document_is_deterministic_and_disjoint(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("".join(f"document number {i} is here.\n<|endoftext|>\n" for i in range(100)))
+    data = prepare(PrepareOptions(str(path), val_fraction=0.1), quiet=True)
+    tok = data.tokenizer
+
+    def texts(split):
+        s = data.split(split)
+        return [tok.decode(s.document(i)[:-1]) for i in range(s.n_docs)]  # without the closing EOT
+
+    train, val = texts("train"), texts("val")
+    assert len(val) == 10 and len(train) == 90
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(f"document number {i} is here." for i in range(100))
+
+
+def test_every_document_ends_with_endoftext(stories):
+    data = prepare(PrepareOptions(str(stories)), quiet=True)
+    split = data.split("train")
+    ends = split.tokens[split.offsets[1:] - 1]
+    assert (ends == data.meta["eot_id"]).all()
+    assert data.meta["dtype"] == "uint16" and split.tokens.dtype == np.uint16
+
+
+def test_token_dtype_fits_the_vocabulary():
+    assert token_dtype(50257) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_prepared_data_is_cached_by_content(tmp_path):
+    path = write_stories(tmp_path / "s.txt", 50)
+    first = prepare(PrepareOptions(str(path)), quiet=True)
+    stamp = os.stat(first.directory / "train.bin").st_mtime_ns
+    again = prepare(PrepareOptions(str(path)), quiet=True)
+    assert again.directory == first.directory
+    assert os.stat(again.directory / "train.bin").st_mtime_ns == stamp
+    write_stories(path, 51)
+    changed = prepare(PrepareOptions(str(path)), quiet=True)
+    assert changed.directory != first.directory
+    other_tokenizer = prepare(PrepareOptions(str(path), tokenizer="bpe:300"), quiet=True)
+    assert other_tokenizer.directory != changed.directory
+
+
+def test_trained_bpe_has_the_asked_size_and_round_trips(stories, tmp_path):
+    data = prepare(PrepareOptions(str(stories), tokenizer="bpe:320"), out=tmp_path / "bpe", quiet=True)
+    tok = data.tokenizer
+    assert tok.vocab_size == 320 and data.meta["vocab_size"] == 320
+    assert (tmp_path / "bpe" / "tokenizer.json").exists()
+    text = 'once upon a time, lily saw a boat. "i like my cat," said tom.'
+    assert tok.decode(tok.encode_batch([text])[0]) == text
+    assert tok.decode([tok.eot_id]) == "<|endoftext|>"
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"good text here.\n<|endoftext|>\nbad \xff\xfe bytes.\n<|endoftext|>\n" * 20)
+    data = prepare(PrepareOptions(str(path)), quiet=True)
+    assert data.meta["invalid_utf8_bytes"] == 40
+    assert "40 bytes of invalid UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing.txt", "not found"),
+        (lambda p: (p / "empty.txt").write_text("\n\n") and p / "empty.txt", "empty"),
+        (lambda p: (p / "x.csv").write_text("a,b") and p / "x.csv", "unsupported"),
+        (lambda p: (p / "bad.jsonl").write_text('{"text": "a"}\n{oops\n') and p / "bad.jsonl", "cannot parse"),
+    ],
+)
+def test_bad_sources_fail_without_leaving_a_prepared_directory(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(UserError, match=message):
+        prepare(PrepareOptions(str(path)), out=tmp_path / "prepared", quiet=True)
+    assert not (tmp_path / "prepared").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_unknown_tokenizer_is_refused(stories):
+    with pytest.raises(UserError, match="unknown tokenizer"):
+        prepare(PrepareOptions(str(stories), tokenizer="sentencepiece"), quiet=True)
+
+
+def test_hub_data_offline_fails_with_the_offline_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="shakespeare"):
+        open_source("hf:someone/nothing-here", ReadOptions())
+
+
+def test_shakespeare_is_embedded_one_document_per_scene():
+    docs = list(open_source("shakespeare", ReadOptions()).train())
+    assert len(docs) > 700
+    hamlet = [d for d in docs if d.startswith("Hamlet")]
+    assert 15 <= len(hamlet) <= 25
+    assert "To be, or not to be" in "".join(hamlet)
+    assert "**" not in docs[0]
+
+
+# --- batching -------------------------------------------------------------------------
+
+
+def _split(docs: list[list[int]]) -> TokenSplit:
+    tokens = np.concatenate([np.asarray(d, dtype=np.uint16) for d in docs])
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    return TokenSplit(tokens, offsets)
+
+
+EOT = 99
+
+
+def _docs(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(0, 90, rng.integers(2, 30))) + [EOT] for _ in range(n)]
+
+
+def test_packed_rows_hold_every_token_exactly_once_per_epoch():
+    split = _split(_docs(40))
+    rows = PackedRows(split, block_size=16, eot_id=EOT, seed=3)
+    batch = rows.batch(0, rows.n_rows)
+    assert batch.real_tokens == batch.slots  # no padding at all
+    targets = batch.y.numpy()
+    # Rows come shuffled; put them back in stream order and the targets are the stream itself.
+    starts = [int(np.flatnonzero(np.all(_windows(split.tokens, 16) == row, axis=1))[0]) for row in batch.x.numpy()]
+    assert sorted(starts) == list(range(rows.n_rows))
+    ordered = targets[np.argsort(starts)].ravel()
+    np.testing.assert_array_equal(ordered, split.tokens[1 : rows.n_rows * 16 + 1])
+    next_epoch = rows.batch(rows.n_rows, rows.n_rows)
+    assert not torch.equal(next_epoch.x, batch.x)  # a fresh order
+
+
+def _windows(tokens, T):
+    n = (len(tokens) - 1) // T
+    return np.stack([tokens[i * T : i * T + T] for i in range(n)])
+
+
+def test_padded_rows_hold_one_document_each_and_ignore_pads():
+    docs = _docs(10)
+    rows = PaddedRows(_split(docs), block_size=16, eot_id=EOT, seed=0)
+    batch = rows.batch(0, 10)
+    lengths = [min(len(d), 16) for d in docs]
+    assert batch.real_tokens == sum(lengths)
+    assert rows.truncated_docs == sum(len(d) > 16 for d in docs)
+    for x, y in zip(batch.x, batch.y):
+        n = int((y != IGNORE_INDEX).sum())
+        assert x[0] == EOT  # each row opens with <|endoftext|>, like a packed document does
+        assert (y[n:] == IGNORE_INDEX).all() and (y[:n] != IGNORE_INDEX).all()
+        assert torch.equal(x[1:n], y[: n - 1])
+
+
+def test_padding_does_not_change_the_loss_of_real_tokens():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=100)).eval()
+    docs = _docs(6, seed=1)
+    batch = PaddedRows(_split(docs), block_size=16, eot_id=EOT, seed=0).batch(0, 6)
+    _, padded_loss = model(batch.x, batch.y)
+    total, count = 0.0, 0
+    for x, y in zip(batch.x, batch.y):
+        n = int((y != IGNORE_INDEX).sum())
+        _, loss = model(x[None, :n], y[None, :n])
+        total, count = total + loss.item() * n, count + n
+    assert padded_loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_doc_mask_keeps_documents_apart():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=100)).eval()
+    x = torch.tensor([[5, 6, 7, 8, EOT, 10, 11, 12, 13, EOT, 20, 21, 22, 23, 24, 25]])
+    changed = x.clone()
+    changed[0, 1:4] = torch.tensor([40, 41, 42])  # rewrite document 1
+    ids = torch.from_numpy(document_ids(x.numpy(), EOT))
+    logits, _ = model(x, doc_ids=ids)
+    logits_changed, _ = model(changed, doc_ids=ids)
+    torch.testing.assert_close(logits[:, 4:], logits_changed[:, 4:])  # documents 2 and 3 untouched
+    assert not torch.allclose(logits[:, 1:4], logits_changed[:, 1:4])
+    # Without the mask, document 2 sees document 1.
+    plain, _ = model(x)
+    plain_changed, _ = model(changed)
+    assert not torch.allclose(plain[:, 4:], plain_changed[:, 4:])
+    # A document later in a row is scored as if it started the row (positions restart).
+    alone, _ = model(x[:, 4:9])
+    torch.testing.assert_close(logits[:, 4:9], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_stream_is_fixed_and_capped():
+    split = _split(_docs(50))
+    full = validation_batches(split, 16, batch_size=4, max_tokens=None, eot_id=EOT)
+    capped = validation_batches(split, 16, batch_size=4, max_tokens=40, eot_id=EOT)
+    assert sum(b.x.shape[0] for b in capped) == 3  # ceil(40 / 16) blocks
+    assert torch.equal(capped[0].x, full[0].x[:3])  # a prefix of the same stream
+    again = validation_batches(split, 16, batch_size=4, max_tokens=None, eot_id=EOT)
+    assert all(torch.equal(a.y, b.y) for a, b in zip(full, again))

@@ -1,0 +1,126 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from tinylm.config import TrainConfig
+from tinylm.errors import UserError
+from tinylm.metrics import read_metrics
+from tinylm.optim import learning_rate
+from tinylm.train import train
+
+
+def _without_time(records):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+
+
+def test_loss_falls_and_run_directory_is_complete(stories, tmp_path):
+    result = train(tiny_config(stories, tmp_path / "run", max_steps=30, eval_every=10), quiet=True)
+    s = result.summary
+    assert s["best_val_loss"] < s["start_val_loss"] - 2.0
+    assert abs(s["start_val_loss"] - 10.825) < 0.15
+    for name in ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "trainer_state.pt"):
+        assert (result.run_dir / name).exists(), name
+    for key in ("params", "start_val_loss", "best_val_loss", "worst_val_loss", "final_val_loss",
+                "train_time_s", "tokens", "steps"):  # fmt: skip
+        assert s[key] is not None, key
+    assert s["steps"] == 30 and s["tokens"] == 30 * 4 * 64
+    records = read_metrics(result.run_dir)
+    steps = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    for key in ("step", "tokens", "lr", "train_loss", "grad_norm", "elapsed_s"):
+        assert key in steps[0]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20, 30]
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 30 and saved["model"]["n_embd"] == 32
+
+
+def test_same_seed_gives_identical_metrics(stories, tmp_path):
+    a = train(tiny_config(stories, tmp_path / "a"), quiet=True)
+    b = train(tiny_config(stories, tmp_path / "b"), quiet=True)
+    c = train(tiny_config(stories, tmp_path / "c", seed=8), quiet=True)
+    assert _without_time(read_metrics(a.run_dir)) == _without_time(read_metrics(b.run_dir))
+    assert _without_time(read_metrics(a.run_dir)) != _without_time(read_metrics(c.run_dir))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_equals_uninterrupted(stories, tmp_path, schedule):
+    whole = train(tiny_config(stories, tmp_path / "whole", schedule=schedule), quiet=True)
+    cfg = tiny_config(stories, tmp_path / "split", schedule=schedule)
+    first = train(cfg, quiet=True, interrupt_after=6)
+    assert first.interrupted and first.summary["steps"] == 6
+    resumed = train(cfg, resume=True, quiet=True)
+    assert not resumed.interrupted
+    assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
+    assert resumed.summary["best_val_loss"] == whole.summary["best_val_loss"]
+
+
+def test_resume_after_kill_drops_metrics_past_the_checkpoint(stories, tmp_path):
+    whole = train(tiny_config(stories, tmp_path / "whole", checkpoint_every=4), quiet=True)
+    cfg = tiny_config(stories, tmp_path / "killed", checkpoint_every=4)
+    train(cfg, quiet=True, interrupt_after=4)
+    # A kill after step 4's checkpoint: metrics of steps 5-6 were written, the checkpoint was not.
+    extra = [{"step": 5, "train_loss": 1.0}, {"step": 6, "train_loss": 1.0}]
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in extra)
+    resumed = train(cfg, resume=True, quiet=True)
+    assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
+
+
+def test_token_budget_sets_the_steps(stories, tmp_path):
+    result = train(tiny_config(stories, tmp_path / "run", max_steps=None, max_tokens=2560), quiet=True)
+    assert result.summary["steps"] == 10  # 2560 slots / (4 rows x 64 tokens)
+
+
+def test_time_budget_ends_the_run_cleanly(stories, tmp_path):
+    result = train(tiny_config(stories, tmp_path / "run", max_steps=None, max_time=1.0), quiet=True)
+    assert result.summary["completed"] and result.summary["steps"] >= 1
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_gradient_accumulation_matches_a_larger_batch(stories, tmp_path):
+    big = train(tiny_config(stories, tmp_path / "big", batch_size=4, max_steps=3), quiet=True)
+    acc = train(tiny_config(stories, tmp_path / "acc", batch_size=2, grad_accum=2, max_steps=3), quiet=True)
+    a = [r["train_loss"] for r in read_metrics(big.run_dir) if "train_loss" in r]
+    b = [r["train_loss"] for r in read_metrics(acc.run_dir) if "train_loss" in r]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_learning_rate_schedules():
+    cosine = TrainConfig(lr=1.0, schedule="cosine", warmup_steps=10, max_steps=110)
+    assert learning_rate(cosine, 0, 110) == pytest.approx(0.1)
+    assert learning_rate(cosine, 9, 110) == pytest.approx(1.0)
+    assert learning_rate(cosine, 60, 110) == pytest.approx(0.55)
+    assert learning_rate(cosine, 110, 110) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, schedule="wsd", warmup_steps=10, decay_fraction=0.2, max_steps=110)
+    assert learning_rate(wsd, 80, 110) == pytest.approx(1.0)
+    assert learning_rate(wsd, 110, 110) == pytest.approx(0.1)
+    assert learning_rate(TrainConfig(lr=0.5, max_steps=5), 3, 5) == 0.5
+
+
+def test_refuses_to_overwrite_another_run(stories, tmp_path):
+    train(tiny_config(stories, tmp_path / "run", max_steps=2), quiet=True)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="holds another run"):
+        train(tiny_config(stories, tmp_path / "run", max_steps=2), quiet=True)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+
+
+def test_bad_inputs_are_user_errors(stories, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        train(tiny_config(tmp_path / "missing.txt", tmp_path / "a"), quiet=True)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match="empty"):
+        train(tiny_config(empty, tmp_path / "b"), quiet=True)
+    with pytest.raises(UserError, match="no budget"):
+        tiny_config(stories, tmp_path / "c", max_steps=None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cpu_is_chosen_when_no_gpu(stories, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = train(tiny_config(stories, tmp_path / "run", max_steps=1), quiet=True)
+    assert result.summary["device"] == "cpu"
