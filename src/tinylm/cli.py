@@ -222,6 +222,37 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from tinylm.ablation import DEFAULT_TOKENS, ablate, parse_phases
+    from tinylm.report import write_report
+
+    names = [n.strip() for n in (args.presets or args.preset or "basic").split(",") if n.strip()]
+    for name in names:
+        preset(name)  # fail early on an unknown name
+    phases = parse_phases(args.phases)
+    model_flags, train_flags = _split_flags(args)
+    for fixed in ("init", "schedule", "batching", "out"):
+        train_flags.pop(fixed, None)
+    out = Path(args.out)
+    if not any(train_flags.get(k) for k in BUDGET_FIELDS):
+        if len(names) > 1:
+            raise UserError("give a budget (--max-tokens, --max-steps or --max-time) when ablating several presets")
+        train_flags["max_tokens"] = DEFAULT_TOKENS[names[0]]
+    base = TrainConfig(**train_flags)
+    ablate(names, base, out, phases, seeds=args.seeds, model_overrides=model_flags, quiet=args.quiet)
+    report = write_report([out], out / "report.md")
+    print(f"report written to {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tinylm.report import write_report
+
+    report = write_report([Path(p) for p in args.dirs], Path(args.out))
+    print(f"report written to {report}")
+    return 0
+
+
 def cmd_fetch_tokenizer(args: argparse.Namespace) -> int:
     from tinylm.data.tokenizer import gpt2_ranks_path
 
@@ -267,6 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, ModelConfig, "model")
     p.add_argument("--batch-size", type=_integer, default=argparse.SUPPRESS, dest="batch_size")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ablate", help="the four cumulative phases at equal compute, then the report")
+    p.add_argument("--preset", choices=list(PRESETS), help="one preset (default basic)")
+    p.add_argument("--presets", help="several presets, comma-separated, e.g. basic,mid,quality")
+    p.add_argument("--phases", help="subset/order of baseline,init,cosine,packed")
+    p.add_argument("--seeds", type=_integer, default=1, help="repeat each phase with K seeds (mean ± std)")
+    p.add_argument("--out", required=True, help="ablation directory (rerun to finish an interrupted one)")
+    p.add_argument("--quiet", action="store_true")
+    _add_dataclass_flags(p, ModelConfig, "model")
+    _add_dataclass_flags(p, TrainConfig, "training (passed to every phase)", skip=("init", "schedule", "batching", "out"))
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("report", help="tables, plots and CSV from finished runs or ablations")
+    p.add_argument("dirs", nargs="+", help="ablation or run directories")
+    p.add_argument("--out", default="report.md", help="Markdown file; plots and results.csv/json go beside it")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("fetch-tokenizer", help="install the GPT-2 tokenizer ranks for offline use")
     p.set_defaults(func=cmd_fetch_tokenizer)

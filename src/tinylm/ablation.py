@@ -1,0 +1,121 @@
+"""The seed report's ablation: four cumulative phases at equal compute, for one or more presets.
+
+Every phase of a preset trains with the same seed, the same token-slot budget
+(steps x batch x block) and the same validation stream; only init, schedule and batching
+change, one at a time. A finished phase is skipped on a rerun; an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinylm.config import RunConfig, TrainConfig, preset
+from tinylm.errors import UserError
+from tinylm.summary import SUMMARY_FILE
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    key_change: str
+    init: str
+    schedule: str
+    batching: str
+
+
+PHASES: dict[str, Phase] = {
+    p.name: p
+    for p in (
+        Phase("baseline", "Random init N(0, 1), fixed LR, padded", "naive", "constant", "padded"),
+        Phase("init", "Scaled (GPT-2) init", "scaled", "constant", "padded"),
+        Phase("cosine", "+ Warm-up and cosine decay", "scaled", "cosine", "padded"),
+        Phase("packed", "+ Packed sequences", "scaled", "cosine", "packed"),
+    )
+}
+
+# Token slots per phase when no budget is given: enough for a real result on one GPU.
+DEFAULT_TOKENS = {"tiny": 200_000, "basic": 20_000_000, "mid": 40_000_000, "quality": 80_000_000}
+ABLATION_FILE = "ablation.json"
+
+
+def parse_phases(text: str | None) -> list[Phase]:
+    if not text:
+        return list(PHASES.values())
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PHASES]
+    if unknown:
+        raise UserError(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
+    return [PHASES[n] for n in names]
+
+
+def phase_config(base: TrainConfig, preset_name: str, phase: Phase, seed: int, run_dir: Path) -> RunConfig:
+    train = dataclasses.replace(
+        base, init=phase.init, schedule=phase.schedule, batching=phase.batching, seed=seed, out=str(run_dir)
+    )
+    if phase.batching == "padded":
+        train.doc_mask = False
+    return RunConfig(model=preset(preset_name), train=train, preset=preset_name)
+
+
+def run_dir_for(out: Path, preset_name: str, phase: Phase, seed_index: int, n_seeds: int) -> Path:
+    name = phase.name if n_seeds == 1 else f"{phase.name}-seed{seed_index}"
+    return out / preset_name / name
+
+
+def ablate(
+    presets: list[str],
+    base: TrainConfig,
+    out: Path,
+    phases: list[Phase],
+    seeds: int = 1,
+    model_overrides: dict[str, Any] | None = None,
+    quiet: bool = False,
+) -> list[Path]:
+    """Run (or finish) every phase of every preset; returns the run directories in order."""
+    from tinylm.train import CONFIG_FILE, train
+
+    if seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"presets": presets, "phases": [p.name for p in phases], "seeds": seeds, "base": dataclasses.asdict(base)}
+    (out / ABLATION_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+    run_dirs = []
+    for preset_name in presets:
+        for phase in phases:
+            for k in range(seeds):
+                run_dir = run_dir_for(out, preset_name, phase, k, seeds)
+                cfg = phase_config(base, preset_name, phase, base.seed + k, run_dir)
+                for key, value in (model_overrides or {}).items():
+                    setattr(cfg.model, key, value)
+                cfg.model.__post_init__()
+                run_dirs.append(run_dir)
+                summary_path = run_dir / SUMMARY_FILE
+                if summary_path.exists() and json.loads(summary_path.read_text()).get("completed"):
+                    if not quiet:
+                        print(f"[{preset_name}/{run_dir.name}] already finished, skipped")
+                    continue
+                resume = (run_dir / CONFIG_FILE).exists() and (run_dir / "trainer_state.pt").exists()
+                if (run_dir / CONFIG_FILE).exists() and not resume:
+                    raise UserError(f"{run_dir} holds an unfinished run with no checkpoint; remove it to rerun")
+                if resume:
+                    _check_same_recipe(run_dir / CONFIG_FILE, cfg)
+                if not quiet:
+                    verb = "resuming" if resume else "training"
+                    print(f"[{preset_name}/{run_dir.name}] {verb}: {phase.key_change}", flush=True)
+                result = train(cfg, resume=resume, quiet=quiet)
+                if result.interrupted:
+                    raise KeyboardInterrupt
+    return run_dirs
+
+
+def _check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
+    saved = RunConfig.load(saved_path)
+    saved.model.vocab_size = cfg.model.vocab_size  # a trained BPE resizes it at run time
+    if saved.to_dict() != cfg.to_dict():
+        raise UserError(
+            f"{saved_path.parent} was started with other settings; rerun the original command or use another --out"
+        )
