@@ -31,3 +31,46 @@ def validation_loss(model: GPT, batches: list[Batch], device: torch.device) -> f
         count += b.real_tokens
     model.train(was_training)
     return total / max(count, 1)
+
+
+def evaluate_run(run_dir, data: str | None = None, eval_tokens: int | None = None, device_name: str = "auto") -> dict:
+    """Loss, perplexity and bits per byte of a trained run on its own validation stream or other data."""
+    import math
+    from pathlib import Path
+
+    from tinylm.data.batching import validation_batches
+    from tinylm.data.prepare import PrepareOptions, prepare
+    from tinylm.sample import load_run
+    from tinylm.train import select_device
+
+    run_dir = Path(run_dir)
+    device = select_device(device_name)
+    run = load_run(run_dir, device)
+    t = run.cfg.train
+    tokenizer_file = run_dir / "tokenizer.json"
+    options = PrepareOptions(
+        data or t.data, t.tokenizer, t.val_fraction, t.text_field, t.doc_sep,
+        tokenizer_file=str(tokenizer_file) if tokenizer_file.exists() else None,
+    )  # fmt: skip
+    prepared = prepare(options, quiet=True)
+    batches = validation_batches(
+        prepared.split("val"), run.cfg.model.block_size, t.batch_size,
+        eval_tokens if eval_tokens is not None else t.eval_tokens, prepared.meta["eot_id"], t.doc_mask,
+    )  # fmt: skip
+    loss = validation_loss(run.model, batches, device)
+    tokens = sum(b.real_tokens for b in batches)
+    eot = prepared.meta["eot_id"]
+    # Bytes of the scored text; each <|endoftext|> stands for one separator byte.
+    n_bytes = 0
+    for b in batches:
+        ids = b.y.flatten().tolist()
+        n_bytes += len(run.tokenizer.decode([i for i in ids if i != eot]).encode("utf-8")) + ids.count(eot)
+    return {
+        "run": str(run_dir),
+        "data": prepared.meta["source"],
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "bits_per_byte": loss * tokens / math.log(2) / max(n_bytes, 1),
+    }

@@ -152,6 +152,7 @@ def train(
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / CONFIG_FILE)
+        data.tokenizer.save(run_dir)  # sampling and export need it with the weights
         progress = Progress()
 
     steps_budget = total_steps(cfg)

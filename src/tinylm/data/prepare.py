@@ -37,6 +37,8 @@ class PrepareOptions:
     val_fraction: float = 0.05
     text_field: str = "text"
     doc_sep: str | None = None
+    tokenizer_file: str | None = None
+    """For 'bpe:N': reuse this trained tokenizer.json (e.g. a run's) instead of training one."""
 
 
 @dataclass
@@ -76,8 +78,13 @@ def cache_key(source: Source, options: PrepareOptions) -> str:
         "val_fraction": options.val_fraction,
         "text_field": options.text_field,
         "doc_sep": options.doc_sep,
+        "tokenizer_file": _file_sha256(options.tokenizer_file) if options.tokenizer_file else None,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = False) -> PreparedData:
@@ -132,6 +139,9 @@ def _write(source: Source, options: PrepareOptions, key: str, bpe_size: int | No
     started = time.perf_counter()
     if bpe_size is None:
         tokenizer: Tokenizer = load_tokenizer("gpt2")
+    elif options.tokenizer_file:
+        shutil.copy(options.tokenizer_file, tmp / BPETokenizer.FILE)
+        tokenizer = BPETokenizer.load(tmp, options.tokenizer)
     else:
         if not quiet:
             print(f"training a byte-level BPE of {bpe_size} tokens on {source.description}", file=sys.stderr)

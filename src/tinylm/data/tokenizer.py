@@ -152,6 +152,11 @@ class BPETokenizer:
 
         return cls(HFTokenizer.from_file(str(directory / cls.FILE)), spec)
 
+    @property
+    def backend(self):
+        """The underlying Hugging Face ``tokenizers.Tokenizer``."""
+        return self._tok
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 

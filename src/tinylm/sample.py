@@ -1,0 +1,131 @@
+"""Generate text from a trained run: temperature, top-k, top-p, a KV cache, streamed output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinylm import checkpoint
+from tinylm.config import RunConfig
+from tinylm.data.tokenizer import Tokenizer, load_tokenizer
+from tinylm.errors import UserError
+from tinylm.model import GPT
+
+
+@dataclass
+class LoadedRun:
+    cfg: RunConfig
+    model: GPT
+    tokenizer: Tokenizer
+
+
+def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
+    """A run's model (eval mode) and the tokenizer it was trained with."""
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise UserError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = RunConfig.load(config_path)
+    model = GPT(cfg.model)
+    checkpoint.load_weights(run_dir, model)
+    model.to(device or torch.device("cpu")).eval()
+    return LoadedRun(cfg, model, load_tokenizer(cfg.train.tokenizer, run_dir))
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    stop_at_eot: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError("--temperature must be at least 0 (0 is greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError("--top-p must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError("--top-k must be at least 1")
+
+
+def pick_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) next tokens."""
+    if opts.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / opts.temperature
+    if opts.top_k is not None and opts.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, opts.top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p is not None and opts.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) > opts.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt: list[int],
+    opts: SamplingOptions,
+    eot_id: int,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield new token ids one at a time (stopping at <|endoftext|> if asked)."""
+    block = model.config.block_size
+    device = model.lm_head.weight.device
+    context = list(prompt[-block:])
+    cache = None
+    pending = torch.tensor([context], device=device)
+    for _ in range(opts.max_new_tokens):
+        if use_cache:
+            if cache is not None and cache[0][0].shape[2] >= block:
+                # the window is full: rebuild the cache over the most recent tokens
+                context = context[-(block // 2) :]
+                cache, pending = None, torch.tensor([context], device=device)
+            logits, cache = model.forward_cached(pending, cache)
+        else:
+            logits = model(torch.tensor([context[-block:]], device=device))[0][:, -1]
+        token = pick_next(logits.float(), opts, generator)
+        next_id = int(token.item())
+        if opts.stop_at_eot and next_id == eot_id:
+            return
+        yield next_id
+        context.append(next_id)
+        pending = token.view(1, 1)
+
+
+def sample_text(
+    run: LoadedRun,
+    prompt: str,
+    opts: SamplingOptions,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """Generate a continuation of prompt; on_text receives each new piece as it is decoded."""
+    tok = run.tokenizer
+    ids = tok.encode_batch([prompt])[0] if prompt else [tok.eot_id]
+    block = run.cfg.model.block_size
+    if len(ids) > block:
+        raise UserError(f"the prompt is {len(ids)} tokens, longer than the block size ({block})")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=run.model.lm_head.weight.device).manual_seed(seed)
+    new: list[int] = []
+    shown = ""
+    for token in generate(run.model, ids, opts, tok.eot_id, generator):
+        new.append(token)
+        text = tok.decode(new)
+        if on_text is not None and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            on_text(text[len(shown) :])
+            shown = text
+    text = tok.decode(new)
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown) :])
+    return text

@@ -1,0 +1,110 @@
+"""Using a trained model: sampling with a KV cache, evaluation, export to Hugging Face."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from tinylm.data.tokenizer import GPT2Tokenizer
+from tinylm.errors import UserError
+from tinylm.sample import SamplingOptions, generate, load_run, pick_next, sample_text
+from tinylm.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(stories, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_config(stories, out, max_steps=40, eval_every=20), quiet=True)
+    return out
+
+
+def test_cached_and_uncached_greedy_generation_agree(trained):
+    run = load_run(trained)
+    prompt = run.tokenizer.encode_batch(["once upon a time, lily"])[0]
+    opts = SamplingOptions(max_new_tokens=100, temperature=0.0, stop_at_eot=False)  # runs past the 64-token block
+    cached = list(generate(run.model, prompt, opts, run.tokenizer.eot_id, use_cache=True))
+    uncached = list(generate(run.model, prompt, opts, run.tokenizer.eot_id, use_cache=False))
+    assert len(cached) == 100
+    assert cached[:50] == uncached[:50]  # until the window first slides the two see the same context
+
+
+def test_sampling_is_seeded_and_stops_at_endoftext(trained):
+    run = load_run(trained)
+    opts = SamplingOptions(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.9)
+    a = sample_text(run, "the cat", opts, seed=3)
+    b = sample_text(run, "the cat", opts, seed=3)
+    assert a == b and len(a) > 0
+    assert "<|endoftext|>" not in a
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    picks = {pick_next(logits, SamplingOptions(temperature=1.0, top_k=2), gen).item() for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {pick_next(logits, SamplingOptions(temperature=1.0, top_k=None, top_p=0.5), gen).item() for _ in range(50)}
+    assert picks == {0}
+
+
+def test_prompt_longer_than_the_block_is_refused(trained):
+    run = load_run(trained)
+    with pytest.raises(UserError, match="longer than the block size"):
+        sample_text(run, "cat " * 200, SamplingOptions(max_new_tokens=2))
+
+
+def test_sample_and_eval_commands(trained, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tinylm", "sample", str(trained), "--prompt", "once upon a time",
+                           "--max-new-tokens", "20", "--seed", "1"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("once upon a time") and len(done.stdout) > len("once upon a time") + 5
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "tinylm", "eval", str(trained), "--out", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    summary = json.loads((trained / "summary.json").read_text())
+    assert result["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    assert result["perplexity"] == pytest.approx(torch.tensor(result["loss"]).exp().item(), rel=1e-5)
+    assert 0 < result["bits_per_byte"] < result["loss"]
+
+
+def test_export_to_hugging_face_matches_tinylm(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tinylm.export import export_hf
+
+    out = export_hf(trained, tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf_model).__name__ == "GPT2LMHeadModel"
+    run = load_run(trained)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, _ = run.model(idx)
+        theirs = hf_model(idx).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+    prompt = run.tokenizer.encode_batch(["once upon a time, tom"])[0]
+    opts = SamplingOptions(max_new_tokens=20, temperature=0.0, stop_at_eot=False)
+    ours_greedy = list(generate(run.model, prompt, opts, run.tokenizer.eot_id))
+    with torch.no_grad():
+        hf_out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                   pad_token_id=run.tokenizer.eot_id)  # fmt: skip
+    assert hf_out[0, len(prompt) :].tolist() == ours_greedy
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = 'Hello world!  It\'s 2026; "tinylm" tokenises\tthis:\n ünïcödé 東京 <|endoftext|>'
+    ours_ids = GPT2Tokenizer().encode_batch(["Hello world!  It's 2026; \"tinylm\" tokenises\tthis:\n ünïcödé 東京 "])[0]
+    assert hf_tok(text)["input_ids"] == ours_ids + [50256]
+    assert hf_tok.decode(ours_ids) == text[: -len("<|endoftext|>")]
+
+
+def test_export_refuses_a_non_empty_directory(trained, tmp_path):
+    pytest.importorskip("transformers")
+    from tinylm.export import export_hf
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export_hf(trained, tmp_path / "x")
