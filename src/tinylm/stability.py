@@ -32,6 +32,8 @@ class Thresholds:
     """Validation loss this fraction above its running best counts as a rise ..."""
     val_patience: int = 2
     """... and this many consecutive rising evaluations make a divergence episode."""
+    val_hard_rise: float = 0.5
+    """A single evaluation this fraction above the best is a divergence episode at once."""
     ema_decay: float = 0.9
     """Smoothing of the train loss for the train-side divergence check."""
     train_rise: float = 0.25
@@ -63,6 +65,7 @@ class StabilityMonitor:
         self.best_ema: float = s.get("best_ema", math.inf)
         self.train_rising: int = s.get("train_rising", 0)
         self.recoveries: int = s.get("recoveries", 0)
+        self.in_episode: bool = s.get("in_episode", False)
         self.gave_up: bool = s.get("gave_up", False)
         self.last_train_loss: float | None = s.get("last_train_loss")
         self._losses: deque[float] = deque(s.get("losses", []), maxlen=self.th.spike_window)
@@ -101,16 +104,18 @@ class StabilityMonitor:
         if val < self.best_val:
             self.best_val = val
             self.val_rising = 0
+            self.in_episode = False
             return
         rise = val - self.best_val
         self.max_rise = max(self.max_rise, rise)
         self.max_rise_pct = max(self.max_rise_pct, 100.0 * rise / self.best_val)
         if rise > self.th.val_rise * self.best_val:
             self.val_rising += 1
-            if self.val_rising >= self.th.val_patience:
+            if self.val_rising >= self.th.val_patience or rise > self.th.val_hard_rise * self.best_val:
                 self._diverged(step, val, f"val loss {val:.3f} vs best {self.best_val:.3f}")
         else:
             self.val_rising = 0
+            self.in_episode = False
 
     @property
     def rollback_wanted(self) -> bool:
@@ -135,6 +140,7 @@ class StabilityMonitor:
             optimizer.load_state_dict(self._good[2])
         self.lr_scale *= self.th.lr_factor
         self.val_rising = self.train_rising = 0
+        self.in_episode = False
         self.ema, self.best_ema = None, math.inf
         self._losses.clear()
         self._norms.clear()
@@ -157,6 +163,7 @@ class StabilityMonitor:
             "best_ema": self.best_ema,
             "train_rising": self.train_rising,
             "recoveries": self.recoveries,
+            "in_episode": self.in_episode,
             "gave_up": self.gave_up,
             "last_train_loss": self.last_train_loss,
             "losses": list(self._losses),
@@ -204,8 +211,9 @@ class StabilityMonitor:
             self.train_rising = 0
 
     def _diverged(self, step: int, value: float, why: str) -> None:
-        if self._rollback_wanted:
-            return  # one episode at a time
+        if self._rollback_wanted or self.in_episode:
+            return  # one event per episode: it ends when the loss comes back near its best
+        self.in_episode = True
         self._event("divergence", step, value=value, why=why, best_val=_finite(self.best_val))
         if self.guard:
             self._rollback_wanted = True
