@@ -74,6 +74,7 @@ def ablate(
     seeds: int = 1,
     model_overrides: dict[str, Any] | None = None,
     quiet: bool = False,
+    nproc_per_node: int = 1,
 ) -> list[Path]:
     """Run (or finish) every phase of every preset; returns the run directories in order."""
     from tinylm.train import CONFIG_FILE, train
@@ -106,6 +107,9 @@ def ablate(
                 if not quiet:
                     verb = "resuming" if resume else "training"
                     print(f"[{preset_name}/{run_dir.name}] {verb}: {phase.key_change}", flush=True)
+                if nproc_per_node > 1:
+                    _train_with_torchrun(cfg, resume, quiet, nproc_per_node)
+                    continue
                 result = train(cfg, resume=resume, quiet=quiet)
                 if result.interrupted:
                     raise KeyboardInterrupt
@@ -119,3 +123,22 @@ def _check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
         raise UserError(
             f"{saved_path.parent} was started with other settings; rerun the original command or use another --out"
         )
+
+
+def _train_with_torchrun(cfg: RunConfig, resume: bool, quiet: bool, nproc: int) -> None:
+    """One phase as `torchrun -m tinylm train`, from a recipe file holding its exact config."""
+    from tinylm.distributed import relaunch_with_torchrun
+
+    run_dir = Path(cfg.train.out)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        argv = ["train", "--resume", str(run_dir)]
+    else:
+        recipe = run_dir.parent / f".{run_dir.name}.recipe.json"  # JSON is YAML too
+        recipe.write_text(json.dumps(cfg.to_dict()))
+        argv = ["train", "--config", str(recipe)]
+    code = relaunch_with_torchrun(nproc, argv + (["--quiet"] if quiet else []))
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise UserError(f"training {run_dir} on {nproc} processes failed (exit code {code})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -97,7 +98,8 @@ def _load_yaml(path: str) -> dict[str, Any]:
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Preset, then the YAML recipe, then explicit flags."""
     recipe = _load_yaml(args.config) if getattr(args, "config", None) else {}
-    preset_name = getattr(args, "preset", None) or recipe.pop("preset", None) or "basic"
+    recipe_preset = recipe.pop("preset", None)
+    preset_name = getattr(args, "preset", None) or recipe_preset or "basic"
     model = dataclasses.asdict(preset(preset_name))
     train: dict[str, Any] = {}
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -126,8 +128,24 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 # --- commands -------------------------------------------------------------------------
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            out.append(arg)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from tinylm.distributed import relaunch_with_torchrun
     from tinylm.train import CONFIG_FILE, train
+
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return relaunch_with_torchrun(args.nproc_per_node, _without_nproc(args.argv))
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -147,6 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(args)
     result = train(cfg, resume=bool(args.resume), quiet=args.quiet)
+    if not result.summary:  # a data-parallel rank other than 0
+        return 130 if result.interrupted else 0
     _print_summary(result.summary, result.run_dir)
     if result.interrupted:
         print(f"interrupted at step {result.summary['steps']}; continue with: tinylm train --resume {result.run_dir}")
@@ -239,7 +259,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             raise UserError("give a budget (--max-tokens, --max-steps or --max-time) when ablating several presets")
         train_flags["max_tokens"] = DEFAULT_TOKENS[names[0]]
     base = TrainConfig(**train_flags)
-    ablate(names, base, out, phases, seeds=args.seeds, model_overrides=model_flags, quiet=args.quiet)
+    ablate(names, base, out, phases, seeds=args.seeds, model_overrides=model_flags, quiet=args.quiet,
+           nproc_per_node=args.nproc_per_node)  # fmt: skip
     report = write_report([out], out / "report.md")
     print(f"report written to {report}")
     return 0
@@ -290,6 +311,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tinylm.bench import bench, format_report
+
+    report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
+                   measure_memory=not args.no_memory)  # fmt: skip
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {args.json}")
+    return 0
+
+
 def cmd_fetch_tokenizer(args: argparse.Namespace) -> int:
     from tinylm.data.tokenizer import gpt2_ranks_path
 
@@ -314,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML recipe; flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--nproc-per-node", type=_integer, default=1, help="data-parallel processes (starts torchrun)")
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(p, TrainConfig, "training")
     p.set_defaults(func=cmd_train)
@@ -343,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_integer, default=1, help="repeat each phase with K seeds (mean ± std)")
     p.add_argument("--out", required=True, help="ablation directory (rerun to finish an interrupted one)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--nproc-per-node", type=_integer, default=1, help="data-parallel processes per phase (torchrun)")
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(p, TrainConfig, "training (passed to every phase)", skip=("init", "schedule", "batching", "out"))
     p.set_defaults(func=cmd_ablate)
@@ -379,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("bench", help="time the training step: tokens/s, GFLOP/s, MFU, peak memory")
+    p.add_argument("--preset", choices=list(PRESETS), default="basic")
+    p.add_argument("--batch-size", type=_integer, default=8)
+    p.add_argument("--repeats", type=_integer, default=5)
+    p.add_argument("--warmup", type=_integer, default=2)
+    p.add_argument("--compare-textbook", action="store_true", help="also time full logits + F.cross_entropy + AdamW")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("fetch-tokenizer", help="install the GPT-2 tokenizer ranks for offline use")
     p.set_defaults(func=cmd_fetch_tokenizer)
     return parser
@@ -386,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except UserError as e:

@@ -18,8 +18,8 @@ def autocast_for(device: torch.device):
 
 
 @torch.no_grad()
-def validation_loss(model: GPT, batches: list[Batch], device: torch.device) -> float:
-    """Mean loss per target token over all batches."""
+def validation_loss_sum(model: GPT, batches: list[Batch], device: torch.device) -> tuple[float, int]:
+    """Summed loss and the number of target tokens over the batches (sums add up across ranks)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -30,6 +30,12 @@ def validation_loss(model: GPT, batches: list[Batch], device: torch.device) -> f
         total += loss.item() * b.real_tokens
         count += b.real_tokens
     model.train(was_training)
+    return total, count
+
+
+def validation_loss(model: GPT, batches: list[Batch], device: torch.device) -> float:
+    """Mean loss per target token over all batches."""
+    total, count = validation_loss_sum(model, batches, device)
     return total / max(count, 1)
 
 

@@ -70,12 +70,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 t = targets[start : start + chunk_rows]  # (n,)
                 keep = t != IGNORE_INDEX
                 safe_t = torch.where(keep, t, 0)
-                logits = (h @ w.t()).to(acc)  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-                total += ((lse - target_logit) * keep).sum()
+                log_probs = torch.log_softmax((h @ w.t()).to(acc), dim=-1)  # (n, V), one fused pass
+                total -= (log_probs.gather(1, safe_t[:, None]).squeeze(1) * keep).sum()
                 # d loss / d logits = (softmax - one_hot) / n_valid on kept rows; built in place.
-                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits = log_probs.exp_()
                 grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
                 grad_logits.mul_((keep.to(acc) / n_valid)[:, None])
                 grad_logits = grad_logits.to(compute_dtype)

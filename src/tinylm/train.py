@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -12,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinylm import checkpoint
 from tinylm.config import RunConfig
 from tinylm.data.batching import training_rows, validation_batches
 from tinylm.data.prepare import PreparedData, PrepareOptions, prepare
+from tinylm.distributed import Cluster, init_cluster, shutdown
 from tinylm.errors import UserError
-from tinylm.evaluate import autocast_for, validation_loss
+from tinylm.evaluate import autocast_for, validation_loss_sum
 from tinylm.metrics import MetricsLog, truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer, learning_rate
@@ -126,19 +129,46 @@ def train(
 ) -> TrainResult:
     """Train (or, with ``resume``, continue) the run described by cfg in ``cfg.train.out``.
 
+    Under torchrun every rank calls this; rank 0 alone writes files and progress.
     interrupt_after: behave as if Ctrl-C came during that step (for tests).
     """
     t = cfg.train
+    cluster, device_name = init_cluster(t.device)
+    try:
+        return _train(cfg, resume, quiet or not cluster.is_main, interrupt_after, cluster, select_device(device_name))
+    finally:
+        shutdown(cluster)
+
+
+def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | None, cluster: Cluster,
+           device: torch.device) -> TrainResult:  # fmt: skip
+    t = cfg.train
     run_dir = Path(t.out)
+    if t.grad_accum % cluster.world:
+        raise UserError(
+            f"{cluster.world} processes cannot share {t.grad_accum} micro-batches per step; "
+            f"make --grad-accum a multiple of {cluster.world}"
+        )
     if not resume:
         check_fresh_run_dir(run_dir)
-    device = select_device(t.device)
-    data = prepare_data(cfg, quiet=quiet)
+    failure = None
+    if cluster.is_main:  # one rank tokenises; the others then find it in the cache
+        try:
+            data = prepare_data(cfg, quiet=quiet)
+        except UserError as e:
+            failure = e
+    if cluster.any([failure is not None], device)[0]:  # also a barrier: no rank waits on a failed one
+        raise failure or UserError("rank 0 could not prepare the data (its error says why)")
+    if not cluster.is_main:
+        data = prepare_data(cfg, quiet=True)
     fit_vocabulary(cfg, data)
+    cluster.check_same("config", cfg.to_dict(), device)
+    cluster.check_same("data", data.meta["cache_key"], device)
     T = cfg.model.block_size
     eot = data.meta["eot_id"]
     rows = training_rows(data.split("train"), t.batching, T, eot, t.seed, t.doc_mask)
     val_batches = validation_batches(data.split("val"), T, t.batch_size, t.eval_tokens, eot, t.doc_mask)
+    my_val_batches = val_batches[cluster.rank :: cluster.world]
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
@@ -148,22 +178,28 @@ def train(
 
     if resume:
         progress = Progress(**checkpoint.load(run_dir, model, optimizer))
-        truncate_metrics(run_dir, progress.step)
+        if cluster.is_main:
+            truncate_metrics(run_dir, progress.step)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / CONFIG_FILE)
-        data.tokenizer.save(run_dir)  # sampling and export need it with the weights
+        if cluster.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / CONFIG_FILE)
+            data.tokenizer.save(run_dir)  # sampling and export need it with the weights
         progress = Progress()
+    cluster.barrier()
+    trainable = DistributedDataParallel(model) if cluster.active else model
 
     steps_budget = total_steps(cfg)
+    local_accum = t.grad_accum // cluster.world
     slots_per_micro = t.batch_size * T
     monitor = StabilityMonitor(t.guard, progress.stability)
-    log = MetricsLog(run_dir, t.tensorboard)
+    log = MetricsLog(run_dir, t.tensorboard) if cluster.is_main else None
     stop = _StopFlag()
     context = {
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
         "device": str(device),
+        "world_size": cluster.world,
         "data": data.meta["source"],
         "tokenizer": data.meta["tokenizer"],
         "batching": t.batching,
@@ -172,42 +208,46 @@ def train(
         context["truncated_docs"] = rows.truncated_docs
 
     def evaluate() -> float:
-        loss = validation_loss(model, val_batches, device)
+        loss_sum, tokens = validation_loss_sum(model, my_val_batches, device)
+        loss_sum, tokens = cluster.sum([loss_sum, tokens], device)
+        loss = loss_sum / max(tokens, 1)
         progress.val_losses.append((progress.step, loss))
         return loss
 
-    def time_used() -> float:
-        return progress.elapsed_s
-
-    def budget_done() -> bool:
-        if steps_budget is not None and progress.step >= steps_budget:
-            return True
-        return t.max_time is not None and time_used() >= t.max_time
+    def write(record: dict) -> None:
+        if log is not None:
+            log.write(record)
 
     bar = tqdm(total=steps_budget, initial=progress.step, unit="step", disable=True if quiet else None)
     interrupted = False
+    budget_done = steps_budget is not None and progress.step >= steps_budget
     model.train()
     with stop.installed():
         clock = time.perf_counter()
         if progress.step == 0 and not progress.val_losses:
             val = evaluate()
-            log.write({"step": 0, "tokens": 0, "val_loss": val, "elapsed_s": 0.0})
+            write({"step": 0, "tokens": 0, "val_loss": val, "elapsed_s": 0.0})
             monitor.observe_val(0, val)
             monitor.remember_good(model, optimizer, 0)
-        while not budget_done():
-            time_fraction = time_used() / t.max_time if t.max_time else 0.0
+        while not budget_done:
+            time_fraction = progress.elapsed_s / t.max_time if t.max_time else 0.0
             lr = learning_rate(t, progress.step, steps_budget, time_fraction) * monitor.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            train_loss, real = 0.0, 0
-            for micro in range(t.grad_accum):
+            loss_sum, real = 0.0, 0
+            for i in range(local_accum):
+                micro = i * cluster.world + cluster.rank  # this rank's share of the step's micro-batches
                 first_row = (progress.step * t.grad_accum + micro) * t.batch_size
                 batch = rows.batch(first_row, t.batch_size).to(device)
-                with autocast_for(device):
-                    _, loss = model(batch.x, batch.y, batch.doc_ids)
-                (loss / t.grad_accum).backward()
-                train_loss += loss.item() / t.grad_accum
+                last = i == local_accum - 1
+                with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
+                    with autocast_for(device):
+                        _, loss = trainable(batch.x, batch.y, batch.doc_ids)
+                    (loss / local_accum).backward()
+                loss_sum += loss.item()
                 real += batch.real_tokens
+            loss_sum, real = cluster.sum([loss_sum, real], device)
+            train_loss = loss_sum / t.grad_accum
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
             if monitor.allow_update(progress.step, train_loss, grad_norm):
@@ -216,7 +256,7 @@ def train(
 
             progress.step += 1
             progress.tokens += slots_per_micro * t.grad_accum
-            progress.real_tokens += real
+            progress.real_tokens += int(real)
             now = time.perf_counter()
             progress.elapsed_s += now - clock
             clock = now
@@ -228,8 +268,12 @@ def train(
                 "train_loss": train_loss,
                 "grad_norm": grad_norm,
             }
-            done = budget_done()
-            if done or progress.step % t.eval_every == 0:
+            # Every rank must agree on stopping, or the next all-reduce would hang.
+            out_of_time = t.max_time is not None and progress.elapsed_s >= t.max_time
+            stop_asked = stop.requested or (interrupt_after is not None and progress.step >= interrupt_after)
+            out_of_time, stop_asked = cluster.any([out_of_time, stop_asked], device)
+            budget_done = out_of_time or (steps_budget is not None and progress.step >= steps_budget)
+            if budget_done or progress.step % t.eval_every == 0:
                 record["val_loss"] = evaluate()
                 monitor.observe_val(progress.step, record["val_loss"])
                 monitor.remember_good(model, optimizer, progress.step)
@@ -239,25 +283,27 @@ def train(
             clock = time.perf_counter()
             record["elapsed_s"] = progress.elapsed_s
             for event in monitor.drain_events():
-                log.write(event)
+                write(event)
             if "val_loss" in record or progress.step % t.log_every == 0:
-                log.write(record)
+                write(record)
             progress.stability = monitor.state()
-            tokens_per_s = progress.tokens / max(progress.elapsed_s, 1e-9)
             bar.update(1)
+            tokens_per_s = progress.tokens / max(progress.elapsed_s, 1e-9)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             if "val_loss" in record and bar.disable and not quiet:
                 print(f"step {progress.step}: train {train_loss:.4f} val {record['val_loss']:.4f}", flush=True)
-            stop_now = stop.requested or (interrupt_after is not None and progress.step >= interrupt_after)
             ckpt_every = t.checkpoint_every or t.eval_every
-            if done or stop_now or progress.step % ckpt_every == 0:
+            if cluster.is_main and (budget_done or stop_asked or progress.step % ckpt_every == 0):
                 checkpoint.save(run_dir, model, optimizer, progress.__dict__)
-            if stop_now and not done:
+            if stop_asked and not budget_done:
                 interrupted = True
                 break
             if monitor.gave_up:
                 break
     bar.close()
-    log.close()
-    summary = write_summary(run_dir, progress, context, monitor, interrupted, steps_budget)
+    summary = {}
+    if log is not None:
+        log.close()
+        summary = write_summary(run_dir, progress, context, monitor, interrupted, steps_budget)
+    cluster.barrier()  # no rank leaves before the checkpoint and summary are written
     return TrainResult(run_dir, summary, interrupted)

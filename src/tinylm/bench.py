@@ -1,0 +1,192 @@
+"""Training-step benchmark: tokens/s, GFLOP/s and MFU against this machine's measured matmul peak.
+
+The tinylm step (chunked linear cross-entropy, multi-tensor or fused AdamW) and, with
+``compare_textbook``, the textbook step (full logits + F.cross_entropy, default AdamW) are
+timed alternately in one process on the same model and batch, so the ratio is fair on a
+noisy machine. Peak memory is measured in a fresh subprocess per variant.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tinylm.config import TrainConfig, preset
+from tinylm.costs import model_costs
+from tinylm.evaluate import autocast_for
+from tinylm.model import GPT
+from tinylm.optim import build_optimizer
+
+
+@dataclass
+class StepTiming:
+    name: str
+    median_s: float
+    tokens_per_s: float
+    gflops: float
+    mfu: float
+    peak_memory_mb: float | None
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
+    """Best observed GFLOP/s of a large square matmul: fp32 on CPU, bf16 on GPU."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class StepRunner:
+    """One training step of one variant on a fixed batch."""
+
+    def __init__(self, variant: str, preset_name: str, batch_size: int, device: torch.device, seed: int = 0):
+        torch.manual_seed(seed)
+        cfg = preset(preset_name)
+        self.model = GPT(cfg).to(device)
+        self.model.init_weights("scaled", seed=seed)
+        self.textbook = variant == "textbook"
+        if self.textbook:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        else:
+            self.optimizer = build_optimizer(self.model, TrainConfig(lr=1e-4, max_steps=1), device)
+        gen = torch.Generator().manual_seed(seed)
+        shape = (batch_size, cfg.block_size)
+        self.x = torch.randint(0, cfg.vocab_size, shape, generator=gen).to(device)
+        self.y = torch.randint(0, min(cfg.vocab_size, 50257), shape, generator=gen).to(device)
+        self.device = device
+
+    def step(self) -> float:
+        with autocast_for(self.device):
+            _, loss = self.model(self.x, self.y, full_logits=self.textbook)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+        return loss.item()
+
+
+def peak_memory_mb(variant: str, preset_name: str, batch_size: int, device: torch.device) -> float:
+    """Peak memory of a few steps of one variant, in a fresh process (RSS on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        runner = StepRunner(variant, preset_name, batch_size, device)
+        for _ in range(2):
+            runner.step()
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        del runner
+        torch.cuda.empty_cache()
+        return peak
+    code = (
+        "import torch; from tinylm.bench import StepRunner, own_peak_rss_kib; "
+        f"r = StepRunner({variant!r}, {preset_name!r}, {batch_size}, torch.device('cpu')); "
+        "[r.step() for _ in range(2)]; "
+        "print(own_peak_rss_kib())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) / 1024
+
+
+def own_peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB.
+
+    Linux's VmHWM starts afresh at exec; ru_maxrss would carry over the peak of the parent
+    that forked us (here, a benchmark holding several models).
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def bench(
+    preset_name: str = "basic",
+    batch_size: int = 8,
+    repeats: int = 5,
+    warmup: int = 2,
+    compare_textbook: bool = False,
+    device_name: str = "auto",
+    measure_memory: bool = True,
+) -> dict:
+    from tinylm.train import select_device
+
+    device = select_device(device_name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak_gflops(device)
+    cfg = preset(preset_name)
+    flops_per_token = model_costs(cfg, batch_size).flops_per_token_train
+    tokens = batch_size * cfg.block_size
+    variants = ["tinylm"] + (["textbook"] if compare_textbook else [])
+    runners = {v: StepRunner(v, preset_name, batch_size, device) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(warmup + repeats):
+        for v in variants:  # alternate, so drift on a shared machine hits both alike
+            start = time.perf_counter()
+            runners[v].step()
+            if i >= warmup:
+                times[v].append(time.perf_counter() - start)
+    del runners
+    results = []
+    for v in variants:
+        median = statistics.median(times[v])
+        tps = tokens / median
+        gflops = tps * flops_per_token / 1e9
+        memory = peak_memory_mb(v, preset_name, batch_size, device) if measure_memory else None
+        results.append(StepTiming(v, median, tps, gflops, gflops / peak, memory))
+    report = {
+        "preset": preset_name,
+        "batch_size": batch_size,
+        "block_size": cfg.block_size,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "matmul_peak_gflops": peak,
+        "flops_per_token": flops_per_token,
+        "repeats": repeats,
+        "results": [asdict(r) for r in results],
+    }
+    if compare_textbook:
+        report["speedup_vs_textbook"] = results[0].tokens_per_s / results[1].tokens_per_s
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"{report['preset']}, batch {report['batch_size']} x block {report['block_size']} on {report['device']} "
+        f"({report['dtype']}, {report['threads']} threads); matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s",
+        f"{'step':<10} {'median s':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6} {'peak MB':>8}",
+    ]
+    for r in report["results"]:
+        mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"{r['name']:<10} {r['median_s']:>9.3f} {r['tokens_per_s']:>10,.0f} {r['gflops']:>9.1f} "
+                     f"{100 * r['mfu']:>5.1f}% {mem:>8}")  # fmt: skip
+    if "speedup_vs_textbook" in report:
+        lines.append(f"tinylm / textbook tokens/s: {report['speedup_vs_textbook']:.2f}x")
+    return "\n".join(lines)
+
