@@ -16,7 +16,7 @@ def _without_time(records):
 
 
 def test_loss_falls_and_run_directory_is_complete(stories, tmp_path):
-    result = train(tiny_config(stories, tmp_path / "run", max_steps=30, eval_every=10), quiet=True)
+    result = train(tiny_config(stories, tmp_path / "run", max_steps=30, eval_every=10, tokenizer="gpt2"), quiet=True)
     s = result.summary
     assert s["best_val_loss"] < s["start_val_loss"] - 2.0
     assert abs(s["start_val_loss"] - 10.825) < 0.15

@@ -17,7 +17,7 @@ from tinylm.train import train
 @pytest.fixture(scope="module")
 def trained(stories, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
-    train(tiny_config(stories, out, max_steps=40, eval_every=20), quiet=True)
+    train(tiny_config(stories, out, max_steps=40, eval_every=20, tokenizer="gpt2"), quiet=True)
     return out
 
 

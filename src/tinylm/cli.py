@@ -323,6 +323,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tinylm.report import plot_runs
+
+    path = plot_runs([Path(d) for d in args.run_dirs], Path(args.out))
+    print(f"plot written to {path}")
+    return 0
+
+
 def cmd_fetch_tokenizer(args: argparse.Namespace) -> int:
     from tinylm.data.tokenizer import gpt2_ranks_path
 
@@ -424,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plot", help="train/validation loss curves of runs, side by side")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="runs.png")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("fetch-tokenizer", help="install the GPT-2 tokenizer ranks for offline use")
     p.set_defaults(func=cmd_fetch_tokenizer)

@@ -350,3 +350,44 @@ def write_report(paths: list[Path], out_file: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return out_file
+
+
+def plot_runs(run_dirs: list[Path], path: Path, log_scale: bool | None = None) -> Path:
+    """Train and validation loss against tokens for any runs, side by side, labelled with their stability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(5.5 * len(run_dirs), 4), sharey=True, squeeze=False)
+    highs, lows = [], []
+    for ax, run_dir in zip(axes[0], run_dirs):
+        if not (run_dir / SUMMARY_FILE).exists():
+            raise UserError(f"{run_dir} has no {SUMMARY_FILE}")
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        records = read_metrics(run_dir)
+        train = [(r["tokens"], r["train_loss"]) for r in records if isinstance(r.get("train_loss"), float)]
+        val = [(r["tokens"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), float)]
+        for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, style, markersize=3, label=label, alpha=0.8 if label == "train" else 1.0)
+                highs.append(max(ys))
+                lows.append(min(ys))
+        for event in summary.get("events", []):
+            if event["event"] in ("divergence", "recovery"):
+                tokens = next((r["tokens"] for r in records if r.get("step") == event["step"] and "tokens" in r), None)
+                if tokens is not None:
+                    ax.axvline(tokens, color="red" if event["event"] == "divergence" else "green", ls="--", lw=1)
+        s = summary["stability"]
+        ax.set_title(f"{run_dir.name}: {s['label']}\n({s['reason']})", fontsize=9)
+        ax.set_xlabel("token slots trained")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("loss")
+    if log_scale or (log_scale is None and lows and max(highs) / max(min(lows), 1e-9) > 5):
+        axes[0][0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

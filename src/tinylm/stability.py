@@ -26,6 +26,10 @@ class Thresholds:
     """Steps of history before spikes are judged."""
     spike_z: float = 6.0
     """A train loss or gradient norm this many standard deviations above the window is a spike."""
+    loss_spike_ratio: float = 1.2
+    """... and a train loss spike is also at least this multiple of the window's mean ..."""
+    grad_spike_ratio: float = 2.5
+    """... and a gradient-norm spike at least this multiple (noisy small norms are not spikes)."""
     hard_spike_z: float = 12.0
     """Guarded runs skip the update of a spike this large."""
     val_rise: float = 0.10
@@ -83,8 +87,14 @@ class StabilityMonitor:
             self._event("nan", step, loss=loss, grad_norm=grad_norm, skipped=self.guard)
             return not self.guard
         worst_z = 0.0
-        for kind, value, history in (("loss_spike", loss, self._losses), ("grad_spike", grad_norm, self._norms)):
+        checks = (
+            ("loss_spike", loss, self._losses, self.th.loss_spike_ratio),
+            ("grad_spike", grad_norm, self._norms, self.th.grad_spike_ratio),
+        )
+        for kind, value, history, ratio in checks:
             z = _zscore(value, history, self.th.spike_min_history)
+            if z > self.th.spike_z and value < ratio * sum(history) / len(history):
+                z = 0.0  # statistically unusual but small: not a spike
             if z > self.th.spike_z:
                 self._event(kind, step, value=value, z=round(z, 2), skipped=self.guard and z > self.th.hard_spike_z)
             worst_z = max(worst_z, z)

@@ -90,10 +90,16 @@ def total_steps(cfg: RunConfig) -> int | None:
 
 
 class _StopFlag:
-    """Set by Ctrl-C / SIGTERM: the loop finishes the step, checkpoints and returns."""
+    """Set by Ctrl-C / SIGTERM: the loop finishes the step, checkpoints and returns.
+
+    A second signal more than two seconds later stops at once. Closer repeats are the same
+    request arriving twice (under torchrun a terminal's Ctrl-C reaches the ranks both
+    directly and as torchrun's SIGTERM).
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self._first = 0.0
 
     @contextmanager
     def installed(self):
@@ -102,9 +108,11 @@ class _StopFlag:
             return
 
         def handler(signum, frame):
-            if self.requested:  # a second Ctrl-C stops at once
+            now = time.monotonic()
+            if self.requested and now - self._first > 2.0:
                 raise KeyboardInterrupt
-            self.requested = True
+            if not self.requested:
+                self.requested, self._first = True, now
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
