@@ -7,7 +7,6 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,7 @@ class _StopFlag:
         self.requested = False
         self._first = 0.0
 
-    @contextmanager
+    @contextlib.contextmanager
     def installed(self):
         if threading.current_thread() is not threading.main_thread():
             yield
@@ -178,6 +177,8 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
     val_batches = validation_batches(data.split("val"), T, t.batch_size, t.eval_tokens, eot, t.doc_mask)
     my_val_batches = val_batches[cluster.rank :: cluster.world]
 
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
     model.init_weights(t.init, seed=t.seed)
