@@ -249,3 +249,26 @@ def test_validation_stream_is_fixed_and_capped():
     assert torch.equal(capped[0].x, full[0].x[:3])  # a prefix of the same stream
     again = validation_batches(split, 16, batch_size=4, max_tokens=None, eot_id=EOT)
     assert all(torch.equal(a.y, b.y) for a, b in zip(full, again))
+
+
+def test_training_on_the_embedded_shakespeare_needs_no_network(tmp_path, monkeypatch):
+    from conftest import tiny_config
+    from tinylm.train import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = train(tiny_config("shakespeare", tmp_path / "run", max_steps=2, eval_every=2, tokenizer="gpt2"), quiet=True)
+    assert result.summary["completed"] and result.summary["data"].startswith("shakespeare")
+
+
+@pytest.mark.parametrize("literal_marker", [False, True])
+def test_gpt2_stream_encoding_equals_encoding_each_document(literal_marker):
+    from tinylm.data.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    docs = ["Hello there.  ", "\n\nnew lines\n", " leading space", "tabs\tand 123 numbers!", "x", "ünïcödé 東京"]
+    if literal_marker:
+        docs.append("a document that mentions <|endoftext|> in its text")
+    stream, lengths = tok.encode_stream(docs)
+    expected = [i for d in docs for i in tok.encode_batch([d])[0] + [tok.eot_id]]
+    assert stream.tolist() == expected
+    assert lengths.tolist() == [len(tok.encode_batch([d])[0]) + 1 for d in docs]

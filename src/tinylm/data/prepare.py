@@ -212,10 +212,9 @@ class _SplitWriter:
             self._flush()
 
     def _flush(self) -> None:
-        for ids in self.tokenizer.encode_batch(self.pending):
-            ids.append(self.tokenizer.eot_id)
-            np.asarray(ids, dtype=self.dtype).tofile(self.file)
-            self.offsets.append(self.offsets[-1] + len(ids))
+        stream, lengths = self.tokenizer.encode_stream(self.pending)
+        stream.astype(self.dtype).tofile(self.file)
+        self.offsets.extend((self.offsets[-1] + np.cumsum(lengths)).tolist())
         self.bar.update(sum(len(d.encode("utf-8", "replace")) for d in self.pending))
         self.characters += self.pending_chars
         self.pending, self.pending_chars = [], 0

@@ -16,7 +16,11 @@ import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Protocol
+
+import numpy as np
 
 from tinylm.errors import UserError
 
@@ -33,6 +37,10 @@ class Tokenizer(Protocol):
     eot_id: int
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def encode_stream(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All documents' tokens, each followed by <|endoftext|>, and each one's length (EOT included)."""
+        ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -109,13 +117,35 @@ class GPT2Tokenizer:
         self._threads = max(1, os.cpu_count() or 1)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._enc.encode_ordinary_batch(texts, num_threads=self._threads)
+        return [self._enc.encode_ordinary(t) for t in texts]
+
+    def encode_stream(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if any(EOT_TEXT in t for t in texts):  # literal marker text inside a document: one by one
+            docs = [ids + [self.eot_id] for ids in self.encode_batch(texts)]
+            return np.fromiter((i for d in docs for i in d), dtype=np.int64), np.array([len(d) for d in docs])
+        # Joined by the special token, documents encode exactly as they do alone (the regex
+        # never spans it), and a few long calls beat thousands of short ones. tiktoken
+        # releases the GIL, so the parts run in parallel threads.
+        n = len(texts)
+        cuts = [n * k // self._threads for k in range(self._threads + 1)]
+        parts = [EOT_TEXT.join(texts[a:b]) + EOT_TEXT for a, b in zip(cuts, cuts[1:]) if b > a]
+        allowed = {EOT_TEXT}
+        with ThreadPoolExecutor(len(parts)) as pool:
+            encoded = list(pool.map(lambda text: self._enc.encode(text, allowed_special=allowed), parts))
+        stream = np.concatenate([np.asarray(e, dtype=np.int64) for e in encoded])
+        ends = np.flatnonzero(stream == self.eot_id) + 1
+        return stream, np.diff(ends, prepend=0)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))
 
     def save(self, directory: Path) -> None:
         pass  # fully described by its spec
+
+
+@lru_cache(maxsize=1)
+def _gpt2() -> GPT2Tokenizer:
+    return GPT2Tokenizer()  # loading the ranks takes a fifth of a second: once per process
 
 
 class BPETokenizer:
@@ -160,6 +190,10 @@ class BPETokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_stream(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        docs = [ids + [self.eot_id] for ids in self.encode_batch(texts)]
+        return np.fromiter((i for d in docs for i in d), dtype=np.int64), np.array([len(d) for d in docs])
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
@@ -185,7 +219,7 @@ def parse_bpe_size(spec: str) -> int | None:
 def load_tokenizer(spec: str, directory: Path | None = None) -> Tokenizer:
     """The tokenizer named by spec; a trained BPE is read from ``directory``."""
     if parse_bpe_size(spec) is None:
-        return GPT2Tokenizer()
+        return _gpt2()
     if directory is None or not (directory / BPETokenizer.FILE).exists():
         raise UserError(f"no trained tokenizer for {spec!r} in {directory}")
     return BPETokenizer.load(directory, spec)
