@@ -135,3 +135,18 @@ def test_phase_subset_and_unknown_phase():
     assert [p.name for p in parse_phases("packed,init")] == ["packed", "init"]
     with pytest.raises(UserError, match="unknown phase"):
         parse_phases("init,warmup")
+
+
+def test_several_seeds_are_reported_as_mean_and_std(stories, tmp_path):
+    settings = base(stories)
+    settings.max_steps = 2
+    settings.eval_every = 2
+    ablate(["tiny"], settings, tmp_path, parse_phases("init"), seeds=2, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["init-seed0", "init-seed1"]
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    best = [json.loads((tmp_path / "tiny" / f"init-seed{k}" / "summary.json").read_text())["best_val_loss"]
+            for k in range(2)]  # fmt: skip
+    import statistics
+
+    expected = f"{statistics.fmean(best):.2f} ± {statistics.stdev(best):.2f}"
+    assert f"**{expected}**" in report

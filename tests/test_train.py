@@ -124,3 +124,27 @@ def test_cpu_is_chosen_when_no_gpu(stories, tmp_path):
         pytest.skip("this machine has a GPU")
     result = train(tiny_config(stories, tmp_path / "run", max_steps=1), quiet=True)
     assert result.summary["device"] == "cpu"
+
+
+def test_tensorboard_events_are_written_when_asked(stories, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tiny_config(stories, tmp_path / "run", max_steps=2, tensorboard=True), quiet=True)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_vocabulary_larger_than_the_embedding_is_refused(stories, tmp_path):
+    cfg = tiny_config(stories, tmp_path / "run", tokenizer="gpt2")
+    cfg.model.vocab_size = 1000
+    with pytest.raises(UserError, match="more than the model's embedding"):
+        train(cfg, quiet=True)
+
+
+def test_a_block_longer_than_the_data_is_refused(tmp_path):
+    from conftest import write_stories
+
+    small = write_stories(tmp_path / "small.txt", 25)
+    cfg = tiny_config(small, tmp_path / "run")
+    cfg.model.block_size = 4096
+    with pytest.raises(UserError, match="fewer than one block"):
+        train(cfg, quiet=True)
+    assert not (tmp_path / "run").exists()
