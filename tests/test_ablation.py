@@ -150,3 +150,11 @@ def test_several_seeds_are_reported_as_mean_and_std(stories, tmp_path):
 
     expected = f"{statistics.fmean(best):.2f} ± {statistics.stdev(best):.2f}"
     assert f"**{expected}**" in report
+
+
+def test_doc_mask_applies_to_the_packed_phase_only(tmp_path):
+    from tinylm.ablation import phase_config
+
+    base_cfg = TrainConfig(doc_mask=True, max_steps=1)
+    masks = {name: phase_config(base_cfg, "tiny", phase, 1, tmp_path).train.doc_mask for name, phase in PHASES.items()}
+    assert masks == {"baseline": False, "init": False, "cosine": False, "packed": True}

@@ -54,10 +54,9 @@ def parse_phases(text: str | None) -> list[Phase]:
 
 def phase_config(base: TrainConfig, preset_name: str, phase: Phase, seed: int, run_dir: Path) -> RunConfig:
     train = dataclasses.replace(
-        base, init=phase.init, schedule=phase.schedule, batching=phase.batching, seed=seed, out=str(run_dir)
-    )
-    if phase.batching == "padded":
-        train.doc_mask = False
+        base, init=phase.init, schedule=phase.schedule, batching=phase.batching, seed=seed, out=str(run_dir),
+        doc_mask=base.doc_mask and phase.batching == "packed",  # --doc-mask applies to the packed phase only
+    )  # fmt: skip
     return RunConfig(model=preset(preset_name), train=train, preset=preset_name)
 
 
