@@ -117,7 +117,7 @@ def fmt_loss(p: PhaseResult, key: str) -> str:
 
 
 def fmt_time(seconds: float) -> str:
-    if seconds < 120:
+    if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
