@@ -8,7 +8,6 @@ noisy machine. Peak memory is measured in a fresh subprocess per variant.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import subprocess

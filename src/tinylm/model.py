@@ -138,7 +138,7 @@ class GPT(nn.Module):
         ``full_logits``, the textbook path); without targets logits are (B, T, V).
         doc_ids, when given, keep attention inside each document and restart positions.
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block size {self.config.block_size}")
         attn_mask = None

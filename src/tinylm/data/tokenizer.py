@@ -15,9 +15,9 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
