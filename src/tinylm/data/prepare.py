@@ -110,7 +110,12 @@ def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = Fals
         meta = _write(source, options, key, bpe_size, tmp, quiet)
         if directory.exists():
             directory.rmdir()  # empty, checked above
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if not meta_path.exists():  # not another process that finished the same work first
+                raise
+            meta = json.loads(meta_path.read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
