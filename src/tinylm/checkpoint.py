@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tinylm.errors import UserError
@@ -51,8 +52,6 @@ def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
     path = run_dir / MODEL_FILE
     if not path.exists():
         raise UserError(f"{run_dir} has no {MODEL_FILE}")
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     tensors = load_file(str(path))

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinylm.ablation import PHASES
-from tinylm.config import RunConfig
+from tinylm.config import PRESETS, RunConfig
 from tinylm.errors import UserError
 from tinylm.metrics import read_metrics
+from tinylm.stability import LABELS
 from tinylm.summary import SUMMARY_FILE
 
 MARKS = {"very stable": "🟢", "stable": "🟢", "ok": "🟡", "unstable": "🔴"}
@@ -57,8 +58,8 @@ class PhaseResult:
 
     @property
     def stability(self) -> dict:
-        order = ["very stable", "stable", "ok", "unstable"]
-        return max((r.summary["stability"] for r in self.runs), key=lambda s: order.index(s["label"]))
+        # the least stable seed speaks for the phase
+        return max((r.summary["stability"] for r in self.runs), key=lambda s: LABELS.index(s["label"]))
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -95,7 +96,7 @@ def group(runs: list[Run]) -> dict[str, list[PhaseResult]]:
     for run in runs:
         phases = by_preset.setdefault(run.preset, {})
         phases.setdefault(run.phase, PhaseResult(run.preset, run.phase)).runs.append(run)
-    preset_order = ["tiny", "basic", "mid", "quality"]
+    preset_order = list(PRESETS)
     return {
         preset: sorted(phases.values(), key=lambda p: order.index(p.phase) if p.phase in order else len(order))
         for preset, phases in sorted(by_preset.items(), key=lambda kv: _index(preset_order, kv[0]))

@@ -50,7 +50,7 @@ class Thresholds:
     """After this many roll-backs the run stops, keeping its best checkpoint."""
 
 
-# Labels, best first, with the limits a run must stay within to earn them.
+# Labels, most stable first; _label() holds the limits that earn each.
 LABELS = ("very stable", "stable", "ok", "unstable")
 
 

@@ -295,7 +295,6 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
                 write(event)
             if "val_loss" in record or progress.step % t.log_every == 0:
                 write(record)
-            progress.stability = monitor.state()
             bar.update(1)
             tokens_per_s = progress.tokens / max(progress.elapsed_s, 1e-9)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -303,6 +302,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
                 print(f"step {progress.step}: train {train_loss:.4f} val {record['val_loss']:.4f}", flush=True)
             ckpt_every = t.checkpoint_every or t.eval_every
             if cluster.is_main and (budget_done or stop_asked or progress.step % ckpt_every == 0):
+                progress.stability = monitor.state()
                 checkpoint.save(run_dir, model, optimizer, progress.__dict__)
             if stop_asked and not budget_done:
                 interrupted = True
