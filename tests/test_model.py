@@ -106,6 +106,19 @@ def test_chunked_loss_matches_textbook_loss_and_gradients(with_padding):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
+def test_chunked_loss_is_exact_when_target_probabilities_underflow():
+    # Naive init gives per-token losses in the hundreds: exp(-loss) is 0 in fp32, so the loss
+    # must not be computed from the target's probability.
+    torch.manual_seed(0)
+    hidden = (torch.randn(40, 16) * 30).requires_grad_()
+    weight = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (40,))
+    ref = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().t(), targets)
+    assert ref.item() > 150 and torch.exp(-ref.float()) == 0
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=7)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+
+
 def test_model_fast_step_equals_textbook_step_fp32():
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=500)

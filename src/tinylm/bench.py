@@ -22,6 +22,7 @@ from tinylm.costs import model_costs
 from tinylm.evaluate import autocast_for
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
+from tinylm.runtime import tune_for
 
 
 @dataclass
@@ -97,6 +98,7 @@ def peak_memory_mb(variant: str, preset_name: str, batch_size: int, device: torc
         return peak
     code = (
         "import torch; from tinylm.bench import StepRunner, own_peak_rss_kib; "
+        "from tinylm.runtime import tune_for; tune_for(torch.device('cpu')); "
         f"r = StepRunner({variant!r}, {preset_name!r}, {batch_size}, torch.device('cpu')); "
         "[r.step() for _ in range(2)]; "
         "print(own_peak_rss_kib())"
@@ -134,8 +136,7 @@ def bench(
     from tinylm.train import select_device
 
     device = select_device(device_name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    tune_for(device)  # the same process settings as training, for both steps
     peak = matmul_peak_gflops(device)
     cfg = preset(preset_name)
     flops_per_token = model_costs(cfg, batch_size).flops_per_token_train

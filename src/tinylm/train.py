@@ -25,6 +25,7 @@ from tinylm.evaluate import autocast_for, validation_loss_sum
 from tinylm.metrics import MetricsLog, truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer, learning_rate
+from tinylm.runtime import tune_for
 from tinylm.stability import StabilityMonitor
 from tinylm.summary import SUMMARY_FILE, write_summary
 
@@ -177,8 +178,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
     val_batches = validation_batches(data.split("val"), T, t.batch_size, t.eval_tokens, eot, t.doc_mask)
     my_val_batches = val_batches[cluster.rank :: cluster.world]
 
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
+    tune_for(device)
     torch.manual_seed(t.seed)
     model = GPT(cfg.model)
     model.init_weights(t.init, seed=t.seed)

@@ -30,7 +30,10 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return Batch(move(self.x), move(self.y), move(self.doc_ids), self.real_tokens)
 
 

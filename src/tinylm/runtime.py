@@ -1,0 +1,38 @@
+"""Process-wide settings that make a training step fast on the device it runs on."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import platform
+
+import torch
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit
+
+
+def tune_for(device: torch.device) -> None:
+    """TF32 matmuls on CUDA; on CPU, a heap that keeps freed memory for the next step."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
+    else:
+        keep_freed_memory()
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Stop glibc returning freed activation memory to the OS after every step.
+
+    By default malloc serves blocks above a few MB with fresh mmaps and trims the heap
+    when its top is free, so every step page-faults its activations in again: about 250k
+    faults (1 GB) and 15% of a `mid` CPU step. Blocks up to 32 MB now come from the heap
+    and stay mapped; the peak memory is unchanged. Returns whether it applied (glibc only).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
