@@ -256,7 +256,9 @@ def test_training_on_the_embedded_shakespeare_needs_no_network(tmp_path, monkeyp
     from tinylm.train import train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = train(tiny_config("shakespeare", tmp_path / "run", max_steps=2, eval_every=2, tokenizer="gpt2"), quiet=True)
+    result = train(
+        tiny_config("shakespeare", tmp_path / "run", max_steps=2, eval_every=2, tokenizer="gpt2"), quiet=True
+    )
     assert result.summary["completed"] and result.summary["data"].startswith("shakespeare")
 
 

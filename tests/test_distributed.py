@@ -9,8 +9,21 @@ import time
 
 import pytest
 
-ARGS = ["--preset", "tiny", "--batch-size", "2", "--grad-accum", "2", "--eval-tokens", "512", "--lr", "3e-3",
-        "--tokenizer", "bpe:512", "--quiet"]
+ARGS = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "2",
+    "--eval-tokens",
+    "512",
+    "--lr",
+    "3e-3",
+    "--tokenizer",
+    "bpe:512",
+    "--quiet",
+]
 
 
 def torchrun(*args, **kwargs):
@@ -20,7 +33,9 @@ def torchrun(*args, **kwargs):
 
 
 def tinylm(*args):
-    return subprocess.run([sys.executable, "-m", "tinylm", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tinylm", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def metrics(run_dir):

@@ -12,9 +12,7 @@ from tinylm.model import GPT
 LN_V = math.log(50257)
 
 
-@pytest.mark.parametrize(
-    "name, expected", [("basic", 7_291_776), ("mid", 12_417_216), ("quality", 40_807_680)]
-)
+@pytest.mark.parametrize("name, expected", [("basic", 7_291_776), ("mid", 12_417_216), ("quality", 40_807_680)])
 def test_preset_parameter_counts_are_exact(name, expected):
     with torch.device("meta"):
         assert GPT(preset(name)).num_params() == expected

@@ -95,7 +95,7 @@ def test_export_to_hugging_face_matches_tinylm(trained, tmp_path):
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = 'Hello world!  It\'s 2026; "tinylm" tokenises\tthis:\n ünïcödé 東京 <|endoftext|>'
-    ours_ids = GPT2Tokenizer().encode_batch(["Hello world!  It's 2026; \"tinylm\" tokenises\tthis:\n ünïcödé 東京 "])[0]
+    ours_ids = GPT2Tokenizer().encode_batch(['Hello world!  It\'s 2026; "tinylm" tokenises\tthis:\n ünïcödé 東京 '])[0]
     assert hf_tok(text)["input_ids"] == ours_ids + [50256]
     assert hf_tok.decode(ours_ids) == text[: -len("<|endoftext|>")]
 

@@ -189,4 +189,3 @@ def format_report(report: dict) -> str:
     if "speedup_vs_textbook" in report:
         lines.append(f"tinylm / textbook tokens/s: {report['speedup_vs_textbook']:.2f}x")
     return "\n".join(lines)
-

@@ -285,7 +285,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(args.prompt)
         seed = None if args.seed is None else args.seed + i
-        sample_text(run, args.prompt, opts, seed=seed, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sample_text(
+            run, args.prompt, opts, seed=seed, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
+        )
         sys.stdout.write("\n")
     return 0
 
@@ -387,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--nproc-per-node", type=_integer, default=1, help="data-parallel processes per phase (torchrun)")
     _add_dataclass_flags(p, ModelConfig, "model")
-    _add_dataclass_flags(p, TrainConfig, "training (passed to every phase)", skip=("init", "schedule", "batching", "out"))
+    _add_dataclass_flags(
+        p, TrainConfig, "training (passed to every phase)", skip=("init", "schedule", "batching", "out")
+    )
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("report", help="tables, plots and CSV from finished runs or ablations")

@@ -109,7 +109,9 @@ def export_hf(run_dir: Path, out: Path) -> Path:
         backend = run.tokenizer.backend
     else:
         backend = gpt2_hf_tokenizer()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT
+    )
     hf_tok.model_max_length = m.block_size
     hf_tok.save_pretrained(out)
     (out / "tinylm.json").write_text(json.dumps({"exported_from": str(run_dir), "preset": run.cfg.preset}, indent=2))

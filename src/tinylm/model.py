@@ -157,9 +157,7 @@ class GPT(nn.Module):
             return self.lm_head(x), None
         if full_logits:
             logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-            )
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
             return logits, loss
         loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return None, loss

@@ -34,7 +34,9 @@ class Run:
 
     @property
     def val_curve(self) -> list[tuple[int, float]]:
-        return [(r["tokens"], r["val_loss"]) for r in self.metrics if "val_loss" in r and isinstance(r["val_loss"], float)]
+        return [
+            (r["tokens"], r["val_loss"]) for r in self.metrics if "val_loss" in r and isinstance(r["val_loss"], float)
+        ]
 
 
 @dataclass
@@ -73,8 +75,14 @@ def find_runs(paths: list[Path]) -> list[Run]:
             cfg = RunConfig.load(run_dir / "config.json")
             phase = _phase_of(cfg)
             runs.append(
-                Run(cfg.preset or "custom", phase, cfg.train.seed, run_dir,
-                    json.loads(summary_path.read_text()), read_metrics(run_dir))  # fmt: skip
+                Run(
+                    cfg.preset or "custom",
+                    phase,
+                    cfg.train.seed,
+                    run_dir,
+                    json.loads(summary_path.read_text()),
+                    read_metrics(run_dir),
+                )  # fmt: skip
             )
     if not runs:
         raise UserError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
