@@ -35,7 +35,7 @@ class StepTiming:
     peak_memory_mb: float | None
 
 
-def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
+def matmul_peak_gflops(device: torch.device, repeats: int = 10) -> float:
     """Best observed GFLOP/s of a large square matmul: fp32 on CPU, bf16 on GPU."""
     n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
     a = torch.randn(n, n, device=device, dtype=dtype)

@@ -22,15 +22,15 @@ def validation_loss_sum(model: GPT, batches: list[Batch], device: torch.device) 
     """Summed loss and the number of target tokens over the batches (sums add up across ranks)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # one sync at the end
     for batch in batches:
         b = batch.to(device)
         with autocast_for(device):
             _, loss = model(b.x, b.y, b.doc_ids)
-        total += loss.item() * b.real_tokens
+        total += loss.double() * b.real_tokens
         count += b.real_tokens
     model.train(was_training)
-    return total, count
+    return total.item(), count
 
 
 def validation_loss(model: GPT, batches: list[Batch], device: torch.device) -> float:

@@ -243,7 +243,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
             lr = learning_rate(t, progress.step, steps_budget, time_fraction) * monitor.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, real = 0.0, 0
+            loss_sum, real = torch.zeros((), device=device), 0  # on the device: one sync per step, not per micro-batch
             for i in range(local_accum):
                 micro = i * cluster.world + cluster.rank  # this rank's share of the step's micro-batches
                 first_row = (progress.step * t.grad_accum + micro) * t.batch_size
@@ -253,9 +253,9 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
                     with autocast_for(device):
                         _, loss = trainable(batch.x, batch.y, batch.doc_ids)
                     (loss / local_accum).backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach().float()
                 real += batch.real_tokens
-            loss_sum, real = cluster.sum([loss_sum, real], device)
+            loss_sum, real = cluster.sum([loss_sum.item(), real], device)
             train_loss = loss_sum / t.grad_accum
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()

@@ -29,10 +29,13 @@ class Batch:
         return self.y.numel()
 
     def to(self, device: torch.device) -> Batch:
-        non_blocking = device.type == "cuda"
+        to_gpu = device.type == "cuda"
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
+            if t is None:
+                return None
+            # from pinned memory the copy is asynchronous: the host goes on launching kernels
+            return t.pin_memory().to(device, non_blocking=True) if to_gpu else t
 
         return Batch(move(self.x), move(self.y), move(self.doc_ids), self.real_tokens)
 
