@@ -31,8 +31,10 @@ def main() -> None:
     rate = size / statistics.median(times) / 1e6
     tokens = sum(s["tokens"] for s in data.meta["splits"].values())
     print(f"{args.path}: {size / 1e6:.1f} MB, {tokens:,} tokens with {args.tokenizer}")
-    print(f"median {statistics.median(times):.2f} s over {args.repeats} runs: {rate:.1f} MB/s, "
-          f"{rate / cores:.1f} MB/s per core ({cores} cores)")
+    print(
+        f"median {statistics.median(times):.2f} s over {args.repeats} runs: {rate:.1f} MB/s, "
+        f"{rate / cores:.1f} MB/s per core ({cores} cores)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The command line, end to end in subprocesses."""
 
+import argparse
 import json
 import os
 import signal
@@ -100,3 +101,14 @@ def test_module_and_console_script_agree():
     exe = os.path.join(os.path.dirname(sys.executable), "tinylm")
     done = subprocess.run([exe, "info", "--preset", "mid", "--json"], capture_output=True, text=True)
     assert done.returncode == 0 and json.loads(done.stdout)["params"] == 12_417_216
+
+
+def test_every_command_prints_its_help(capsys):
+    from tinylm.cli import build_parser, main
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in commands:
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--help"])
+        assert stop.value.code == 0
+        assert f"usage: tinylm {command}" in capsys.readouterr().out

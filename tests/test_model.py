@@ -145,3 +145,19 @@ def test_kv_cache_logits_match_full_forward():
     for t in range(8, 12):
         last, cache = model.forward_cached(idx[:, t : t + 1], cache)
         torch.testing.assert_close(last, full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_compute_the_same_step_and_keep_parameter_names():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=500)
+    eager, compiled = GPT(cfg), GPT(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x, y = torch.randint(0, 500, (2, 32)), torch.randint(0, 500, (2, 32))
+    for model in (eager, compiled):
+        _, loss = model(x, y)
+        loss.backward()
+    torch.testing.assert_close(compiled(x, y)[1], eager(x, y)[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)

@@ -58,12 +58,22 @@ def _sync(device: torch.device) -> None:
 class StepRunner:
     """One training step of one variant on a fixed batch."""
 
-    def __init__(self, variant: str, preset_name: str, batch_size: int, device: torch.device, seed: int = 0):
+    def __init__(
+        self,
+        variant: str,
+        preset_name: str,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        compile: bool = False,
+    ):
         torch.manual_seed(seed)
         cfg = preset(preset_name)
         self.model = GPT(cfg).to(device)
         self.model.init_weights("scaled", seed=seed)
         self.textbook = variant == "textbook"
+        if compile and not self.textbook:
+            self.model.compile_blocks()
         if self.textbook:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         else:
@@ -85,11 +95,11 @@ class StepRunner:
         return loss.item()
 
 
-def peak_memory_mb(variant: str, preset_name: str, batch_size: int, device: torch.device) -> float:
+def peak_memory_mb(variant: str, preset_name: str, batch_size: int, device: torch.device, compile: bool) -> float:
     """Peak memory of a few steps of one variant, in a fresh process (RSS on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        runner = StepRunner(variant, preset_name, batch_size, device)
+        runner = StepRunner(variant, preset_name, batch_size, device, compile=compile)
         for _ in range(2):
             runner.step()
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -99,7 +109,7 @@ def peak_memory_mb(variant: str, preset_name: str, batch_size: int, device: torc
     code = (
         "import torch; from tinylm.bench import StepRunner, own_peak_rss_kib; "
         "from tinylm.runtime import tune_for; tune_for(torch.device('cpu')); "
-        f"r = StepRunner({variant!r}, {preset_name!r}, {batch_size}, torch.device('cpu')); "
+        f"r = StepRunner({variant!r}, {preset_name!r}, {batch_size}, torch.device('cpu'), compile={compile}); "
         "[r.step() for _ in range(2)]; "
         "print(own_peak_rss_kib())"
     )
@@ -132,6 +142,7 @@ def bench(
     compare_textbook: bool = False,
     device_name: str = "auto",
     measure_memory: bool = True,
+    compile: bool = False,
 ) -> dict:
     from tinylm.train import select_device
 
@@ -142,7 +153,7 @@ def bench(
     flops_per_token = model_costs(cfg, batch_size).flops_per_token_train
     tokens = batch_size * cfg.block_size
     variants = ["tinylm"] + (["textbook"] if compare_textbook else [])
-    runners = {v: StepRunner(v, preset_name, batch_size, device) for v in variants}
+    runners = {v: StepRunner(v, preset_name, batch_size, device, compile=compile) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(warmup + repeats):
         for v in variants:  # alternate, so drift on a shared machine hits both alike
@@ -156,7 +167,7 @@ def bench(
         median = statistics.median(times[v])
         tps = tokens / median
         gflops = tps * flops_per_token / 1e9
-        memory = peak_memory_mb(v, preset_name, batch_size, device) if measure_memory else None
+        memory = peak_memory_mb(v, preset_name, batch_size, device, compile) if measure_memory else None
         results.append(StepTiming(v, median, tps, gflops, gflops / peak, memory))
     report = {
         "preset": preset_name,
@@ -165,6 +176,7 @@ def bench(
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
         "threads": torch.get_num_threads(),
+        "compiled_blocks": compile,
         "machine": platform.processor() or platform.machine(),
         "matmul_peak_gflops": peak,
         "flops_per_token": flops_per_token,
@@ -177,9 +189,13 @@ def bench(
 
 
 def format_report(report: dict) -> str:
-    lines = [
+    compiled = ", compiled blocks" if report.get("compiled_blocks") else ""
+    header = (
         f"{report['preset']}, batch {report['batch_size']} x block {report['block_size']} on {report['device']} "
-        f"({report['dtype']}, {report['threads']} threads); matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s",
+        f"({report['dtype']}, {report['threads']} threads{compiled}); matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s"
+    )
+    lines = [
+        header,
         f"{'step':<10} {'median s':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6} {'peak MB':>8}",
     ]
     for r in report["results"]:

@@ -55,7 +55,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, kind: type, title: str
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
+        help_text = " ".join(docs.get(f.name, "").split()).replace("%", "%%")  # argparse formats help with %
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if typing.get_origin(hint) is typing.Literal:
             kwargs["choices"] = typing.get_args(hint)
@@ -153,9 +153,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
         cfg = RunConfig.load(run_dir / CONFIG_FILE)
         model_flags, train_flags = _split_flags(args)
-        other = sorted(set(model_flags) | (set(train_flags) - set(BUDGET_FIELDS) - {"device"}))
+        other = sorted(set(model_flags) | (set(train_flags) - set(BUDGET_FIELDS) - {"device", "compile"}))
         if other or args.preset or args.config:
-            raise UserError("with --resume only --max-steps, --max-tokens, --max-time and --device may change")
+            raise UserError(
+                "with --resume only --max-steps, --max-tokens, --max-time, --device and --compile may change"
+            )
         for key, value in train_flags.items():
             setattr(cfg.train, key, value)
         cfg.train.out = str(run_dir)
@@ -317,7 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tinylm.bench import bench, format_report
 
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
-                   measure_memory=not args.no_memory)  # fmt: skip
+                   measure_memory=not args.no_memory, compile=args.compile)  # fmt: skip
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -433,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_integer, default=2)
     p.add_argument("--compare-textbook", action="store_true", help="also time full logits + F.cross_entropy + AdamW")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--compile", action="store_true", help="torch.compile the tinylm step's blocks (as train --compile)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=cmd_bench)

@@ -119,6 +119,12 @@ class GPT(nn.Module):
                 if module.bias is not None:
                     module.bias.zero_()
 
+    def compile_blocks(self) -> None:
+        """torch.compile every block in place; identical blocks reuse one compiled graph, and
+        parameter names (checkpoints, export) stay as they are."""
+        for block in self.transformer.h:
+            block.compile()
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied matrix counts once
         if non_embedding:

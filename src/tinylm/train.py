@@ -183,6 +183,8 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
     model = GPT(cfg.model)
     model.init_weights(t.init, seed=t.seed)
     model.to(device)
+    if t.compile:
+        model.compile_blocks()
     optimizer = build_optimizer(model, t, device)
 
     if resume:

@@ -1,0 +1,181 @@
+"""Measure each lever of the fast training step on its own: with and without, alternately.
+
+Usage: .venv/bin/python scripts/bench_levers.py [--preset mid] [--repeats 4] [--compile] [--json FILE]
+
+Every line compares two ways of doing the same work, timed alternately in one process (the
+heap setting, which is process-wide, in two fresh processes), and prints the medians and the
+ratio. `tinylm bench` gives the whole step against the textbook one; this says which parts pay.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tinylm.loss
+from tinylm.bench import StepRunner
+from tinylm.config import preset
+from tinylm.runtime import keep_freed_memory
+
+CPU = torch.device("cpu")
+
+
+def alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of a and of b, run in turns after one warm-up call each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, times in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
+    runner = StepRunner("tinylm", preset_name, 8, CPU)
+
+    def step_with(onednn: bool) -> Callable[[], float]:
+        def step() -> float:
+            tinylm.loss._ONEDNN = onednn
+            return runner.step()
+
+        return step
+
+    try:
+        return alternate(step_with(False), step_with(True), repeats)
+    finally:
+        tinylm.loss._ONEDNN = True
+
+
+STEPS_IN_A_FRESH_PROCESS = """
+import resource, statistics, sys, time, torch
+from tinylm.bench import StepRunner
+from tinylm.runtime import keep_freed_memory
+if sys.argv[2] == "1":
+    keep_freed_memory()
+runner = StepRunner("tinylm", sys.argv[1], 8, torch.device("cpu"))
+runner.step()
+faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+for _ in range(int(sys.argv[3])):
+    start = time.perf_counter()
+    runner.step()
+    times.append(time.perf_counter() - start)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(times)
+print(statistics.median(times), faults)
+"""
+
+
+def heap(preset_name: str, repeats: int) -> tuple[float, float, float, float]:
+    """Step seconds and page faults per step with glibc's default heap and with the kept heap."""
+    out = []
+    for tuned in ("0", "1"):
+        cmd = [sys.executable, "-c", STEPS_IN_A_FRESH_PROCESS, preset_name, tuned, str(repeats)]
+        out.append([float(v) for v in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()])
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
+def adamw(preset_name: str, repeats: int) -> tuple[float, float, float]:
+    """optimizer.step() seconds: for-loop (AdamW's CPU default), multi-tensor, fused."""
+    model = StepRunner("tinylm", preset_name, 1, CPU).model
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opts = [torch.optim.AdamW(model.parameters(), lr=1e-4, **kw) for kw in ({}, {"foreach": True}, {"fused": True})]
+    loop, foreach = alternate(opts[0].step, opts[1].step, repeats)
+    _, fused = alternate(opts[1].step, opts[2].step, repeats)
+    return loop, foreach, fused
+
+
+def softmax_passes(preset_name: str, repeats: int) -> tuple[float, float]:
+    """One loss chunk: log_softmax then exp (two exponentials per logit) vs max + softmax + max."""
+    cfg = preset(preset_name)
+    rows = tinylm.loss._CHUNK_ELEMENTS // cfg.vocab_size
+    logits = torch.randn(rows, cfg.vocab_size)
+
+    def log_softmax_exp():
+        return torch.log_softmax(logits, dim=-1).exp_()
+
+    def softmax_and_maxima():
+        logits.amax(dim=1)
+        probs = torch.softmax(logits, dim=-1)
+        probs.amax(dim=1)
+        return probs
+
+    return alternate(log_softmax_exp, softmax_and_maxima, repeats * 5)
+
+
+def attention(preset_name: str, repeats: int) -> tuple[float, float]:
+    """Causal attention forward + backward of one layer: SDPA's math backend vs its flash kernel."""
+    cfg = preset(preset_name)
+    shape = (8, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+
+    def run(backend):
+        def f():
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+        return f
+
+    return alternate(run(SDPBackend.MATH), run(SDPBackend.FLASH_ATTENTION), repeats)
+
+
+def compiled_blocks(preset_name: str, repeats: int) -> tuple[float, float, float]:
+    """Step seconds eager vs with torch.compile on every transformer block, and the compile time."""
+    eager = StepRunner("tinylm", preset_name, 8, CPU)
+    compiled = StepRunner("tinylm", preset_name, 8, CPU)
+    for block in compiled.model.transformer.h:
+        block.compile()
+    start = time.perf_counter()
+    compiled.step()
+    compile_s = time.perf_counter() - start
+    eager_s, compiled_s = alternate(eager.step, compiled.step, repeats)
+    return eager_s, compiled_s, compile_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="mid")
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="also try torch.compile (about a minute)")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    keep_freed_memory()
+    p, n = args.preset, args.repeats
+    rows = []
+
+    def row(lever, what, without, with_, note=""):
+        rows.append({"lever": lever, "timed": what, "without_s": without, "with_s": with_, "note": note})
+        print(f"{lever:<28} {what:<26} {without:>9.4f} s {with_:>9.4f} s  {without / with_:>5.2f}x  {note}", flush=True)
+
+    print(f"{p} on {torch.get_num_threads()} CPU threads, batch 8 x block {preset(p).block_size}; medians of {n}")
+    print(f"{'lever':<28} {'timed':<26} {'without':>11} {'with':>11}  ratio")
+    default_s, kept_s, default_faults, kept_faults = heap(p, n)
+    row("heap keeps freed memory", "training step", default_s, kept_s,
+        f"page faults per step {default_faults:,.0f} -> {kept_faults:,.0f}")  # fmt: skip
+    row("oneDNN for the logits", "training step", *onednn_logits(p, n))
+    row("softmax + maxima", "one loss chunk", *softmax_passes(p, n), "vs log_softmax + exp")
+    loop, foreach, fused = adamw(p, n)
+    row("multi-tensor AdamW", "optimizer step", loop, foreach, "vs the for-loop default")
+    row("fused AdamW", "optimizer step", foreach, fused, "vs multi-tensor")
+    row("flash SDPA", "attention fwd+bwd, 1 layer", *attention(p, n), "vs SDPA math")
+    if args.compile:
+        eager_s, compiled_s, compile_s = compiled_blocks(p, n)
+        row(
+            "torch.compile on blocks", "training step", eager_s, compiled_s, f"first step (compiling) {compile_s:.0f} s"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": p, "threads": torch.get_num_threads(), "repeats": n, "levers": rows}, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
