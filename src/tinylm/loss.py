@@ -62,7 +62,7 @@ def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype) -> torch.T
     total = torch.zeros((), dtype=acc, device=hidden.device)
     w = weight.to(compute_dtype)
     for start in range(0, hidden.shape[0], chunk_rows):
-        logits = (hidden[start : start + chunk_rows].to(compute_dtype) @ w.t()).to(acc)
+        logits = _logits(hidden[start : start + chunk_rows].to(compute_dtype), w).to(acc)
         total += F.cross_entropy(
             logits, targets[start : start + chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum"
         )
