@@ -40,7 +40,7 @@ def linear_cross_entropy(
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 """oneDNN's fp32 kernel for the logits' shape (few rows, 50k outputs, small inner dimension)
-ran 1.3-1.5x faster than the default BLAS (MKL) on this project's CPU benchmark machine; for
+ran 1.1-1.5x faster than the default BLAS (MKL) on this project's CPU benchmark machine; for
 the other matmuls of the step MKL was the faster one. It is the kernel torch.compile's CPU
 backend calls for linear layers."""
 

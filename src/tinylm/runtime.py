@@ -27,10 +27,11 @@ def tune_for(device: torch.device) -> None:
 def keep_freed_memory() -> bool:
     """Stop glibc returning freed activation memory to the OS after every step.
 
-    By default malloc serves blocks above a few MB with fresh mmaps and trims the heap
-    when its top is free, so every step page-faults its activations in again: about 250k
-    faults (1 GB) and 15% of a `mid` CPU step. Blocks up to 32 MB now come from the heap
-    and stay mapped; the peak memory is unchanged. Returns whether it applied (glibc only).
+    By default malloc serves large blocks with fresh mmaps and trims the heap when its top
+    is free, so every step page-faults its activations in again: about 200k faults (0.8 GB)
+    per `mid` CPU step here. Blocks up to 32 MB (glibc's limit) now come from the heap and
+    stay mapped: the `mid` step ran up to 1.2x faster and its peak RSS rose about 6%
+    (scripts/bench_levers.py, tinylm bench). Returns whether it applied (glibc only).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
