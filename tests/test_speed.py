@@ -51,3 +51,15 @@ def test_bench_times_both_steps_and_writes_json(tmp_path):
         assert 0 < r["mfu"] and r["peak_memory_mb"] > 0
     ratio = report["results"][0]["tokens_per_s"] / report["results"][1]["tokens_per_s"]
     assert report["speedup_vs_textbook"] == pytest.approx(ratio)
+
+
+def test_bench_json_alone_goes_to_stdout():
+    done = subprocess.run(
+        [sys.executable, "-m", "tinylm", "bench", "--preset", "tiny", "--batch-size", "2", "--repeats", "1",
+         "--warmup", "1", "--no-memory", "--device", "cpu", "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["preset"] == "tiny" and [r["name"] for r in report["results"]] == ["tinylm"]
+    assert report["results"][0]["peak_memory_mb"] is None

@@ -320,6 +320,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
                    measure_memory=not args.no_memory, compile=args.compile)  # fmt: skip
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -437,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--compile", action="store_true", help="torch.compile the tinylm step's blocks (as train --compile)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--json", metavar="FILE", nargs="?", const="-",
+                   help="the figures as JSON: to FILE (the table still prints), or alone to stdout")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot", help="train/validation loss curves of runs, side by side")
