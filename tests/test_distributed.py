@@ -9,21 +9,7 @@ import time
 
 import pytest
 
-ARGS = [
-    "--preset",
-    "tiny",
-    "--batch-size",
-    "2",
-    "--grad-accum",
-    "2",
-    "--eval-tokens",
-    "512",
-    "--lr",
-    "3e-3",
-    "--tokenizer",
-    "bpe:512",
-    "--quiet",
-]
+ARGS = "--preset tiny --batch-size 2 --grad-accum 2 --eval-tokens 512 --lr 3e-3 --tokenizer bpe:512 --quiet".split()
 
 
 def torchrun(*args, **kwargs):

@@ -82,7 +82,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
                     run_dir,
                     json.loads(summary_path.read_text()),
                     read_metrics(run_dir),
-                )  # fmt: skip
+                )
             )
     if not runs:
         raise UserError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
