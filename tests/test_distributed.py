@@ -77,3 +77,33 @@ def test_interrupted_on_two_processes_resumes_on_one(stories, tmp_path):
     # Sums reduced in another order differ in the last bits; 100 steps of training amplify that
     # a little (gradient norms most), so this longer run compares the losses at a looser tolerance.
     assert_same_curves(metrics(tmp_path / "one"), metrics(out), tolerance=2e-3, keys=("train_loss", "val_loss"))
+
+
+def _check_agreement(rank: int, init_file: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from tinylm.distributed import Cluster
+    from tinylm.errors import UserError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cluster, outcome = Cluster(rank, 2), {}
+    for case, payload in (("same", {"lr": 0.001}), ("different", {"lr": 0.001 * (rank + 1)})):
+        try:
+            cluster.check_same("config", payload, torch.device("cpu"))
+            outcome[case] = "agreed"
+        except UserError as e:
+            outcome[case] = str(e)
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+
+
+def test_ranks_with_different_configs_all_stop_with_the_same_error(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_check_agreement, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    outcomes = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert [o["same"] for o in outcomes] == ["agreed", "agreed"]
+    assert outcomes[0]["different"] == outcomes[1]["different"]
+    assert "ranks disagree on the config" in outcomes[0]["different"]
