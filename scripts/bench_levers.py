@@ -46,6 +46,7 @@ def alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) ->
 
 def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
     runner = StepRunner("tinylm", preset_name, 8, CPU)
+    available = tinylm.loss._ONEDNN
 
     def step_with(onednn: bool) -> Callable[[], float]:
         def step() -> float:
@@ -57,7 +58,7 @@ def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
     try:
         return alternate(step_with(False), step_with(True), repeats)
     finally:
-        tinylm.loss._ONEDNN = True
+        tinylm.loss._ONEDNN = available
 
 
 def onednn_logits_matmul(preset_name: str, repeats: int) -> tuple[float, float]:
