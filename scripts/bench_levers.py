@@ -50,7 +50,7 @@ def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
 
     def step_with(onednn: bool) -> Callable[[], float]:
         def step() -> float:
-            tinylm.loss._ONEDNN = onednn
+            tinylm.loss._ONEDNN = onednn and available
             return runner.step()
 
         return step
