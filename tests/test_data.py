@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -274,3 +275,9 @@ def test_gpt2_stream_encoding_equals_encoding_each_document(literal_marker):
     expected = [i for d in docs for i in tok.encode_batch([d])[0] + [tok.eot_id]]
     assert stream.tolist() == expected
     assert lengths.tolist() == [len(tok.encode_batch([d])[0]) + 1 for d in docs]
+
+
+def test_hub_data_without_the_datasets_package_names_the_offline_alternatives(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without it: import fails
+    with pytest.raises(UserError, match="pip install datasets.*shakespeare"):
+        open_source("hf:someone/nothing-here", ReadOptions())

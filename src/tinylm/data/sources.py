@@ -252,7 +252,10 @@ def _hub(name: str, config: str | None, options: ReadOptions) -> Source:
     try:
         import datasets
     except ImportError as e:
-        raise UserError("hub data needs the datasets package: pip install datasets") from e
+        raise UserError(
+            "hub data needs the datasets package (pip install datasets); without it, use a local file or "
+            "folder (e.g. --data ../shared/data/tinystories-lc/) or --data shakespeare"
+        ) from e
     try:
         builder = datasets.load_dataset_builder(name, config)
         splits = list(builder.info.splits or {})

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check in one command (see scripts/gpu_check.py and the README's "On a GPU" section).
+#   scripts/gpu_check.sh --prepare      on the CPU machine: fill .device/ (tokenizer, data, wheels)
+#   scripts/gpu_check.sh OUT_DIR        on the GPU machine: tests, bench, ablation -> OUT_DIR
+# Runs tinylm from this source tree on whatever Python is there (the device's own, with its
+# CUDA build of torch), installing only the carried wheels of what that Python lacks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if [[ "${1:-}" == "--prepare" ]]; then
+    exec "$PYTHON" scripts/gpu_check.py --prepare
+fi
+site=.device/site
+if compgen -G ".device/wheels/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --target "$site" --upgrade .device/wheels/*.whl
+fi
+# The console script `tinylm` beside the interpreter (one test calls it); no network, so no build isolation.
+if ! "$PYTHON" -c "import tinylm" 2> /dev/null; then
+    "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . || echo "gpu_check: editable install failed; using PYTHONPATH=src"
+fi
+export PYTHONPATH="$PWD/src:$PWD/$site${PYTHONPATH:+:$PYTHONPATH}"
+[[ -d .device/cache ]] && export TINYLM_CACHE="$PWD/.device/cache"
+export PYTHONUNBUFFERED=1
+exec "$PYTHON" scripts/gpu_check.py "$@"

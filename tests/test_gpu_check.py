@@ -1,0 +1,45 @@
+"""scripts/gpu_check.sh end to end on the CPU (smoke sizes), so the GPU check cannot rot unseen."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_runs_every_part_and_names_what_needs_cuda(stories, tmp_path):
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--data", str(stories), str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    parts = {p["name"]: p for p in summary["parts"]}
+    assert summary["failed_parts"] == []
+    assert parts["environment"]["figures"]["torch"] == torch.__version__
+    assert parts["bench-tiny"]["status"] == "passed"
+    assert parts["bench-tiny"]["figures"]["tinylm_tokens_per_s"] > 0
+    assert parts["ablation"]["status"] == "passed"
+    assert set(parts["ablation"]["figures"]["phases"]) == {"baseline", "init", "cosine", "packed"}
+    assert (out / "ablation-report.md").exists() and (out / "summary.md").exists()
+    if not torch.cuda.is_available():
+        for name in ("tests", "bench-tiny-compile"):
+            assert parts[name]["status"] == "skipped" and "no CUDA" in parts[name]["why"], parts[name]
+    assert len(list(out.iterdir())) <= 8  # the device tool brings back at most eight files
+
+
+def test_gpu_check_names_a_failed_part_and_exits_non_zero(tmp_path):
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable}
+    missing = tmp_path / "no-such-data.txt"
+    missing.write_text("")  # exists, but empty: the ablation part fails, the others still run
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--data", str(missing), str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode != 0
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["failed_parts"] == ["ablation"]
+    assert "FAILED: ablation" in (out / "summary.md").read_text()
