@@ -16,7 +16,17 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig, field_docs, preset
+from tinylm.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    as_bool,
+    as_int,
+    field_docs,
+    preset,
+)
 from tinylm.errors import UserError
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
@@ -26,22 +36,17 @@ BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 
 
 def _on_off(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("on", "true", "yes", "1"):
-        return True
-    if lowered in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    try:
+        return as_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _integer(text: str) -> int:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    return int(value)
+        return as_int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, kind: type, title: str, skip=()) -> None:
@@ -104,12 +109,16 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     train: dict[str, Any] = {}
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    from_recipe: set[str] = set()
     for section, target, names in (("model", model, model_names), ("train", train, train_names)):
         nested = recipe.pop(section, {}) or {}
+        if not isinstance(nested, dict):
+            raise UserError(f"{args.config}: {section} must be a mapping of settings, got {nested!r}")
         unknown = set(nested) - names
         if unknown:
             raise UserError(f"unknown {section} setting(s) in {args.config}: {', '.join(sorted(unknown))}")
         target.update(nested)
+        from_recipe |= set(nested)
     for key, value in recipe.items():  # flat keys go wherever they belong
         if key in model_names:
             model[key] = value
@@ -117,12 +126,19 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             train[key] = value
         else:
             raise UserError(f"unknown setting {key!r} in {args.config}")
+        from_recipe.add(key)
     model_flags, train_flags = _split_flags(args)
     model.update(model_flags)
     train.update(train_flags)
-    if not any(train.get(k) for k in BUDGET_FIELDS):
+    from_recipe -= set(model_flags) | set(train_flags)
+    if all(train.get(k) is None for k in BUDGET_FIELDS):
         train["max_steps"] = 200
-    return RunConfig(model=ModelConfig(**model), train=TrainConfig(**train), preset=preset_name)
+    try:
+        return RunConfig(model=ModelConfig(**model), train=TrainConfig(**train), preset=preset_name)
+    except ConfigError as e:
+        if e.field in from_recipe:
+            raise UserError(f"{args.config}: {e}") from None
+        raise
 
 
 # --- commands -------------------------------------------------------------------------
@@ -149,8 +165,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / CONFIG_FILE).exists():
-            raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
         cfg = RunConfig.load(run_dir / CONFIG_FILE)
         model_flags, train_flags = _split_flags(args)
         other = sorted(set(model_flags) | (set(train_flags) - set(BUDGET_FIELDS) - {"device", "compile"}))
@@ -256,7 +270,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     for fixed in ("init", "schedule", "batching", "out"):
         train_flags.pop(fixed, None)
     out = Path(args.out)
-    if not any(train_flags.get(k) for k in BUDGET_FIELDS):
+    if all(train_flags.get(k) is None for k in BUDGET_FIELDS):
         if len(names) > 1:
             raise UserError("give a budget (--max-tokens, --max-steps or --max-time) when ablating several presets")
         train_flags["max_tokens"] = DEFAULT_TOKENS[names[0]]
