@@ -284,3 +284,17 @@ def test_resume_refuses_a_zero_budget(run_copy, capsys):
 def test_ablate_refuses_a_zero_budget(tmp_path, capsys):
     refused(capsys, ["ablate", "--preset", "tiny", "--max-steps", "0", "--out", tmp_path / "abl"], "max_steps")
     assert not (tmp_path / "abl").exists()
+
+
+@pytest.mark.parametrize("command", ["ablate", "report", "plot", "eval"])
+def test_other_outs_under_a_file_are_refused_before_any_work(finished, tmp_path, capsys, command):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("mine")
+    argv = {
+        "ablate": ["ablate", "--preset", "tiny", "--max-steps", 2, "--out", blocker / "abl"],
+        "report": ["report", finished, "--out", blocker / "report.md"],
+        "plot": ["plot", finished, "--out", blocker / "runs.png"],
+        "eval": ["eval", finished, "--out", blocker / "eval.json"],
+    }[command]
+    refused(capsys, argv, "--out", str(blocker))
+    assert blocker.read_text() == "mine"

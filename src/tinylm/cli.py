@@ -28,6 +28,7 @@ from tinylm.config import (
     preset,
 )
 from tinylm.errors import UserError
+from tinylm.paths import check_writable_dir, check_writable_file
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 
@@ -270,6 +271,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     for fixed in ("init", "schedule", "batching", "out"):
         train_flags.pop(fixed, None)
     out = Path(args.out)
+    check_writable_dir(out, "--out")
     if all(train_flags.get(k) is None for k in BUDGET_FIELDS):
         if len(names) > 1:
             raise UserError("give a budget (--max-tokens, --max-steps or --max-time) when ablating several presets")
@@ -285,6 +287,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tinylm.report import write_report
 
+    check_writable_file(Path(args.out), "--out")
     report = write_report([Path(p) for p in args.dirs], Path(args.out))
     print(f"report written to {report}")
     return 0
@@ -311,11 +314,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinylm.evaluate import evaluate_run
 
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
+    if args.out:
+        check_writable_file(out, "--out")
     result = evaluate_run(Path(args.run_dir), args.data, args.eval_tokens, args.device)
     for key in ("data", "tokens", "bytes", "loss", "perplexity", "bits_per_byte"):
         value = result[key]
         print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
     return 0
@@ -347,6 +352,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from tinylm.report import plot_runs
 
+    check_writable_file(Path(args.out), "--out")
     path = plot_runs([Path(d) for d in args.run_dirs], Path(args.out))
     print(f"plot written to {path}")
     return 0

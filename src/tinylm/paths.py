@@ -25,3 +25,10 @@ def check_writable_dir(path: Path, flag: str) -> None:
             pass
     except OSError as e:
         raise UserError(f"{flag} {path} cannot be created: {e.strerror or e}; choose another {flag}") from None
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Refuse, in one line, a file path that is a folder or whose folder cannot be created or written."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a file to write")
+    check_writable_dir(path.parent, flag)
