@@ -298,3 +298,9 @@ def test_other_outs_under_a_file_are_refused_before_any_work(finished, tmp_path,
     }[command]
     refused(capsys, argv, "--out", str(blocker))
     assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("text", ["lr: [1\nx", None])
+def test_unparsable_or_unreadable_yaml_is_one_line(stories, tmp_path, capsys, text):
+    recipe = _recipe(tmp_path, text) if text is not None else tmp_path  # None: a folder given as --config
+    refused(capsys, ["train", "--config", recipe, "--data", stories, "--out", tmp_path / "run"], str(recipe))

@@ -94,8 +94,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
         raise UserError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"cannot parse {path}: {e}") from e
+        raise UserError(f"cannot parse {path}: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a mapping of settings")
     return raw
