@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -96,12 +97,12 @@ def _read_fields(obj: Any) -> None:
         setattr(obj, f.name, _as_declared(f.name, hints[f.name], getattr(obj, f.name)))
 
 
-def _require(obj: Any, names: tuple[str, ...], ok: Any, rule: str) -> None:
+def _require(obj: Any, names: tuple[str, ...], ok: Callable[[Any], Any], rule: str) -> None:
     """Every named field that is set (not None) satisfies ``ok(value)``; else a ConfigError saying ``rule``."""
     for name in names:
         value = getattr(obj, name)
         if value is not None and not ok(value):
-            raise ConfigError(name, f"must be {rule}, got {value}")
+            raise ConfigError(name, f"must be {rule}, got {value!r}")
 
 
 @dataclass
