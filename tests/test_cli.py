@@ -46,7 +46,7 @@ def test_yaml_recipe_and_flag_override(stories, tmp_path):
         (["--preset", "huge"], "invalid choice"),
         (["--data", "/no/such/file.txt"], "not found"),
         (["--n-head", "3"], "divisible"),
-        (["--max-steps", "abc"], "expected a number"),
+        (["--max-steps", "abc"], "must be a number"),
         (["--tokenizer", "wordpiece"], "unknown tokenizer"),
     ],
 )

@@ -16,8 +16,19 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig, field_docs, preset
+from tinylm.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    as_bool,
+    as_int,
+    field_docs,
+    preset,
+)
 from tinylm.errors import UserError
+from tinylm.paths import check_writable_dir, check_writable_file
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 
@@ -26,22 +37,17 @@ BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 
 
 def _on_off(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("on", "true", "yes", "1"):
-        return True
-    if lowered in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    try:
+        return as_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _integer(text: str) -> int:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    return int(value)
+        return as_int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, kind: type, title: str, skip=()) -> None:
@@ -88,8 +94,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
         raise UserError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"cannot parse {path}: {e}") from e
+        raise UserError(f"cannot parse {path}: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a mapping of settings")
     return raw
@@ -104,12 +112,16 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     train: dict[str, Any] = {}
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    from_recipe: set[str] = set()
     for section, target, names in (("model", model, model_names), ("train", train, train_names)):
         nested = recipe.pop(section, {}) or {}
+        if not isinstance(nested, dict):
+            raise UserError(f"{args.config}: {section} must be a mapping of settings, got {nested!r}")
         unknown = set(nested) - names
         if unknown:
             raise UserError(f"unknown {section} setting(s) in {args.config}: {', '.join(sorted(unknown))}")
         target.update(nested)
+        from_recipe |= set(nested)
     for key, value in recipe.items():  # flat keys go wherever they belong
         if key in model_names:
             model[key] = value
@@ -117,12 +129,19 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             train[key] = value
         else:
             raise UserError(f"unknown setting {key!r} in {args.config}")
+        from_recipe.add(key)
     model_flags, train_flags = _split_flags(args)
     model.update(model_flags)
     train.update(train_flags)
-    if not any(train.get(k) for k in BUDGET_FIELDS):
+    from_recipe -= set(model_flags) | set(train_flags)
+    if all(train.get(k) is None for k in BUDGET_FIELDS):
         train["max_steps"] = 200
-    return RunConfig(model=ModelConfig(**model), train=TrainConfig(**train), preset=preset_name)
+    try:
+        return RunConfig(model=ModelConfig(**model), train=TrainConfig(**train), preset=preset_name)
+    except ConfigError as e:
+        if e.field in from_recipe:
+            raise UserError(f"{args.config}: {e}") from None
+        raise
 
 
 # --- commands -------------------------------------------------------------------------
@@ -149,8 +168,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / CONFIG_FILE).exists():
-            raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
         cfg = RunConfig.load(run_dir / CONFIG_FILE)
         model_flags, train_flags = _split_flags(args)
         other = sorted(set(model_flags) | (set(train_flags) - set(BUDGET_FIELDS) - {"device", "compile"}))
@@ -256,7 +273,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     for fixed in ("init", "schedule", "batching", "out"):
         train_flags.pop(fixed, None)
     out = Path(args.out)
-    if not any(train_flags.get(k) for k in BUDGET_FIELDS):
+    check_writable_dir(out, "--out")
+    if all(train_flags.get(k) is None for k in BUDGET_FIELDS):
         if len(names) > 1:
             raise UserError("give a budget (--max-tokens, --max-steps or --max-time) when ablating several presets")
         train_flags["max_tokens"] = DEFAULT_TOKENS[names[0]]
@@ -271,6 +289,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tinylm.report import write_report
 
+    check_writable_file(Path(args.out), "--out")
     report = write_report([Path(p) for p in args.dirs], Path(args.out))
     print(f"report written to {report}")
     return 0
@@ -297,11 +316,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinylm.evaluate import evaluate_run
 
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
+    if args.out:
+        check_writable_file(out, "--out")
     result = evaluate_run(Path(args.run_dir), args.data, args.eval_tokens, args.device)
     for key in ("data", "tokens", "bytes", "loss", "perplexity", "bits_per_byte"):
         value = result[key]
         print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
     return 0
@@ -333,6 +354,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from tinylm.report import plot_runs
 
+    check_writable_file(Path(args.out), "--out")
     path = plot_runs([Path(d) for d in args.run_dirs], Path(args.out))
     print(f"plot written to {path}")
     return 0

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +18,91 @@ from typing import Any, Literal
 from tinylm.errors import UserError
 
 GPT2_VOCAB_SIZE = 50257
+
+
+class ConfigError(UserError):
+    """An invalid value of one setting; ``field`` names it, so a caller can say which file it came from."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+
+
+# --- reading values as the type a field declares ----------------------------------------
+# One set of rules for flags, YAML recipes and config.json. PyYAML reads `1e-3` and `2e6`
+# as strings (YAML 1.1 wants a dot), so text holding a number is the number users mean.
+
+ON = ("on", "true", "yes", "1")
+OFF = ("off", "false", "no", "0")
+
+
+def as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ON + OFF:
+        return value.lower() in ON
+    raise ValueError(f"must be on or off (true or false), got {value!r}")
+
+
+def as_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"must be a number, got {value!r}")
+
+
+def as_int(value: Any) -> int:
+    number = as_float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _as_declared(name: str, hint: Any, value: Any) -> Any:
+    """value read as the type hint ``hint`` of field ``name``: int, float, bool, str, a Literal, or X | None."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be text, got {value!r}")
+        return value
+    read = {bool: as_bool, int: as_int, float: as_float}.get(hint)
+    if read is None:  # a type with no reading rule here: the field's own checks see it as given
+        return value
+    try:
+        value = read(value)
+    except ValueError as e:
+        raise ConfigError(name, str(e)) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value}")
+    return value
+
+
+def _read_fields(obj: Any) -> None:
+    """Replace every field of a config dataclass by its value read as the declared type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _as_declared(f.name, hints[f.name], getattr(obj, f.name)))
+
+
+def _require(obj: Any, names: tuple[str, ...], ok: Callable[[Any], Any], rule: str) -> None:
+    """Every named field that is set (not None) satisfies ``ok(value)``; else a ConfigError saying ``rule``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not ok(value):
+            raise ConfigError(name, f"must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -37,13 +125,11 @@ class ModelConfig:
     """Biases in Linear layers and LayerNorms, as GPT-2 has."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        _read_fields(self)
+        _require(self, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"), lambda v: v >= 1, "at least 1")
+        _require(self, ("dropout",), lambda v: 0.0 <= v < 1.0, "in [0, 1)")
         if self.n_embd % self.n_head:
-            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError("n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -150,28 +236,21 @@ class TrainConfig:
     """Run directory."""
 
     def __post_init__(self) -> None:
-        if self.init not in ("scaled", "naive"):
-            raise UserError(f"init must be 'scaled' or 'naive', got {self.init!r}")
-        if self.schedule not in ("constant", "cosine", "wsd"):
-            raise UserError(f"schedule must be constant, cosine or wsd, got {self.schedule!r}")
-        if self.batching not in ("padded", "packed"):
-            raise UserError(f"batching must be 'padded' or 'packed', got {self.batching!r}")
+        # Types first (every float finite), then ranges. A budget of 0 is refused, not read as
+        # "no budget": a run of no steps has nothing to measure.
+        _read_fields(self)
+        counts = ("batch_size", "grad_accum", "max_steps", "max_tokens", "eval_every", "eval_tokens", "log_every",
+                  "checkpoint_every")  # fmt: skip
+        _require(self, counts, lambda v: v >= 1, "at least 1")
+        _require(self, ("warmup_steps", "seed"), lambda v: v >= 0, "at least 0")
+        _require(self, ("lr", "max_time"), lambda v: v > 0, "positive")
+        _require(self, ("weight_decay", "grad_clip"), lambda v: v >= 0, "at least 0")
+        _require(self, ("val_fraction",), lambda v: 0.0 < v < 1.0, "in (0, 1)")
+        _require(self, ("min_lr_ratio", "decay_fraction"), lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        _require(self, ("beta1", "beta2"), lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        _require(self, ("data", "tokenizer", "text_field", "device", "out"), lambda v: v.strip(), "non-empty")
         if self.doc_mask and self.batching != "packed":
-            raise UserError("--doc-mask needs --batching packed")
-        if self.lr <= 0:
-            raise UserError(f"lr must be positive, got {self.lr}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise UserError("batch_size and grad_accum must be at least 1")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("max_steps", "max_tokens", "eval_every", "log_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{name} must be at least 1, got {value}")
-        if self.max_time is not None and self.max_time <= 0:
-            raise UserError(f"max_time must be positive, got {self.max_time}")
+            raise ConfigError("doc_mask", "needs --batching packed")
         if self.max_steps is None and self.max_tokens is None and self.max_time is None:
             raise UserError("no budget: give --max-steps, --max-tokens or --max-time")
 
@@ -188,8 +267,13 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __post_init__(self) -> None:
+        self.preset = _as_declared("preset", str | None, self.preset)
+
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+    def from_dict(cls, raw: Any) -> RunConfig:
+        if not isinstance(raw, dict):
+            raise UserError("must hold an object with 'model' and 'train' settings")
         return cls(
             model=_build(ModelConfig, raw.get("model", {}), "model"),
             train=_build(TrainConfig, raw.get("train", {}), "train"),
@@ -201,10 +285,31 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
-        return cls.from_dict(json.loads(path.read_text()))
+        """The config.json of a run; a missing, damaged or invalid file is a one-line UserError naming it."""
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise UserError(f"{path.parent} is not a run directory (no {path.name})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        if not text.strip():
+            raise UserError(f"{path} is empty; {_LOST_CONFIG}")
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{path} is damaged (not valid JSON: {e}); {_LOST_CONFIG}") from None
+        try:
+            return cls.from_dict(raw)
+        except UserError as e:
+            raise UserError(f"{path}: {e}; fix that value or train the run again") from None
 
 
-def _build(kind: type, raw: dict[str, Any], section: str) -> Any:
+_LOST_CONFIG = "the run's settings are lost: restore the file from a copy or train the run again"
+
+
+def _build(kind: type, raw: Any, section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(section, f"must be a mapping of settings, got {raw!r}")
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -9,6 +9,7 @@ import torch
 
 from tinylm.data.tokenizer import EOT_TEXT, BPETokenizer, gpt2_ranks_path
 from tinylm.errors import UserError
+from tinylm.paths import check_writable_dir
 from tinylm.sample import load_run
 
 # Our Linear layers store (out, in); GPT-2's Conv1D layers store (in, out).
@@ -87,6 +88,7 @@ def export_hf(run_dir: Path, out: Path) -> Path:
         from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     except ImportError as e:
         raise UserError("export needs transformers: pip install 'tinylm[hf]'") from e
+    check_writable_dir(out, "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --out")
     run = load_run(run_dir)

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tinylm.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -42,10 +44,31 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A torn last line (a kill inside a write) is dropped: its step is
+    past the last checkpoint, so a resume trains it again. A damaged line before it is a UserError."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _parse(line)
+        if record is None:
+            if number == len(lines):
+                break
+            raise UserError(f"{path} line {number} is damaged (not a JSON object); delete that line and try again")
+        records.append(record)
+    return records
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:

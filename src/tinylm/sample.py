@@ -24,10 +24,7 @@ class LoadedRun:
 
 def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     """A run's model (eval mode) and the tokenizer it was trained with."""
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise UserError(f"{run_dir} is not a run directory (no config.json)")
-    cfg = RunConfig.load(config_path)
+    cfg = RunConfig.load(run_dir / "config.json")  # a missing or damaged file is a one-line UserError
     model = GPT(cfg.model)
     checkpoint.load_weights(run_dir, model)
     model.to(device or torch.device("cpu")).eval()

@@ -25,6 +25,7 @@ from tinylm.evaluate import autocast_for, validation_loss_sum
 from tinylm.metrics import MetricsLog, truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer, learning_rate
+from tinylm.paths import check_writable_dir
 from tinylm.runtime import tune_for
 from tinylm.stability import StabilityMonitor
 from tinylm.summary import SUMMARY_FILE, write_summary
@@ -125,8 +126,7 @@ class _StopFlag:
 def check_fresh_run_dir(run_dir: Path) -> None:
     if (run_dir / CONFIG_FILE).exists() or (run_dir / SUMMARY_FILE).exists():
         raise UserError(f"{run_dir} holds another run; resume it with --resume {run_dir} or choose another --out")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file")
+    check_writable_dir(run_dir, "--out")  # before the data is prepared: no minutes of tokenising first
 
 
 def train(
