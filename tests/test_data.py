@@ -274,3 +274,76 @@ def test_gpt2_stream_encoding_equals_encoding_each_document(literal_marker):
     expected = [i for d in docs for i in tok.encode_batch([d])[0] + [tok.eot_id]]
     assert stream.tolist() == expected
     assert lengths.tolist() == [len(tok.encode_batch([d])[0]) + 1 for d in docs]
+
+
+# --- concurrent and interrupted preparation ------------------------------------------
+
+
+def _prepare_in_lockstep(path, wrote, first_done, second: bool) -> None:
+    """Prepare ``path`` in a child process; both children finish writing before either
+    publishes, and the second publishes only after the first has (the crash of issue 12)."""
+    import tinylm.data.prepare as prep
+
+    real_write = prep._write
+
+    def write_then_wait(*args):
+        meta = real_write(*args)
+        wrote.wait(60)
+        if second:
+            first_done.wait(60)
+        return meta
+
+    prep._write = write_then_wait
+    try:
+        data = prep.prepare(PrepareOptions(str(path)), quiet=True)
+        assert data.meta["splits"]["train"]["documents"] > 0
+    finally:
+        if not second:
+            first_done.set()
+
+
+def test_two_processes_preparing_the_same_data_at_once_both_succeed(tmp_path):
+    import multiprocessing
+
+    path = write_stories(tmp_path / "race.txt", 60, seed=12)
+    ctx = multiprocessing.get_context("fork")
+    wrote, first_done = ctx.Barrier(2), ctx.Event()
+    children = [ctx.Process(target=_prepare_in_lockstep, args=(path, wrote, first_done, i == 1)) for i in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [child.exitcode for child in children] == [0, 0]
+    data = prepare(PrepareOptions(str(path)), quiet=True)
+    assert data.meta["splits"]["train"]["documents"] + data.meta["splits"]["val"]["documents"] == 60
+    assert not [p for p in data.directory.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_temporary_folders_of_a_killed_prepare_are_removed(tmp_path):
+    import socket
+    import subprocess
+
+    from tinylm.data.prepare import cache_key
+    from tinylm.data.tokenizer import cache_dir
+
+    path = write_stories(tmp_path / "killed.txt", 40, seed=13)
+    options = PrepareOptions(str(path))
+    key = cache_key(open_source(str(path), ReadOptions()), options)
+    parent = cache_dir() / "data"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs
+    host = socket.gethostname()
+    planted = {
+        "dead": parent / f"{key}.tmp-{host}-{gone.pid}",
+        "dead, older name": parent / f"{key}.tmp-{gone.pid}",
+        "alive": parent / f"{key}.tmp-{host}-{os.getppid()}",  # another prepare still writing
+        "other host": parent / f"{key}.tmp-elsewhere.example-{gone.pid}",  # a shared cache: not ours to judge
+    }
+    for folder in planted.values():
+        folder.mkdir(parents=True)
+        (folder / "train.bin").write_bytes(b"\0" * 10)
+    data = prepare(options, quiet=True)
+    assert data.meta["splits"]["train"]["documents"] > 0
+    assert {name: folder.exists() for name, folder in planted.items()} == {
+        "dead": False, "dead, older name": False, "alive": True, "other host": True,
+    }  # fmt: skip

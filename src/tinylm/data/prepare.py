@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from tinylm.errors import UserError
 
 FORMAT_VERSION = 1
 _BATCH_CHARS = 1 << 22  # documents are tokenised in batches of about 4 MB of text
+_TMP_INFIX = ".tmp-"
+_HOST = socket.gethostname()
 
 
 @dataclass
@@ -103,22 +106,63 @@ def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = Fals
     elif directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} exists and is not a prepared data directory")
 
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    _remove_stale_temporaries(directory)
+    tmp = directory.with_name(f"{directory.name}{_TMP_INFIX}{_HOST}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        meta = _write(source, options, key, bpe_size, tmp, quiet)
-        if directory.exists():
-            directory.rmdir()  # empty, checked above
-        try:
-            os.replace(tmp, directory)
-        except OSError:
-            if not meta_path.exists():  # not another process that finished the same work first
-                raise
-            meta = json.loads(meta_path.read_text())
+        meta = _publish(_write(source, options, key, bpe_size, tmp, quiet), tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
+
+
+def _publish(meta: dict, tmp: Path, directory: Path) -> dict:
+    """Rename the finished ``tmp`` to ``directory``; if another process got there first with
+    the same data, its copy is kept and its meta returned (two prepares may run at once)."""
+    try:
+        if directory.exists():
+            directory.rmdir()  # empty when checked; a concurrent prepare may have filled it since
+        os.replace(tmp, directory)
+        return meta
+    except OSError:
+        meta_path = directory / "meta.json"
+        if not meta_path.exists():
+            raise
+        theirs = json.loads(meta_path.read_text())
+        if theirs.get("cache_key") != meta["cache_key"]:
+            raise UserError(f"{directory} was just filled with data prepared from something else; choose another --out")
+        return theirs
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary folders of prepares of ``directory`` that were killed.
+
+    A temporary folder is named after the host and process that writes it (older versions:
+    the process alone); it is stale once that process is gone. Folders of other hosts (a
+    shared cache) are left alone.
+    """
+    prefix = f"{directory.name}{_TMP_INFIX}"
+    if not directory.parent.is_dir():
+        return
+    for path in directory.parent.iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        host, _, pid = path.name[len(prefix) :].rpartition("-")
+        if host in (_HOST, "") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had this id; this one is not writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def token_dtype(vocab_size: int) -> type:
