@@ -347,3 +347,18 @@ def test_temporary_folders_of_a_killed_prepare_are_removed(tmp_path):
     assert {name: folder.exists() for name, folder in planted.items()} == {
         "dead": False, "dead, older name": False, "alive": True, "other host": True,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe:300"])
+def test_literal_endoftext_in_a_document_is_ordinary_text(tmp_path, tokenizer):
+    path = tmp_path / "marker.jsonl"
+    docs = [f"story {i}: the tag <|endoftext|> is just text here, said tom.<|endoftext|>" for i in range(40)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    data = prepare(PrepareOptions(str(path), tokenizer=tokenizer), quiet=True)
+    tok, eot = data.tokenizer, data.meta["eot_id"]
+    stream, lengths = tok.encode_stream(docs[:3])
+    assert (stream == eot).sum() == 3 and lengths.tolist() == [len(tok.encode_batch([d])[0]) + 1 for d in docs[:3]]
+    assert eot not in tok.encode_batch([docs[0]])[0]
+    split = data.split("train")
+    assert (split.tokens == eot).sum() == split.n_docs  # only the separators the pipeline appends
+    assert tok.decode(split.document(0)[:-1]) in docs

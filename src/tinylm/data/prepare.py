@@ -27,7 +27,7 @@ from tinylm.data.sources import ReadOptions, Source, open_source
 from tinylm.data.tokenizer import BPETokenizer, Tokenizer, cache_dir, load_tokenizer, parse_bpe_size
 from tinylm.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a trained BPE encodes the text '<|endoftext|>' in a document as text
 _BATCH_CHARS = 1 << 22  # documents are tokenised in batches of about 4 MB of text
 _TMP_INFIX = ".tmp-"
 _HOST = socket.gethostname()
