@@ -46,6 +46,30 @@ def test_json_jsonl_and_parquet_sources(tmp_path):
     assert docs_of(tmp_path / "c.parquet") == ["five", "six"]
 
 
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"text": "a"}', "", "", '{"text": "b"', '{"text": "c"}'], r"bad\.jsonl:4: not valid JSON \(.* column 13\)"),
+        (['{"text": "a"}', "", "[1, 2]"], r"bad\.jsonl:3: expected an object with a 'text' field, got list"),
+        (['{"text": "a"}', "42"], r"bad\.jsonl:2: expected an object with a 'text' field, got int"),
+        (["", '{"text": "a"}', '{"body": "b"}'], r"bad\.jsonl:3: no field 'text' \(choose one with --text-field\)"),
+        (['{"text": "a"}', '{"text": 5}'], r"bad\.jsonl:2: field 'text' is a int, not text"),
+        (['{"text": "a"}', '{"text": "b"}', '{"text": "c'], r"bad\.jsonl:3: not valid JSON"),  # a torn last line
+    ],
+)
+def test_malformed_jsonl_names_the_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=message):
+        docs_of(path)
+
+
+def test_jsonl_null_text_is_an_empty_document_and_strings_are_documents(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"text": "a"}\n{"text": null}\n"b"\n')
+    assert docs_of(path) == ["a", "b"]
+
+
 def test_folder_with_train_and_valid_files_uses_its_own_split(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -125,7 +149,10 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
         (lambda p: p / "missing.txt", "not found"),
         (lambda p: (p / "empty.txt").write_text("\n\n") and p / "empty.txt", "empty"),
         (lambda p: (p / "x.csv").write_text("a,b") and p / "x.csv", "unsupported"),
-        (lambda p: (p / "bad.jsonl").write_text('{"text": "a"}\n{oops\n') and p / "bad.jsonl", "cannot parse"),
+        (
+            lambda p: (p / "bad.jsonl").write_text('{"text": "a"}\n{oops\n') and p / "bad.jsonl",
+            "bad.jsonl:2: not valid JSON",
+        ),
     ],
 )
 def test_bad_sources_fail_without_leaving_a_prepared_directory(tmp_path, make, message):
