@@ -389,3 +389,37 @@ def test_literal_endoftext_in_a_document_is_ordinary_text(tmp_path, tokenizer):
     split = data.split("train")
     assert (split.tokens == eot).sum() == split.n_docs  # only the separators the pipeline appends
     assert tok.decode(split.document(0)[:-1]) in docs
+
+
+def _write_corpus(folder, files: dict[str, str]):
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder if len(files) > 1 else folder / next(iter(files))
+
+
+@pytest.mark.parametrize(
+    "files, flags, message",
+    [
+        ({"one.txt": "just one story, no blank lines.\n"}, [], "single document.*add documents.*valid\\* file"),
+        ({"two.txt": "story one.\n\nstory two.\n"}, [],
+         "none of its 2 documents falls in the validation split.*raise --val-fraction to at least 0.5"),
+        ({"two.txt": "story one.\n\nstory two.\n"}, ["--val-fraction", "0.5"], "training split has .* tokens"),
+        ({"train.txt": "a story.\n\nanother.\n", "valid.txt": "\n\n"}, [], "the valid\\* files hold no documents"),
+        ({"train.txt": "once upon a time. " * 200, "valid.txt": "hi.\n"}, [],
+         "validation split has 3 tokens.*raise --val-fraction, or a larger valid\\* file"),
+    ],
+)  # fmt: skip
+def test_a_corpus_too_small_to_split_says_what_would_help(tmp_path, files, flags, message):
+    import re
+    import subprocess
+    import sys
+
+    data = _write_corpus(tmp_path / "corpus", files)
+    cmd = [sys.executable, "-m", "tinylm", "train", "--preset", "tiny", "--tokenizer", "gpt2", "--max-steps", "1",
+           "--quiet", "--data", str(data), "--out", str(tmp_path / "run"), *flags]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -212,12 +213,7 @@ def _write(source: Source, options: PrepareOptions, key: str, bpe_size: int | No
                 writers[split].add(doc)
     splits = {split: writer.close() for split, writer in writers.items()}
     bar.close()
-    for split, info in splits.items():
-        if info["documents"] == 0:
-            raise UserError(
-                f"{source.description}: the {split} split has no documents"
-                + (" (the corpus is empty)" if split == "train" else "; raise --val-fraction")
-            )
+    _check_split(source, options.val_fraction, splits["train"]["documents"], splits["val"]["documents"])
     meta = {
         "format": FORMAT_VERSION,
         "cache_key": key,
@@ -241,6 +237,33 @@ def _write(source: Source, options: PrepareOptions, key: str, bpe_size: int | No
         )
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _check_split(source: Source, fraction: float, n_train: int, n_val: int) -> None:
+    """Both splits need documents; if one has none, say what would give it some."""
+    where = source.description
+    if source.val is not None:  # the source's own train*/valid* files
+        for split, n in (("train*", n_train), ("valid*", n_val)):
+            if n == 0:
+                raise UserError(f"{where}: the {split} files hold no documents; put documents in them")
+        return
+    n = n_train + n_val
+    if n == 0:
+        raise UserError(f"{where}: the corpus is empty (no documents)")
+    if n == 1:
+        raise UserError(
+            f"{where} holds a single document, too few to split into training and validation; add documents "
+            "(a .txt splits at blank lines, '<|endoftext|>' lines or --doc-sep) or use a folder with a train* "
+            "and a valid* file"
+        )
+    if n_val == 0:
+        at_least = math.ceil(1000 / n) / 1000
+        raise UserError(
+            f"{where}: none of its {n} documents falls in the validation split at --val-fraction {fraction}; "
+            f"raise --val-fraction to at least {at_least}, add documents, or use a folder with a train* and a valid* file"
+        )
+    if n_train == 0:
+        raise UserError(f"{where}: --val-fraction {fraction} leaves none of its {n} documents for training; lower it")
 
 
 class _SplitWriter:
