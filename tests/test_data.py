@@ -47,6 +47,30 @@ def test_json_jsonl_and_parquet_sources(tmp_path):
     assert docs_of(tmp_path / "c.parquet") == ["five", "six"]
 
 
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"text": "a"}', "", "", '{"text": "b"', '{"text": "c"}'], r"bad\.jsonl:4: not valid JSON \(.* column 13\)"),
+        (['{"text": "a"}', "", "[1, 2]"], r"bad\.jsonl:3: expected an object with a 'text' field, got list"),
+        (['{"text": "a"}', "42"], r"bad\.jsonl:2: expected an object with a 'text' field, got int"),
+        (["", '{"text": "a"}', '{"body": "b"}'], r"bad\.jsonl:3: no field 'text' \(choose one with --text-field\)"),
+        (['{"text": "a"}', '{"text": 5}'], r"bad\.jsonl:2: field 'text' is a int, not text"),
+        (['{"text": "a"}', '{"text": "b"}', '{"text": "c'], r"bad\.jsonl:3: not valid JSON"),  # a torn last line
+    ],
+)
+def test_malformed_jsonl_names_the_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=message):
+        docs_of(path)
+
+
+def test_jsonl_null_text_is_an_empty_document_and_strings_are_documents(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"text": "a"}\n{"text": null}\n"b"\n')
+    assert docs_of(path) == ["a", "b"]
+
+
 def test_folder_with_train_and_valid_files_uses_its_own_split(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -126,7 +150,10 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
         (lambda p: p / "missing.txt", "not found"),
         (lambda p: (p / "empty.txt").write_text("\n\n") and p / "empty.txt", "empty"),
         (lambda p: (p / "x.csv").write_text("a,b") and p / "x.csv", "unsupported"),
-        (lambda p: (p / "bad.jsonl").write_text('{"text": "a"}\n{oops\n') and p / "bad.jsonl", "cannot parse"),
+        (
+            lambda p: (p / "bad.jsonl").write_text('{"text": "a"}\n{oops\n') and p / "bad.jsonl",
+            "bad.jsonl:2: not valid JSON",
+        ),
     ],
 )
 def test_bad_sources_fail_without_leaving_a_prepared_directory(tmp_path, make, message):
@@ -281,3 +308,125 @@ def test_hub_data_without_the_datasets_package_names_the_offline_alternatives(mo
     monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without it: import fails
     with pytest.raises(UserError, match="pip install datasets.*shakespeare"):
         open_source("hf:someone/nothing-here", ReadOptions())
+
+
+# --- concurrent and interrupted preparation ------------------------------------------
+
+
+def _prepare_in_lockstep(path, wrote, first_done, second: bool) -> None:
+    """Prepare ``path`` in a child process; both children finish writing before either
+    publishes, and the second publishes only after the first has (the crash of issue 12)."""
+    import tinylm.data.prepare as prep
+
+    real_write = prep._write
+
+    def write_then_wait(*args):
+        meta = real_write(*args)
+        wrote.wait(60)
+        if second:
+            first_done.wait(60)
+        return meta
+
+    prep._write = write_then_wait
+    try:
+        data = prep.prepare(PrepareOptions(str(path)), quiet=True)
+        assert data.meta["splits"]["train"]["documents"] > 0
+    finally:
+        if not second:
+            first_done.set()
+
+
+def test_two_processes_preparing_the_same_data_at_once_both_succeed(tmp_path):
+    import multiprocessing
+
+    path = write_stories(tmp_path / "race.txt", 60, seed=12)
+    ctx = multiprocessing.get_context("fork")
+    wrote, first_done = ctx.Barrier(2), ctx.Event()
+    children = [ctx.Process(target=_prepare_in_lockstep, args=(path, wrote, first_done, i == 1)) for i in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [child.exitcode for child in children] == [0, 0]
+    data = prepare(PrepareOptions(str(path)), quiet=True)
+    assert data.meta["splits"]["train"]["documents"] + data.meta["splits"]["val"]["documents"] == 60
+    assert not [p for p in data.directory.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_temporary_folders_of_a_killed_prepare_are_removed(tmp_path):
+    import socket
+    import subprocess
+
+    from tinylm.data.prepare import cache_key
+    from tinylm.data.tokenizer import cache_dir
+
+    path = write_stories(tmp_path / "killed.txt", 40, seed=13)
+    options = PrepareOptions(str(path))
+    key = cache_key(open_source(str(path), ReadOptions()), options)
+    parent = cache_dir() / "data"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs
+    host = socket.gethostname()
+    planted = {
+        "dead": parent / f"{key}.tmp-{host}-{gone.pid}",
+        "dead, older name": parent / f"{key}.tmp-{gone.pid}",
+        "alive": parent / f"{key}.tmp-{host}-{os.getppid()}",  # another prepare still writing
+        "other host": parent / f"{key}.tmp-elsewhere.example-{gone.pid}",  # a shared cache: not ours to judge
+    }
+    for folder in planted.values():
+        folder.mkdir(parents=True)
+        (folder / "train.bin").write_bytes(b"\0" * 10)
+    data = prepare(options, quiet=True)
+    assert data.meta["splits"]["train"]["documents"] > 0
+    assert {name: folder.exists() for name, folder in planted.items()} == {
+        "dead": False, "dead, older name": False, "alive": True, "other host": True,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe:300"])
+def test_literal_endoftext_in_a_document_is_ordinary_text(tmp_path, tokenizer):
+    path = tmp_path / "marker.jsonl"
+    docs = [f"story {i}: the tag <|endoftext|> is just text here, said tom.<|endoftext|>" for i in range(40)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    data = prepare(PrepareOptions(str(path), tokenizer=tokenizer), quiet=True)
+    tok, eot = data.tokenizer, data.meta["eot_id"]
+    stream, lengths = tok.encode_stream(docs[:3])
+    assert (stream == eot).sum() == 3 and lengths.tolist() == [len(tok.encode_batch([d])[0]) + 1 for d in docs[:3]]
+    assert eot not in tok.encode_batch([docs[0]])[0]
+    split = data.split("train")
+    assert (split.tokens == eot).sum() == split.n_docs  # only the separators the pipeline appends
+    assert tok.decode(split.document(0)[:-1]) in docs
+
+
+def _write_corpus(folder, files: dict[str, str]):
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder if len(files) > 1 else folder / next(iter(files))
+
+
+@pytest.mark.parametrize(
+    "files, flags, message",
+    [
+        ({"one.txt": "just one story, no blank lines.\n"}, [], "single document.*add documents.*valid\\* file"),
+        ({"two.txt": "story one.\n\nstory two.\n"}, [],
+         "none of its 2 documents falls in the validation split.*raise --val-fraction to at least 0.5"),
+        ({"two.txt": "story one.\n\nstory two.\n"}, ["--val-fraction", "0.5"], "training split has .* tokens"),
+        ({"train.txt": "a story.\n\nanother.\n", "valid.txt": "\n\n"}, [], "the valid\\* files hold no documents"),
+        ({"train.txt": "once upon a time. " * 200, "valid.txt": "hi.\n"}, [],
+         "validation split has 3 tokens.*raise --val-fraction, or a larger valid\\* file"),
+    ],
+)  # fmt: skip
+def test_a_corpus_too_small_to_split_says_what_would_help(tmp_path, files, flags, message):
+    import re
+    import subprocess
+    import sys
+
+    data = _write_corpus(tmp_path / "corpus", files)
+    cmd = [sys.executable, "-m", "tinylm", "train", "--preset", "tiny", "--tokenizer", "gpt2", "--max-steps", "1",
+           "--quiet", "--data", str(data), "--out", str(tmp_path / "run"), *flags]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), done.stderr

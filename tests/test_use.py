@@ -6,10 +6,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_config
+from tinylm.config import ModelConfig
 from tinylm.data.tokenizer import GPT2Tokenizer
 from tinylm.errors import UserError
+from tinylm.model import GPT
 from tinylm.sample import SamplingOptions, generate, load_run, pick_next, sample_text
 from tinylm.train import train
 
@@ -25,8 +28,8 @@ def test_cached_and_uncached_greedy_generation_agree(trained):
     run = load_run(trained)
     prompt = run.tokenizer.encode_batch(["once upon a time, lily"])[0]
     opts = SamplingOptions(max_new_tokens=100, temperature=0.0, stop_at_eot=False)  # runs past the 64-token block
-    cached = list(generate(run.model, prompt, opts, run.tokenizer.eot_id, use_cache=True))
-    uncached = list(generate(run.model, prompt, opts, run.tokenizer.eot_id, use_cache=False))
+    cached = list(generate(run.model, prompt, opts, run.tokenizer, use_cache=True))
+    uncached = list(generate(run.model, prompt, opts, run.tokenizer, use_cache=False))
     assert len(cached) == 100
     assert cached[:50] == uncached[:50]  # until the window first slides the two see the same context
 
@@ -87,7 +90,7 @@ def test_export_to_hugging_face_matches_tinylm(trained, tmp_path):
 
     prompt = run.tokenizer.encode_batch(["once upon a time, tom"])[0]
     opts = SamplingOptions(max_new_tokens=20, temperature=0.0, stop_at_eot=False)
-    ours_greedy = list(generate(run.model, prompt, opts, run.tokenizer.eot_id))
+    ours_greedy = list(generate(run.model, prompt, opts, run.tokenizer))
     with torch.no_grad():
         hf_out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                                    pad_token_id=run.tokenizer.eot_id)  # fmt: skip
@@ -108,3 +111,69 @@ def test_export_refuses_a_non_empty_directory(trained, tmp_path):
     (tmp_path / "x" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         export_hf(trained, tmp_path / "x")
+
+
+# --- a vocabulary padded beyond the tokenizer's (the quality preset's 50304 rows) -------
+
+
+def _padded_model_with_loud_padding(real_vocab: int, padded_vocab: int) -> GPT:
+    """A tiny model whose output rows beyond the tokenizer's vocabulary win every argmax."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=padded_vocab)).eval()
+    with torch.no_grad():
+        lift = torch.full((16,), 10.0)
+        model.transformer.ln_f.bias.copy_(lift)  # every hidden state leans along `lift` ...
+        model.lm_head.weight[real_vocab:] = lift / 10.0  # ... so padded rows get logits of about 100
+    return model
+
+
+def test_sampling_and_evaluation_ignore_rows_beyond_the_tokenizer(tmp_path):
+    from conftest import tiny_config
+    from tinylm.data.batching import validation_batches
+    from tinylm.data.prepare import TokenSplit
+    from tinylm.evaluate import validation_loss_sum
+    from tinylm.sample import LoadedRun
+
+    tok = GPT2Tokenizer()
+    V = tok.vocab_size
+    model = _padded_model_with_loud_padding(V, 50304)
+    idx = torch.tensor([tok.encode_batch(["once upon a time, lily saw a cat."])[0]])
+    logits, _ = model(idx)
+    assert (logits.argmax(-1) >= V).all()  # unmasked, every position would pick a padded row
+
+    cfg = tiny_config("unused", tmp_path / "run", tokenizer="gpt2")
+    cfg.model = model.config
+    run = LoadedRun(cfg, model, tok)
+    greedy = SamplingOptions(max_new_tokens=40, temperature=0.0, stop_at_eot=False)
+    hot = SamplingOptions(max_new_tokens=40, temperature=2.0, top_k=None, top_p=None, stop_at_eot=False)
+    for opts in (greedy, hot):
+        ids = list(generate(model, idx[0].tolist(), opts, tok, torch.Generator().manual_seed(1)))
+        assert len(ids) == 40 and max(ids) < V
+        sample_text(run, "once upon a time", opts, seed=2)  # decodes: no KeyError on an id >= 50257
+
+    # Evaluation scores the tokenizer's rows only: the same as the manually masked computation
+    # and as an unpadded model holding the same real rows.
+    rng = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, V - 1, (int(n),), generator=rng).tolist() + [tok.eot_id] for n in (20, 35, 50)]
+    split = TokenSplit(
+        torch.tensor([i for d in docs for i in d]).numpy(),
+        torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()]).numpy(),
+    )
+    batches = validation_batches(split, 32, batch_size=2, max_tokens=None, eot_id=tok.eot_id)
+    total, count = validation_loss_sum(model, batches, torch.device("cpu"), V)
+    expected, full = 0.0, 0.0
+    for b in batches:
+        with torch.no_grad():
+            all_logits, _ = model(b.x)
+        expected += F.cross_entropy(all_logits[..., :V].flatten(0, 1), b.y.flatten(), reduction="sum").item()
+        full += F.cross_entropy(all_logits.flatten(0, 1), b.y.flatten(), reduction="sum").item()
+    assert total / count == pytest.approx(expected / count, rel=1e-5)
+    assert full / count > total / count + 50  # the padded rows would have dominated the score
+
+    unpadded = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=V)).eval()
+    state = {
+        k: v[:V] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in model.state_dict().items()
+    }
+    unpadded.load_state_dict(state)
+    unpadded_total, _ = validation_loss_sum(unpadded, batches, torch.device("cpu"), V)
+    assert total == pytest.approx(unpadded_total, rel=1e-6)

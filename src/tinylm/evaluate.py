@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from tinylm.data.batching import Batch
+from tinylm.loss import linear_cross_entropy
 from tinylm.model import GPT
 
 
@@ -18,24 +19,30 @@ def autocast_for(device: torch.device):
 
 
 @torch.no_grad()
-def validation_loss_sum(model: GPT, batches: list[Batch], device: torch.device) -> tuple[float, int]:
-    """Summed loss and the number of target tokens over the batches (sums add up across ranks)."""
+def validation_loss_sum(model: GPT, batches: list[Batch], device: torch.device, vocab_size: int) -> tuple[float, int]:
+    """Summed loss and the number of target tokens over the batches (sums add up across ranks).
+
+    vocab_size is the tokenizer's: the softmax runs over those rows of the output layer only,
+    so a vocabulary padded beyond it (quality's 50304) scores as the tokens sampling can emit.
+    """
     was_training = model.training
     model.eval()
+    real_rows = model.lm_head.weight[:vocab_size]
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # one sync at the end
     for batch in batches:
         b = batch.to(device)
         with autocast_for(device):
-            _, loss = model(b.x, b.y, b.doc_ids)
+            hidden = model.hidden_states(b.x, b.doc_ids)
+            loss = linear_cross_entropy(hidden.flatten(0, 1), real_rows, b.y.flatten())
         total += loss.double() * b.real_tokens
         count += b.real_tokens
     model.train(was_training)
     return total.item(), count
 
 
-def validation_loss(model: GPT, batches: list[Batch], device: torch.device) -> float:
+def validation_loss(model: GPT, batches: list[Batch], device: torch.device, vocab_size: int) -> float:
     """Mean loss per target token over all batches."""
-    total, count = validation_loss_sum(model, batches, device)
+    total, count = validation_loss_sum(model, batches, device, vocab_size)
     return total / max(count, 1)
 
 
@@ -63,7 +70,7 @@ def evaluate_run(run_dir, data: str | None = None, eval_tokens: int | None = Non
         prepared.split("val"), run.cfg.model.block_size, t.batch_size,
         eval_tokens if eval_tokens is not None else t.eval_tokens, prepared.meta["eot_id"], t.doc_mask,
     )  # fmt: skip
-    loss = validation_loss(run.model, batches, device)
+    loss = validation_loss(run.model, batches, device, run.tokenizer.vocab_size)
     tokens = sum(b.real_tokens for b in batches)
     eot = prepared.meta["eot_id"]
     # Bytes of the scored text; each <|endoftext|> stands for one separator byte.

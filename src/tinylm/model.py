@@ -144,6 +144,18 @@ class GPT(nn.Module):
         ``full_logits``, the textbook path); without targets logits are (B, T, V).
         doc_ids, when given, keep attention inside each document and restart positions.
         """
+        x = self.hidden_states(idx, doc_ids)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x), None
+        if full_logits:
+            logits = self.lm_head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+            return logits, loss
+        loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return None, loss
+
+    def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, C): the final LayerNorm's output, which lm_head turns into logits."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block size {self.config.block_size}")
@@ -158,15 +170,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x, _ = block(x, attn_mask)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(x), None
-        if full_logits:
-            logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-            return logits, loss
-        loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        return None, loss
+        return self.transformer.ln_f(x)
 
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:

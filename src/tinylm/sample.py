@@ -70,11 +70,15 @@ def generate(
     model: GPT,
     prompt: list[int],
     opts: SamplingOptions,
-    eot_id: int,
+    tokenizer: Tokenizer,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time (stopping at <|endoftext|> if asked)."""
+    """Yield new token ids one at a time (stopping at <|endoftext|> if asked).
+
+    Only ids the tokenizer can decode are drawn: output rows beyond its vocabulary (a
+    vocabulary padded to a multiple of 64, as the quality preset's) are left out.
+    """
     block = model.config.block_size
     device = model.lm_head.weight.device
     context = list(prompt[-block:])
@@ -89,9 +93,9 @@ def generate(
             logits, cache = model.forward_cached(pending, cache)
         else:
             logits = model(torch.tensor([context[-block:]], device=device))[0][:, -1]
-        token = pick_next(logits.float(), opts, generator)
+        token = pick_next(logits[:, : tokenizer.vocab_size].float(), opts, generator)
         next_id = int(token.item())
-        if opts.stop_at_eot and next_id == eot_id:
+        if opts.stop_at_eot and next_id == tokenizer.eot_id:
             return
         yield next_id
         context.append(next_id)
@@ -116,7 +120,7 @@ def sample_text(
         generator = torch.Generator(device=run.model.lm_head.weight.device).manual_seed(seed)
     new: list[int] = []
     shown = ""
-    for token in generate(run.model, ids, opts, tok.eot_id, generator):
+    for token in generate(run.model, ids, opts, tok, generator):
         new.append(token)
         text = tok.decode(new)
         if on_text is not None and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character

@@ -219,7 +219,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
         context["truncated_docs"] = rows.truncated_docs
 
     def evaluate() -> float:
-        loss_sum, tokens = validation_loss_sum(model, my_val_batches, device)
+        loss_sum, tokens = validation_loss_sum(model, my_val_batches, device, data.meta["vocab_size"])
         loss_sum, tokens = cluster.sum([loss_sum, tokens], device)
         loss = loss_sum / max(tokens, 1)
         progress.val_losses.append((progress.step, loss))

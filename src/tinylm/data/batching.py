@@ -139,8 +139,8 @@ def validation_batches(
     n_blocks = (len(split.tokens) - 1) // T
     if n_blocks < 1:
         raise UserError(
-            f"the validation split has {len(split.tokens)} tokens, fewer than one block of {T + 1}; "
-            "raise --val-fraction or lower --block-size"
+            f"the validation split has {len(split.tokens)} tokens, fewer than one block of {T + 1}; hold out "
+            "more text (raise --val-fraction, or a larger valid* file) or lower --block-size"
         )
     if max_tokens is not None:
         n_blocks = max(1, min(n_blocks, -(-max_tokens // T)))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -26,8 +28,10 @@ from tinylm.data.sources import ReadOptions, Source, open_source
 from tinylm.data.tokenizer import BPETokenizer, Tokenizer, cache_dir, load_tokenizer, parse_bpe_size
 from tinylm.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a trained BPE encodes the text '<|endoftext|>' in a document as text
 _BATCH_CHARS = 1 << 22  # documents are tokenised in batches of about 4 MB of text
+_TMP_INFIX = ".tmp-"
+_HOST = socket.gethostname()
 
 
 @dataclass
@@ -103,22 +107,63 @@ def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = Fals
     elif directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} exists and is not a prepared data directory")
 
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    _remove_stale_temporaries(directory)
+    tmp = directory.with_name(f"{directory.name}{_TMP_INFIX}{_HOST}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        meta = _write(source, options, key, bpe_size, tmp, quiet)
-        if directory.exists():
-            directory.rmdir()  # empty, checked above
-        try:
-            os.replace(tmp, directory)
-        except OSError:
-            if not meta_path.exists():  # not another process that finished the same work first
-                raise
-            meta = json.loads(meta_path.read_text())
+        meta = _publish(_write(source, options, key, bpe_size, tmp, quiet), tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
+
+
+def _publish(meta: dict, tmp: Path, directory: Path) -> dict:
+    """Rename the finished ``tmp`` to ``directory``; if another process got there first with
+    the same data, its copy is kept and its meta returned (two prepares may run at once)."""
+    try:
+        if directory.exists():
+            directory.rmdir()  # empty when checked; a concurrent prepare may have filled it since
+        os.replace(tmp, directory)
+        return meta
+    except OSError:
+        meta_path = directory / "meta.json"
+        if not meta_path.exists():
+            raise
+        theirs = json.loads(meta_path.read_text())
+        if theirs.get("cache_key") != meta["cache_key"]:
+            raise UserError(f"{directory} was just filled with data prepared from something else; choose another --out")
+        return theirs
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary folders of prepares of ``directory`` that were killed.
+
+    A temporary folder is named after the host and process that writes it (older versions:
+    the process alone); it is stale once that process is gone. Folders of other hosts (a
+    shared cache) are left alone.
+    """
+    prefix = f"{directory.name}{_TMP_INFIX}"
+    if not directory.parent.is_dir():
+        return
+    for path in directory.parent.iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        host, _, pid = path.name[len(prefix) :].rpartition("-")
+        if host in (_HOST, "") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had this id; this one is not writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -168,12 +213,7 @@ def _write(source: Source, options: PrepareOptions, key: str, bpe_size: int | No
                 writers[split].add(doc)
     splits = {split: writer.close() for split, writer in writers.items()}
     bar.close()
-    for split, info in splits.items():
-        if info["documents"] == 0:
-            raise UserError(
-                f"{source.description}: the {split} split has no documents"
-                + (" (the corpus is empty)" if split == "train" else "; raise --val-fraction")
-            )
+    _check_split(source, options.val_fraction, splits["train"]["documents"], splits["val"]["documents"])
     meta = {
         "format": FORMAT_VERSION,
         "cache_key": key,
@@ -197,6 +237,33 @@ def _write(source: Source, options: PrepareOptions, key: str, bpe_size: int | No
         )
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _check_split(source: Source, fraction: float, n_train: int, n_val: int) -> None:
+    """Both splits need documents; if one has none, say what would give it some."""
+    where = source.description
+    if source.val is not None:  # the source's own train*/valid* files
+        for split, n in (("train*", n_train), ("valid*", n_val)):
+            if n == 0:
+                raise UserError(f"{where}: the {split} files hold no documents; put documents in them")
+        return
+    n = n_train + n_val
+    if n == 0:
+        raise UserError(f"{where}: the corpus is empty (no documents)")
+    if n == 1:
+        raise UserError(
+            f"{where} holds a single document, too few to split into training and validation; add documents "
+            "(a .txt splits at blank lines, '<|endoftext|>' lines or --doc-sep) or use a folder with a train* "
+            "and a valid* file"
+        )
+    if n_val == 0:
+        at_least = math.ceil(1000 / n) / 1000
+        raise UserError(
+            f"{where}: none of its {n} documents falls in the validation split at --val-fraction {fraction}; "
+            f"raise --val-fraction to at least {at_least}, add documents, or use a folder with a train* and a valid* file"
+        )
+    if n_train == 0:
+        raise UserError(f"{where}: --val-fraction {fraction} leaves none of its {n} documents for training; lower it")
 
 
 class _SplitWriter:

@@ -167,20 +167,33 @@ def _read_txt(path: Path, doc_sep: str | None, stats: DecodeStats) -> Iterator[s
 
 
 def _text_of(record, text_field: str, where: str) -> str:
+    """A record's document: the record itself if it is a string, else its text field ('' for null)."""
     if isinstance(record, str):
         return record
-    if not isinstance(record, dict) or text_field not in record:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected an object with a {text_field!r} field, got {type(record).__name__}")
+    if text_field not in record:
         raise UserError(f"{where}: no field {text_field!r} (choose one with --text-field)")
-    return str(record[text_field])
+    text = record[text_field]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field {text_field!r} is a {type(text).__name__}, not text")
+    return text
 
 
 def _read_jsonl(path: Path, text_field: str, stats: DecodeStats) -> Iterator[str]:
     with open(path, encoding="utf-8", errors=_counting_decoder(stats)) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                text = _text_of(json.loads(line), text_field, f"{path}:{number}")
-                if text.strip():
-                    yield text
+        for number, line in enumerate(f, 1):  # blank lines are skipped but counted
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))  # columns stay those of the line
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from e
+            text = _text_of(record, text_field, f"{path}:{number}")
+            if text.strip():
+                yield text
 
 
 def _read_json(path: Path, text_field: str) -> Iterator[str]:

@@ -154,6 +154,10 @@ class BPETokenizer:
     FILE = "tokenizer.json"
 
     def __init__(self, hf_tokenizer, spec: str) -> None:
+        # Like GPT-2's encode_ordinary: the text "<|endoftext|>" inside a document is ordinary
+        # text; only the separator the pipeline appends is the EOT id. (Not stored in
+        # tokenizer.json, so set on every load.)
+        hf_tokenizer.encode_special_tokens = True
         self._tok = hf_tokenizer
         self.spec = spec
         self.vocab_size = hf_tokenizer.get_vocab_size()
@@ -167,6 +171,7 @@ class BPETokenizer:
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
+        tok.encode_special_tokens = True  # the literal marker in a document is text to learn from
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=[EOT_TEXT],
