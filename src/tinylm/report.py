@@ -144,15 +144,15 @@ def find_runs(paths: list[Path]) -> list[Run]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    advice = "rerun that run or leave its folder out of the report"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        data = "missing"
+        raise UserError(f"{path} is missing; {advice}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        data = "damaged"
+        data = None
     if not isinstance(data, dict):
-        why = data if isinstance(data, str) else "damaged"
-        raise UserError(f"{path} is {why}; rerun that run or leave its folder out of the report")
+        raise UserError(f"{path} is damaged; {advice}")
     return data
 
 
@@ -245,8 +245,9 @@ def fmt_time(seconds: float) -> str:
 
 
 def fmt_params(arms: list[Arm]) -> str:
-    counts = sorted({r.summary["params"] for a in arms for r in a.runs})
-    return "–".join(f"{n / 1e6:.2f}M" for n in (counts[0], counts[-1])[: 1 if len(counts) == 1 else 2])
+    counts = [r.summary["params"] for a in arms for r in a.runs]
+    low, high = min(counts), max(counts)
+    return f"{low / 1e6:.2f}M" if low == high else f"{low / 1e6:.2f}M–{high / 1e6:.2f}M"
 
 
 def stability_text(arms: list[Arm]) -> str:

@@ -275,5 +275,5 @@ def _label(m: StabilityMonitor, counts: dict[str, int], divergences: list, gap: 
             return "ok", f"val loss rose {m.max_rise_pct:.1f}% above its best"
         return "ok", f"wide train/val gap ({gap:+.2f})"
     if m.max_rise_pct > 0.5 or (gap is not None and gap_wording(gap, m.th) != "tight"):
-        return "stable", "small val rises" if m.max_rise_pct > 0.5 else f"train/val gap {gap:+.2f}"
+        return "stable", "small val rises" if m.max_rise_pct > 0.5 else f"moderate train/val gap ({gap:+.2f})"
     return "very stable", "no divergence, tight train/val gap"
