@@ -1,36 +1,76 @@
 """Turn saved run metrics into the seed report's tables, plots and a CSV/JSON of results.
 
 Only measured values go in: every number comes from a run's summary.json or
-metrics.jsonl, and every sentence is a template over those numbers.
+metrics.jsonl, and every sentence is a template over those numbers. Runs are pooled as
+seeds of one arm only when their saved configs are identical apart from the seed and
+bookkeeping; an effect is always stated with every setting that differs between the two
+arms it compares.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tinylm.ablation import PHASES
-from tinylm.config import PRESETS, RunConfig
+from tinylm.config import PRESETS, ModelConfig, TrainConfig
 from tinylm.errors import UserError
 from tinylm.metrics import read_metrics
-from tinylm.stability import LABELS
+from tinylm.stability import LABELS, Thresholds, gap_wording
 from tinylm.summary import SUMMARY_FILE
 
 MARKS = {"very stable": "🟢", "stable": "🟢", "ok": "🟡", "unstable": "🔴"}
+
+# Settings that say where and how a run is logged, not what it trains: they never separate arms.
+BOOKKEEPING = frozenset({"out", "log_every", "checkpoint_every", "tensorboard"})
+# The settings the ablation's phases change, named first when a difference is listed.
+PHASE_SETTINGS = ("init", "schedule", "batching")
+
+
+def recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """What a saved config.json trains, as setting -> value: every model and train setting but
+    the seed and bookkeeping. A setting an older version did not save has its default (a new
+    setting's default keeps the old behaviour); one this version does not know is kept as saved."""
+    out: dict[str, Any] = {}
+    for section, kind in (("model", ModelConfig), ("train", TrainConfig)):
+        defaults = {f.name: f.default for f in dataclasses.fields(kind)}
+        for name, value in {**defaults, **(config.get(section) or {})}.items():
+            if name != "seed" and name not in BOOKKEEPING:
+                out[name if name not in out else f"{section}.{name}"] = value
+    return {k: out[k] for k in dict.fromkeys([*PHASE_SETTINGS, *out]) if k in out}
+
+
+def phase_of(settings: dict[str, Any]) -> str:
+    key = tuple(settings.get(k) for k in PHASE_SETTINGS)
+    for phase in PHASES.values():
+        if key == (phase.init, phase.schedule, phase.batching):
+            return phase.name
+    return "/".join(map(str, key))
 
 
 @dataclass
 class Run:
     preset: str
-    phase: str
     seed: int
     run_dir: Path
+    recipe: dict[str, Any]
     summary: dict
     metrics: list[dict]
+
+    @property
+    def phase(self) -> str:
+        return phase_of(self.recipe)
+
+    @property
+    def skipped_updates(self) -> int | None:
+        """Updates the guard skipped; None for runs from before this was recorded."""
+        return self.summary.get("skipped_updates")
 
     @property
     def val_curve(self) -> list[tuple[int, float]]:
@@ -40,12 +80,22 @@ class Run:
 
 
 @dataclass
-class PhaseResult:
-    """One phase of one preset: one run, or several seeds."""
+class Arm:
+    """Runs of one preset whose configs are identical apart from the seed: one run, or several seeds."""
 
     preset: str
-    phase: str
+    recipe: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
+    name: str = ""
+    """The phase, plus the settings that tell this arm from other arms of the same phase."""
+
+    @property
+    def phase(self) -> str:
+        return phase_of(self.recipe)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.runs)
 
     def values(self, key: str) -> list[float]:
         return [r.summary[key] for r in self.runs if r.summary.get(key) is not None]
@@ -60,8 +110,12 @@ class PhaseResult:
 
     @property
     def stability(self) -> dict:
-        # the least stable seed speaks for the phase
-        return max((r.summary["stability"] for r in self.runs), key=lambda s: LABELS.index(s["label"]))
+        # the least stable seed speaks for the arm
+        return max((r.summary["stability"] for r in self.runs), key=lambda s: _rank(s["label"]))
+
+
+def _rank(label: str) -> int:
+    return LABELS.index(label) if label in LABELS else len(LABELS)
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -72,15 +126,15 @@ def find_runs(paths: list[Path]) -> list[Run]:
             raise UserError(f"no such directory: {root}")
         for summary_path in sorted(root.rglob(SUMMARY_FILE)):
             run_dir = summary_path.parent
-            cfg = RunConfig.load(run_dir / "config.json")
-            phase = _phase_of(cfg)
+            config = _read_json(run_dir / "config.json")
+            train = config.get("train") or {}
             runs.append(
                 Run(
-                    cfg.preset or "custom",
-                    phase,
-                    cfg.train.seed,
+                    config.get("preset") or "custom",
+                    train.get("seed", TrainConfig.seed),
                     run_dir,
-                    json.loads(summary_path.read_text()),
+                    recipe(config),
+                    _read_json(summary_path),
                     read_metrics(run_dir),
                 )
             )
@@ -89,37 +143,94 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return runs
 
 
-def _phase_of(cfg: RunConfig) -> str:
-    t = cfg.train
-    for phase in PHASES.values():
-        if (t.init, t.schedule, t.batching) == (phase.init, phase.schedule, phase.batching):
-            return phase.name
-    return f"{t.init}/{t.schedule}/{t.batching}"
+def _read_json(path: Path) -> dict[str, Any]:
+    advice = "rerun that run or leave its folder out of the report"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {advice}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged; {advice}")
+    return data
 
 
-def group(runs: list[Run]) -> dict[str, list[PhaseResult]]:
-    """preset -> its phases in ablation order."""
-    order = list(PHASES)
-    by_preset: dict[str, dict[str, PhaseResult]] = {}
+def group(runs: list[Run]) -> dict[str, list[Arm]]:
+    """preset -> its arms in ablation order; runs are seeds of one arm only if their recipes are equal."""
+    by_preset: dict[str, dict[str, Arm]] = {}
     for run in runs:
-        phases = by_preset.setdefault(run.preset, {})
-        phases.setdefault(run.phase, PhaseResult(run.preset, run.phase)).runs.append(run)
-    preset_order = list(PRESETS)
-    return {
-        preset: sorted(phases.values(), key=lambda p: order.index(p.phase) if p.phase in order else len(order))
-        for preset, phases in sorted(by_preset.items(), key=lambda kv: _index(preset_order, kv[0]))
-    }
+        arms = by_preset.setdefault(run.preset, {})
+        key = json.dumps(run.recipe, sort_keys=True, default=str)
+        arms.setdefault(key, Arm(run.preset, run.recipe)).runs.append(run)
+    groups = {}
+    for preset in sorted(by_preset, key=lambda p: _index(list(PRESETS), p)):
+        arms = sorted(by_preset[preset].values(), key=lambda a: _index(list(PHASES), a.phase))
+        for arm in arms:
+            alike = [a for a in arms if a.phase == arm.phase]
+            differing = [k for k in _keys(alike) if len({_value(a.recipe.get(k)) for a in alike}) > 1]
+            settings = ", ".join(f"{k} {_value(arm.recipe.get(k))}" for k in differing)
+            arm.name = f"{arm.phase} ({settings})" if settings else arm.phase
+        groups[preset] = arms
+    return groups
 
 
 def _index(seq: list[str], item: str) -> int:
     return seq.index(item) if item in seq else len(seq)
 
 
+def _keys(arms: list[Arm]) -> list[str]:
+    return list(dict.fromkeys(k for a in arms for k in a.recipe))
+
+
+def _value(x: Any) -> str:
+    if x is None:
+        return "none"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def changes(before: Arm, after: Arm) -> list[str]:
+    """Every setting that differs between two arms, as 'name old→new'."""
+    return [
+        f"{k} {_value(before.recipe.get(k))}→{_value(after.recipe.get(k))}"
+        for k in _keys([before, after])
+        if before.recipe.get(k) != after.recipe.get(k)
+    ]
+
+
+def seed_change(before: Arm, after: Arm) -> list[str]:
+    """'seed old→new' where two arms were measured on different seeds."""
+    if before.seeds == after.seeds:
+        return []
+    return [f"seed {'+'.join(map(str, before.seeds))}→{'+'.join(map(str, after.seeds))}"]
+
+
+@dataclass
+class Effect:
+    """One arm measured against the arm before it."""
+
+    before: Arm
+    arm: Arm
+    changes: list[str]
+    """The settings that differ (the seeds are not a setting: see seed_change)."""
+    d_best: float
+
+
+def measure_effects(arms: list[Arm]) -> list[Effect]:
+    """Each arm against the one before it (pairs without a finite best loss are left out)."""
+    effects = []
+    for before, arm in zip(arms, arms[1:]):
+        a, b = before.mean("best_val_loss"), arm.mean("best_val_loss")
+        if a is not None and b is not None:
+            effects.append(Effect(before, arm, changes(before, arm), b - a))
+    return effects
+
+
 # --- formatting -----------------------------------------------------------------------
 
 
-def fmt_loss(p: PhaseResult, key: str) -> str:
-    mean, std = p.mean(key), p.std(key)
+def fmt_loss(arm: Arm, key: str) -> str:
+    mean, std = arm.mean(key), arm.std(key)
     if mean is None:
         return "–"
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
@@ -133,17 +244,31 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
-def fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M"
+def fmt_params(arms: list[Arm]) -> str:
+    counts = [r.summary["params"] for a in arms for r in a.runs]
+    low, high = min(counts), max(counts)
+    return f"{low / 1e6:.2f}M" if low == high else f"{low / 1e6:.2f}M–{high / 1e6:.2f}M"
 
 
-def stability_text(s: dict) -> str:
-    return f"{MARKS[s['label']]} {s['label'].capitalize()} ({s['reason']})"
+def stability_text(arms: list[Arm]) -> str:
+    """The least stable arm speaks for the preset, and is named."""
+    worst = max(arms, key=lambda a: _rank(a.stability["label"]))
+    label, reason = worst.stability["label"], worst.stability["reason"]
+    alike = [a for a in arms if a.stability["label"] == label]
+    if len(arms) == 1:
+        where = reason
+    elif len(alike) < len(arms):
+        where = f"{worst.name}: {reason}"
+    elif all(a.stability["reason"] == reason for a in arms):
+        where = f"every arm: {reason}"
+    else:
+        where = f"every arm; {worst.name}: {reason}"
+    return f"{MARKS.get(label, '⚪')} {label.capitalize()} ({where})"
 
 
-def phase_notes(p: PhaseResult) -> str:
-    """Notes derived from the (first seed's) curve and summary."""
-    run = p.runs[0]
+def arm_notes(arm: Arm, peers: list[Run]) -> str:
+    """Notes derived from the (first seed's) curve and summary, and every seed's skipped updates."""
+    run = arm.runs[0]
     s = run.summary
     notes = []
     curve = [v for _, v in run.val_curve]
@@ -162,11 +287,31 @@ def phase_notes(p: PhaseResult) -> str:
             notes.append(f"recovered at step {event['step']} with LR × {event['lr_scale']:g}")
     gap = s["stability"].get("train_val_gap")
     if gap is not None:
-        notes.append(f"{'tight' if abs(gap) < 0.1 else 'wide' if abs(gap) > 0.3 else 'moderate'} "
-                     f"train/val gap ({gap:+.2f})")  # fmt: skip
+        notes.append(f"{gap_wording(gap, _thresholds(s['stability']))} train/val gap ({gap:+.2f})")
     if s.get("utilisation") is not None:
         notes.append(f"{100 * s['utilisation']:.0f}% of token slots real")
-    return "; ".join(notes)
+    return "; ".join(notes + skipped_notes(arm, peers))
+
+
+def skipped_notes(arm: Arm, peers: list[Run]) -> list[str]:
+    """A note for each run of the arm that skipped updates, against the fewest any other run skipped."""
+    notes = []
+    for run in arm.runs:
+        n = run.skipped_updates
+        if not n:
+            continue
+        note = f"{f'seed {run.seed} ' if len(arm.runs) > 1 else ''}skipped {n} of {run.summary['steps']} updates"
+        others = [r.skipped_updates for r in peers if r is not run and r.skipped_updates is not None]
+        if others and n > min(others):
+            note += f": trained on {n - min(others)} fewer updates than its peers"
+        notes.append(note)
+    return notes
+
+
+def _thresholds(stability: dict) -> Thresholds:
+    """The limits a run was labelled with (saved in its summary; older runs used today's defaults)."""
+    known = {f.name for f in dataclasses.fields(Thresholds)}
+    return Thresholds(**{k: v for k, v in (stability.get("thresholds") or {}).items() if k in known})
 
 
 def _num(x) -> str:
@@ -183,89 +328,114 @@ def _has_plateau(curve: list[float]) -> bool:
     return False
 
 
+def _best(arms: list[Arm]) -> Arm | None:
+    finite = [a for a in arms if a.mean("best_val_loss") is not None]
+    return min(finite, key=lambda a: a.mean("best_val_loss")) if finite else None
+
+
+def _worst_loss(arms: list[Arm]) -> str:
+    worst = [v for a in arms if (v := a.mean("worst_val_loss")) is not None]
+    return f"{max(worst):.2f}" if worst else "–"
+
+
 # --- the report ---------------------------------------------------------------------
 
 
-def render(groups: dict[str, list[PhaseResult]], plot_names: dict[str, str]) -> str:
+def render(groups: dict[str, list[Arm]], plot_names: dict[str, str]) -> str:
     lines: list[str] = ["# tinylm ablation report", ""]
     lines.append("Every number below is measured: it comes from the runs' `summary.json` and `metrics.jsonl`.")
     lines.append("")
-    for preset, phases in groups.items():
-        params = phases[0].runs[0].summary["params"]
-        lines += [f"## {preset.upper()} MODEL ({fmt_params(params)} params)", "", "### Timeline of improvements", ""]
+    for preset, arms in groups.items():
+        peers = [r for a in arms for r in a.runs]
+        lines += [f"## {preset.upper()} MODEL ({fmt_params(arms)} params)", "", "### Timeline of improvements", ""]
         lines += ["| Phase | Key change | Val loss (start → best) | Notes |", "| --- | --- | --- | --- |"]
-        for p in phases:
-            key = PHASES[p.phase].key_change if p.phase in PHASES else p.phase
-            lines.append(f"| {p.phase} | {key} | {fmt_loss(p, 'start_val_loss')} → **{fmt_loss(p, 'best_val_loss')}** "
-                         f"| {phase_notes(p)} |")  # fmt: skip
-        best = min(phases, key=lambda p: p.mean("best_val_loss") or math.inf)
-        times = [t for p in phases for t in p.values("train_time_s")]
+        for i, arm in enumerate(arms):
+            if i == 0:
+                key = ", ".join(f"{k} {_value(arm.recipe.get(k))}" for k in PHASE_SETTINGS)
+            else:
+                key = ", ".join(changes(arms[i - 1], arm) + seed_change(arms[i - 1], arm))
+            lines.append(f"| {arm.name} | {key} | {fmt_loss(arm, 'start_val_loss')} → "
+                         f"**{fmt_loss(arm, 'best_val_loss')}** | {arm_notes(arm, peers)} |")  # fmt: skip
+        best = _best(arms)
+        times = [t for a in arms for t in a.values("train_time_s")]
         lines += ["", "### Final metrics", "", "| Metric | Value |", "| --- | --- |"]
-        lines.append(f"| Worst val loss | {max(p.mean('worst_val_loss') for p in phases):.2f} |")
-        lines.append(f"| Best val loss | **{best.mean('best_val_loss'):.2f}** ({best.phase}) |")
-        lines.append(f"| Training time | {fmt_time(sum(times))} in all ({fmt_time(min(times))}–{fmt_time(max(times))} "
-                     f"per phase) |")  # fmt: skip
-        lines.append(f"| Stability | {stability_text(best.stability)} |")
+        lines.append(f"| Worst val loss | {_worst_loss(arms)} |")
+        best_text = f"**{best.mean('best_val_loss'):.2f}** ({best.name})" if best else "–"
+        lines.append(f"| Best val loss | {best_text} |")
+        if times:
+            lines.append(f"| Training time | {fmt_time(sum(times))} in all ({fmt_time(min(times))}–"
+                         f"{fmt_time(max(times))} per run) |")  # fmt: skip
+        skipped = "; ".join(
+            f"{a.name}: {', '.join('unknown' if r.skipped_updates is None else str(r.skipped_updates) for r in a.runs)}"
+            for a in arms
+        )
+        lines.append(f"| Skipped updates | {skipped} |")
+        lines.append(f"| Stability | {stability_text(arms)} |")
         lines.append("")
         if preset in plot_names:
             lines += [f"![validation loss, {preset}]({plot_names[preset]})", ""]
-        lines += effects_section(phases)
+        lines += effects_section(arms)
     lines += comparison_section(groups)
     if "comparison" in plot_names:
         lines += [f"![best validation loss per preset and phase]({plot_names['comparison']})", ""]
     return "\n".join(lines)
 
 
-def effects_section(phases: list[PhaseResult]) -> list[str]:
-    """Each phase's measured effect against the one before it, ranked by the gain in best loss."""
+def effect_text(e: Effect) -> str:
+    before, arm = e.before, e.arm
+    b0, b1 = before.mean("best_val_loss"), arm.mean("best_val_loss")
+    text = f"**{arm.name}** against **{before.name}** ({', '.join(e.changes + seed_change(before, arm))}): "
+    text += f"{'' if e.d_best < 0 else 'did not help here: '}best val loss {b0:.2f} → {b1:.2f} ({e.d_best:+.2f})"
+    s0, s1 = before.mean("start_val_loss"), arm.mean("start_val_loss")
+    if s0 is not None and s1 is not None and abs(s1 - s0) >= 0.01:
+        text += f"; start loss {s0:.2f} → {s1:.2f}"
+    u0, u1 = before.mean("utilisation"), arm.mean("utilisation")
+    if u0 and u1 and abs(u1 - u0) > 0.005:
+        text += f"; real tokens per slot {u0:.2f} → {u1:.2f} (×{u1 / u0:.2f} real tokens for the same compute)"
+    k0, k1 = before.mean("skipped_updates"), arm.mean("skipped_updates")
+    if k0 is not None and k1 is not None and k0 != k1:
+        text += f"; skipped updates {k0:.3g} → {k1:.3g}"
+    return text
+
+
+def effects_section(arms: list[Arm]) -> list[str]:
+    """Each arm's measured effect against the one before it, ranked by the gain in best loss."""
     lines = ["### What changed the result (measured)", ""]
-    effects = []
-    for prev, cur in zip(phases, phases[1:]):
-        d_best = cur.mean("best_val_loss") - prev.mean("best_val_loss")
-        d_start = cur.mean("start_val_loss") - prev.mean("start_val_loss")
-        u_prev, u_cur = prev.mean("utilisation"), cur.mean("utilisation")
-        text = f"**{cur.phase}** ({PHASES[cur.phase].key_change if cur.phase in PHASES else cur.phase}): "
-        if d_best < 0:
-            text += f"best val loss {prev.mean('best_val_loss'):.2f} → {cur.mean('best_val_loss'):.2f} ({d_best:+.2f})"
-        else:
-            text += (f"did not help here: best val loss {prev.mean('best_val_loss'):.2f} → "
-                     f"{cur.mean('best_val_loss'):.2f} ({d_best:+.2f})")  # fmt: skip
-        if abs(d_start) >= 0.01:
-            text += f"; start loss {prev.mean('start_val_loss'):.2f} → {cur.mean('start_val_loss'):.2f}"
-        if u_prev and u_cur and abs(u_cur - u_prev) > 0.005:
-            text += (f"; real tokens per slot {u_prev:.2f} → {u_cur:.2f} (×{u_cur / u_prev:.2f} real tokens "
-                     "for the same compute)")  # fmt: skip
-        effects.append((d_best, text))
-    for rank, (_, text) in enumerate(sorted(effects, key=lambda e: e[0]), 1):
-        lines.append(f"{rank}. {text}")
-    helped = [e for e in effects if e[0] < 0]
-    if helped:
-        biggest = min(helped, key=lambda e: e[0])
-        name = biggest[1].split("**")[1]
-        lines += ["", f"The largest single contributor here was **{name}** ({biggest[0]:+.2f} best val loss)."]
-    else:
+    effects = measure_effects(arms)
+    for rank, effect in enumerate(sorted(effects, key=lambda e: e.d_best), 1):
+        lines.append(f"{rank}. {effect_text(effect)}")
+    helped = [e for e in effects if e.d_best < 0]
+    if not helped:
         lines += ["", "No phase lowered the best validation loss on this data and budget."]
+        return lines + [""]
+    top = min(helped, key=lambda e: e.d_best)
+    if len(top.changes) == 1:
+        lines += ["", f"The largest single contributor here was **{top.arm.name}** ({top.changes[0]}, "
+                      f"{top.d_best:+.2f} best val loss)."]  # fmt: skip
+    else:
+        lines += ["", f"The largest gain here was **{top.arm.name}** against **{top.before.name}** "
+                      f"({top.d_best:+.2f} best val loss), which changed {len(top.changes)} settings at once: "
+                      "these runs cannot say which of them gave it."]  # fmt: skip
     return lines + [""]
 
 
-def comparison_section(groups: dict[str, list[PhaseResult]]) -> list[str]:
+def comparison_section(groups: dict[str, list[Arm]]) -> list[str]:
     lines = ["## Final comparison table", "",
              "| Category | Params | Worst loss | Best loss | Training time | Stability |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
-    for preset, phases in groups.items():
-        best = min(phases, key=lambda p: p.mean("best_val_loss") or math.inf)
-        worst = max(p.mean("worst_val_loss") for p in phases)
-        total = sum(t for p in phases for t in p.values("train_time_s"))
-        params = phases[0].runs[0].summary["params"]
-        lines.append(f"| **{preset}** | {fmt_params(params)} | {worst:.2f} | **{best.mean('best_val_loss'):.2f}** "
-                     f"| {fmt_time(total)} | {stability_text(best.stability)} |")  # fmt: skip
+    for preset, arms in groups.items():
+        best = _best(arms)
+        total = sum(t for a in arms for t in a.values("train_time_s"))
+        best_text = f"**{best.mean('best_val_loss'):.2f}**" if best else "–"
+        lines.append(f"| **{preset}** | {fmt_params(arms)} | {_worst_loss(arms)} | {best_text} "
+                     f"| {fmt_time(total)} | {stability_text(arms)} |")  # fmt: skip
     return lines + [""]
 
 
 # --- plots and tables of results ----------------------------------------------------
 
 
-def plot_curves(phases: list[PhaseResult], path: Path) -> None:
+def plot_curves(arms: list[Arm], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,21 +443,20 @@ def plot_curves(phases: list[PhaseResult], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     lows, highs = [], []
-    for p in phases:
-        for i, run in enumerate(p.runs):
+    for j, arm in enumerate(arms):
+        for i, run in enumerate(arm.runs):
             curve = run.val_curve
             if not curve:
                 continue
             xs, ys = zip(*curve)
-            ax.plot(xs, ys, marker="o", markersize=3, label=p.phase if i == 0 else None,
-                    color=f"C{list(PHASES).index(p.phase) if p.phase in PHASES else 5}")  # fmt: skip
+            ax.plot(xs, ys, marker="o", markersize=3, label=arm.name if i == 0 else None, color=f"C{j % 10}")
             lows.append(min(ys))
             highs.append(max(ys))
     if lows and max(highs) / max(min(lows), 1e-9) > 5:
         ax.set_yscale("log")
     ax.set_xlabel("token slots trained")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"{phases[0].preset}: validation loss by phase")
+    ax.set_title(f"{arms[0].preset}: validation loss by phase")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -295,23 +464,23 @@ def plot_curves(phases: list[PhaseResult], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_comparison(groups: dict[str, list[PhaseResult]], path: Path) -> None:
+def plot_comparison(groups: dict[str, list[Arm]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     presets = list(groups)
-    phase_names = [n for n in PHASES if any(p.phase == n for ps in groups.values() for p in ps)]
+    names = list(dict.fromkeys(a.name for arms in groups.values() for a in arms))
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    width = 0.8 / max(1, len(phase_names))
-    for j, name in enumerate(phase_names):
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
         heights = []
         for preset in presets:
-            match = [p for p in groups[preset] if p.phase == name]
-            heights.append(match[0].mean("best_val_loss") if match else 0.0)
-        ax.bar([i + j * width for i in range(len(presets))], heights, width, label=name, color=f"C{j}")
-    ax.set_xticks([i + width * (len(phase_names) - 1) / 2 for i in range(len(presets))], presets)
+            match = [a for a in groups[preset] if a.name == name]
+            heights.append((match and match[0].mean("best_val_loss")) or 0.0)
+        ax.bar([i + j * width for i in range(len(presets))], heights, width, label=name, color=f"C{j % 10}")
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(presets))], presets)
     ax.set_ylabel("best validation loss")
     ax.set_title("best validation loss per preset and phase")
     ax.legend()
@@ -321,38 +490,38 @@ def plot_comparison(groups: dict[str, list[PhaseResult]], path: Path) -> None:
     plt.close(fig)
 
 
-RESULT_COLUMNS = ["preset", "phase", "seed", "params", "start_val_loss", "best_val_loss", "worst_val_loss",
-                  "final_val_loss", "train_time_s", "steps", "tokens", "real_tokens", "utilisation",
-                  "stability", "stability_reason", "run_dir"]  # fmt: skip
+RESULT_COLUMNS = ["preset", "arm", "phase", "seed", "params", "start_val_loss", "best_val_loss", "worst_val_loss",
+                  "final_val_loss", "train_time_s", "steps", "skipped_updates", "tokens", "real_tokens",
+                  "utilisation", "stability", "stability_reason", "run_dir"]  # fmt: skip
 
 
-def result_rows(runs: list[Run]) -> list[dict]:
+def result_rows(arms: list[Arm]) -> list[dict]:
     rows = []
-    for r in runs:
-        s = r.summary
-        row = {k: s.get(k) for k in RESULT_COLUMNS if k in s}
-        row.update(preset=r.preset, phase=r.phase, seed=r.seed, stability=s["stability"]["label"],
-                   stability_reason=s["stability"]["reason"], run_dir=str(r.run_dir))  # fmt: skip
-        rows.append({k: row.get(k) for k in RESULT_COLUMNS})
+    for arm in arms:
+        for r in arm.runs:
+            s = r.summary
+            row = {k: s.get(k) for k in RESULT_COLUMNS}
+            row.update(preset=r.preset, arm=arm.name, phase=r.phase, seed=r.seed, stability=s["stability"]["label"],
+                       stability_reason=s["stability"]["reason"], run_dir=str(r.run_dir))  # fmt: skip
+            rows.append(row)
     return rows
 
 
 def write_report(paths: list[Path], out_file: Path) -> Path:
     """Write out_file (Markdown) with its plots, results.csv and results.json beside it."""
-    runs = find_runs(paths)
-    groups = group(runs)
+    groups = group(find_runs(paths))
     folder = out_file.parent
     folder.mkdir(parents=True, exist_ok=True)
     stem = out_file.stem
     plot_names: dict[str, str] = {}
-    for preset, phases in groups.items():
+    for preset, arms in groups.items():
         name = f"{stem}-{preset}-val-loss.png"
-        plot_curves(phases, folder / name)
+        plot_curves(arms, folder / name)
         plot_names[preset] = name
     plot_comparison(groups, folder / f"{stem}-best-loss.png")
     plot_names["comparison"] = f"{stem}-best-loss.png"
     out_file.write_text(render(groups, plot_names))
-    rows = result_rows([run for phases in groups.values() for p in phases for run in p.runs])
+    rows = result_rows([arm for arms in groups.values() for arm in arms])
     (folder / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     with open(folder / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)

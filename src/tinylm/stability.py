@@ -48,10 +48,19 @@ class Thresholds:
     """Learning rate multiplier applied on each recovery."""
     max_recoveries: int = 3
     """After this many roll-backs the run stops, keeping its best checkpoint."""
+    gap_tight: float = 0.2
+    """A final train/val gap up to this size is tight (the run can be very stable) ..."""
+    gap_wide: float = 0.5
+    """... above this it is wide (the run is at best ok); in between it is moderate (at best stable)."""
 
 
 # Labels, most stable first; _label() holds the limits that earn each.
 LABELS = ("very stable", "stable", "ok", "unstable")
+
+
+def gap_wording(gap: float, th: Thresholds = Thresholds()) -> str:
+    """'tight', 'moderate' or 'wide': how the label judges a final train/val gap."""
+    return "wide" if abs(gap) > th.gap_wide else "moderate" if abs(gap) > th.gap_tight else "tight"
 
 
 class StabilityMonitor:
@@ -259,12 +268,12 @@ def _label(m: StabilityMonitor, counts: dict[str, int], divergences: list, gap: 
     if m.max_rise_pct > 10:
         return "unstable", f"val loss rose {m.max_rise_pct:.1f}% above its best"
     spikes = counts["loss_spike"] + counts["grad_spike"]
-    if spikes or m.max_rise_pct > 2 or (gap is not None and abs(gap) > 0.5):
+    if spikes or m.max_rise_pct > 2 or (gap is not None and gap_wording(gap, m.th) == "wide"):
         if spikes:
             return "ok", f"{spikes} spikes"
         if m.max_rise_pct > 2:
             return "ok", f"val loss rose {m.max_rise_pct:.1f}% above its best"
         return "ok", f"wide train/val gap ({gap:+.2f})"
-    if m.max_rise_pct > 0.5 or (gap is not None and abs(gap) > 0.2):
-        return "stable", "small val rises" if m.max_rise_pct > 0.5 else f"train/val gap {gap:+.2f}"
+    if m.max_rise_pct > 0.5 or (gap is not None and gap_wording(gap, m.th) != "tight"):
+        return "stable", "small val rises" if m.max_rise_pct > 0.5 else f"moderate train/val gap ({gap:+.2f})"
     return "very stable", "no divergence, tight train/val gap"
