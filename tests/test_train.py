@@ -87,6 +87,28 @@ def test_gradient_accumulation_matches_a_larger_batch(stories, tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
 
 
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_padded_loss_is_the_mean_over_the_whole_steps_real_tokens(stories, tmp_path):
+    # Padded micro-batches hold different numbers of real targets: the step's loss and gradient
+    # are the mean over all of them, not a mean of per-micro-batch means.
+    common = dict(batching="padded", max_steps=4, eval_every=4)
+    big = train(tiny_config(stories, tmp_path / "big", batch_size=4, **common), quiet=True)
+    acc = train(tiny_config(stories, tmp_path / "acc", batch_size=2, grad_accum=2, **common), quiet=True)
+    steps_big = [r for r in read_metrics(big.run_dir) if "train_loss" in r]
+    steps_acc = [r for r in read_metrics(acc.run_dir) if "train_loss" in r]
+    assert [r["real_tokens"] for r in steps_big] == [r["real_tokens"] for r in steps_acc]
+    assert [r["train_loss"] for r in steps_acc] == pytest.approx([r["train_loss"] for r in steps_big], abs=1e-5)
+    assert [r["grad_norm"] for r in steps_acc] == pytest.approx([r["grad_norm"] for r in steps_big], abs=1e-5)
+    weights_big, weights_acc = _weights(big.run_dir), _weights(acc.run_dir)
+    for name, w in weights_big.items():
+        torch.testing.assert_close(weights_acc[name], w, atol=1e-5, rtol=0, msg=name)
+
+
 def test_learning_rate_schedules():
     cosine = TrainConfig(lr=1.0, schedule="cosine", warmup_steps=10, max_steps=110)
     assert learning_rate(cosine, 0, 110) == pytest.approx(0.1)

@@ -112,8 +112,9 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 turns clipping off)."""
     batch_size: int = 8
     """Sequences per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    grad_accum: int | None = None
+    """Micro-batches per optimizer step, shared out over the processes (a multiple of their number:
+    the same model on any count). Default: one per process, so the global batch grows with them."""
 
     # --- budget: whichever comes first ends the run ---
     max_steps: int | None = None
@@ -160,7 +161,7 @@ class TrainConfig:
             raise UserError("--doc-mask needs --batching packed")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
-        if self.batch_size < 1 or self.grad_accum < 1:
+        if self.batch_size < 1 or (self.grad_accum is not None and self.grad_accum < 1):
             raise UserError("batch_size and grad_accum must be at least 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
