@@ -68,6 +68,33 @@ def test_resume_after_kill_drops_metrics_past_the_checkpoint(stories, tmp_path):
     assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_resume_with_a_longer_budget_keeps_the_learning_rate_continuous(stories, tmp_path, schedule):
+    cfg = tiny_config(stories, tmp_path / "run", schedule=schedule, max_steps=8)
+    first = train(cfg, quiet=True)
+    assert first.summary["schedule_extended"] is None
+    cfg.train.max_steps = 12
+    resumed = train(cfg, resume=True, quiet=True)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(resumed.run_dir) if "lr" in r}
+    assert lrs[7] > lrs[8]  # the original schedule decayed to its last step ...
+    assert [lrs[s] for s in range(9, 13)] == [lrs[8]] * 4  # ... and the added steps hold its LR: no jump
+    assert resumed.summary["steps"] == 12
+    extended = resumed.summary["schedule_extended"]
+    assert extended["from_steps"] == 8 and extended["to_steps"] == 12 and "hold" in extended["rule"]
+
+
+def test_learning_rate_holds_past_the_span_of_a_time_budget():
+    from tinylm.optim import ScheduleSpan
+
+    cfg = TrainConfig(lr=1.0, schedule="cosine", max_time=10.0)
+    span = ScheduleSpan(steps=None, time_s=10.0)
+    assert span.lr(cfg, 50, 10.0) == pytest.approx(0.1)
+    assert span.lr(cfg, 90, 25.0) == pytest.approx(0.1)
+    extended = span.extension(None, 20.0)
+    assert extended["from_time_s"] == 10.0 and extended["to_time_s"] == 20.0
+    assert span.extension(None, 10.0) is None
+
+
 def test_token_budget_sets_the_steps(stories, tmp_path):
     result = train(tiny_config(stories, tmp_path / "run", max_steps=None, max_tokens=2560), quiet=True)
     assert result.summary["steps"] == 10  # 2560 slots / (4 rows x 64 tokens)
