@@ -85,3 +85,11 @@ class ScheduleSpan:
         if self.steps is None and self.time_s and max_time and max_time > self.time_s:
             return {"from_time_s": self.time_s, "to_time_s": max_time, "rule": SCHEDULE_EXTENSION_RULE}
         return None
+
+
+def describe_extension(extended: dict) -> str:
+    if "from_steps" in extended:
+        span, added = f"{extended['from_steps']} steps", f"steps {extended['from_steps'] + 1}-{extended['to_steps']}"
+    else:
+        span, added = f"{extended['from_time_s']:g} s", f"the time up to {extended['to_time_s']:g} s"
+    return f"the schedule spans the first {span}; {added} keep its last LR"

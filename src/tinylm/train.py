@@ -24,7 +24,7 @@ from tinylm.errors import UserError
 from tinylm.evaluate import autocast_for, validation_loss_sum
 from tinylm.metrics import MetricsLog, truncate_metrics
 from tinylm.model import GPT
-from tinylm.optim import ScheduleSpan, build_optimizer
+from tinylm.optim import ScheduleSpan, build_optimizer, describe_extension
 from tinylm.runtime import tune_for
 from tinylm.stability import StabilityMonitor
 from tinylm.summary import SUMMARY_FILE, write_summary
@@ -95,8 +95,10 @@ def resolve_grad_accum(cfg: RunConfig, world: int, run_dir: Path, resume: bool) 
     if t.grad_accum is None:
         t.grad_accum = world
     if t.grad_accum % world:
-        fix = f"resume on a number of processes that divides {t.grad_accum}" if resume else (
-            f"make --grad-accum a multiple of {world}, or leave it out for one micro-batch per process")  # fmt: skip
+        if resume:
+            fix = f"resume on a number of processes that divides {t.grad_accum}"
+        else:
+            fix = f"make --grad-accum a multiple of {world}, or leave it out for one micro-batch per process"
         raise UserError(f"{world} processes cannot share {t.grad_accum} micro-batches per step; {fix}")
 
 
@@ -292,12 +294,12 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
 
     if not quiet:
         print(
-            f"global batch: {t.grad_accum * t.batch_size} rows per step = {t.grad_accum} micro-batches (--grad-accum) "
-            f"x {t.batch_size} rows, {t.grad_accum // cluster.world} per process on {cluster.world}",
+            f"global batch: {t.grad_accum * t.batch_size} rows per step (--grad-accum {t.grad_accum} x --batch-size "
+            f"{t.batch_size}; {cluster.world} process(es), {t.grad_accum // cluster.world} micro-batch(es) each)",
             flush=True,
         )
         if schedule_extended:
-            print(f"budget beyond the schedule's: {schedule_extended}", flush=True)
+            print(f"budget extended past the LR schedule's span: {describe_extension(schedule_extended)}", flush=True)
     bar = tqdm(total=steps_budget, initial=progress.step, unit="step", disable=True if quiet else None)
     interrupted = False
     budget_done = steps_budget is not None and progress.step >= steps_budget
