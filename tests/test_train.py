@@ -136,6 +136,24 @@ def test_padded_loss_is_the_mean_over_the_whole_steps_real_tokens(stories, tmp_p
         torch.testing.assert_close(weights_acc[name], w, atol=1e-5, rtol=0, msg=name)
 
 
+def test_grad_accum_defaults_to_one_micro_batch_per_process_and_resume_keeps_it(stories, tmp_path):
+    from tinylm.train import resolve_grad_accum
+
+    cfg = tiny_config(stories, tmp_path / "run")
+    assert cfg.train.grad_accum is None
+    resolve_grad_accum(cfg, 4, tmp_path / "run", resume=False)
+    assert cfg.train.grad_accum == 4
+    (tmp_path / "run").mkdir()
+    cfg.save(tmp_path / "run" / "config.json")
+    again = tiny_config(stories, tmp_path / "run")  # as an ablation rebuilds it, without the resolved value
+    resolve_grad_accum(again, 2, tmp_path / "run", resume=True)
+    assert again.train.grad_accum == 4
+    with pytest.raises(UserError, match="resume on a number of processes that divides 4"):
+        resolve_grad_accum(tiny_config(stories, tmp_path / "run"), 3, tmp_path / "run", resume=True)
+    with pytest.raises(UserError, match="make --grad-accum a multiple of 3"):
+        resolve_grad_accum(tiny_config(stories, tmp_path / "x", grad_accum=4), 3, tmp_path / "x", resume=False)
+
+
 def test_learning_rate_schedules():
     cosine = TrainConfig(lr=1.0, schedule="cosine", warmup_steps=10, max_steps=110)
     assert learning_rate(cosine, 0, 110) == pytest.approx(0.1)
