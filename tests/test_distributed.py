@@ -48,6 +48,45 @@ def test_two_processes_train_the_same_model_as_one(stories, tmp_path):
     assert summary["world_size"] == 2
 
 
+def test_padded_two_processes_train_the_same_model_as_one_with_their_whole_batch(stories, tmp_path):
+    # Each rank's padded rows hold their own number of real targets; the step's loss and gradient
+    # are still the mean over all of the step's real targets, as one process with all rows has it.
+    common = [*ARGS, "--data", stories, "--max-steps", 6, "--eval-every", 3, "--batching", "padded"]
+    two = torchrun("train", *common, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = tinylm("train", *common, "--batch-size", 4, "--grad-accum", 1, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    assert_same_curves(metrics(tmp_path / "one"), metrics(tmp_path / "two"), tolerance=1e-5)
+
+
+def test_the_readme_commands_run_as_written_without_grad_accum(stories, tmp_path):
+    # The README's `tinylm train --nproc-per-node 4 --preset quality --data ... --out runs/q` and its
+    # torchrun form, on a tiny preset: without --grad-accum each process takes one micro-batch.
+    small = ["--preset", "tiny", "--data", stories, "--tokenizer", "bpe:512", "--batch-size", 2, "--eval-tokens", 512]
+    launcher = tinylm("train", "--nproc-per-node", 2, *small, "--max-steps", 2, "--out", tmp_path / "launcher")
+    assert launcher.returncode == 0, launcher.stderr[-2000:]
+    assert "global batch: 4 rows per step" in launcher.stdout
+    ran = torchrun("train", *small, "--max-steps", 2, "--out", tmp_path / "torchrun")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    for name in ("launcher", "torchrun"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert (summary["world_size"], summary["grad_accum"], summary["global_batch_rows"]) == (2, 2, 4), name
+        assert summary["tokens"] == 2 * 4 * 64
+    assert_same_curves(metrics(tmp_path / "launcher"), metrics(tmp_path / "torchrun"))
+    # The resolved value is saved: resumed on one process, the run trains the same model as one
+    # started on one process with --grad-accum 2.
+    resumed = tinylm("train", "--resume", tmp_path / "launcher", "--max-steps", 4)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "global batch: 4 rows per step" in resumed.stdout
+    summary = json.loads((tmp_path / "launcher" / "summary.json").read_text())
+    assert (summary["world_size"], summary["grad_accum"], summary["steps"]) == (1, 2, 4)
+    one = tinylm("train", *small, "--max-steps", 4, "--grad-accum", 2, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    steps = [r for r in metrics(tmp_path / "one") if "train_loss" in r]
+    resumed_steps = [r for r in metrics(tmp_path / "launcher") if "train_loss" in r]
+    assert_same_curves(steps, resumed_steps, keys=("train_loss",))
+
+
 def test_world_size_must_divide_the_micro_batches(stories, tmp_path):
     done = torchrun("train", *ARGS, "--grad-accum", "3", "--data", stories, "--max-steps", 2, "--out", tmp_path / "r")
     assert done.returncode != 0

@@ -68,6 +68,33 @@ def test_resume_after_kill_drops_metrics_past_the_checkpoint(stories, tmp_path):
     assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_resume_with_a_longer_budget_keeps_the_learning_rate_continuous(stories, tmp_path, schedule):
+    cfg = tiny_config(stories, tmp_path / "run", schedule=schedule, max_steps=8)
+    first = train(cfg, quiet=True)
+    assert first.summary["schedule_extended"] is None
+    cfg.train.max_steps = 12
+    resumed = train(cfg, resume=True, quiet=True)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(resumed.run_dir) if "lr" in r}
+    assert lrs[7] > lrs[8]  # the original schedule decayed to its last step ...
+    assert [lrs[s] for s in range(9, 13)] == [lrs[8]] * 4  # ... and the added steps hold its LR: no jump
+    assert resumed.summary["steps"] == 12
+    extended = resumed.summary["schedule_extended"]
+    assert extended["from_steps"] == 8 and extended["to_steps"] == 12 and "hold" in extended["rule"]
+
+
+def test_learning_rate_holds_past_the_span_of_a_time_budget():
+    from tinylm.optim import ScheduleSpan
+
+    cfg = TrainConfig(lr=1.0, schedule="cosine", max_time=10.0)
+    span = ScheduleSpan(steps=None, time_s=10.0)
+    assert span.lr(cfg, 50, 10.0) == pytest.approx(0.1)
+    assert span.lr(cfg, 90, 25.0) == pytest.approx(0.1)
+    extended = span.extension(None, 20.0)
+    assert extended["from_time_s"] == 10.0 and extended["to_time_s"] == 20.0
+    assert span.extension(None, 10.0) is None
+
+
 def test_token_budget_sets_the_steps(stories, tmp_path):
     result = train(tiny_config(stories, tmp_path / "run", max_steps=None, max_tokens=2560), quiet=True)
     assert result.summary["steps"] == 10  # 2560 slots / (4 rows x 64 tokens)
@@ -85,6 +112,46 @@ def test_gradient_accumulation_matches_a_larger_batch(stories, tmp_path):
     a = [r["train_loss"] for r in read_metrics(big.run_dir) if "train_loss" in r]
     b = [r["train_loss"] for r in read_metrics(acc.run_dir) if "train_loss" in r]
     assert a == pytest.approx(b, rel=1e-5)
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_padded_loss_is_the_mean_over_the_whole_steps_real_tokens(stories, tmp_path):
+    # Padded micro-batches hold different numbers of real targets: the step's loss and gradient
+    # are the mean over all of them, not a mean of per-micro-batch means.
+    common = dict(batching="padded", max_steps=4, eval_every=4)
+    big = train(tiny_config(stories, tmp_path / "big", batch_size=4, **common), quiet=True)
+    acc = train(tiny_config(stories, tmp_path / "acc", batch_size=2, grad_accum=2, **common), quiet=True)
+    steps_big = [r for r in read_metrics(big.run_dir) if "train_loss" in r]
+    steps_acc = [r for r in read_metrics(acc.run_dir) if "train_loss" in r]
+    assert [r["real_tokens"] for r in steps_big] == [r["real_tokens"] for r in steps_acc]
+    assert [r["train_loss"] for r in steps_acc] == pytest.approx([r["train_loss"] for r in steps_big], abs=1e-5)
+    assert [r["grad_norm"] for r in steps_acc] == pytest.approx([r["grad_norm"] for r in steps_big], abs=1e-5)
+    weights_big, weights_acc = _weights(big.run_dir), _weights(acc.run_dir)
+    for name, w in weights_big.items():
+        torch.testing.assert_close(weights_acc[name], w, atol=1e-5, rtol=0, msg=name)
+
+
+def test_grad_accum_defaults_to_one_micro_batch_per_process_and_resume_keeps_it(stories, tmp_path):
+    from tinylm.train import resolve_grad_accum
+
+    cfg = tiny_config(stories, tmp_path / "run")
+    assert cfg.train.grad_accum is None
+    resolve_grad_accum(cfg, 4, tmp_path / "run", resume=False)
+    assert cfg.train.grad_accum == 4
+    (tmp_path / "run").mkdir()
+    cfg.save(tmp_path / "run" / "config.json")
+    again = tiny_config(stories, tmp_path / "run")  # as an ablation rebuilds it, without the resolved value
+    resolve_grad_accum(again, 2, tmp_path / "run", resume=True)
+    assert again.train.grad_accum == 4
+    with pytest.raises(UserError, match="resume on a number of processes that divides 4"):
+        resolve_grad_accum(tiny_config(stories, tmp_path / "run"), 3, tmp_path / "run", resume=True)
+    with pytest.raises(UserError, match="make --grad-accum a multiple of 3"):
+        resolve_grad_accum(tiny_config(stories, tmp_path / "x", grad_accum=4), 3, tmp_path / "x", resume=False)
 
 
 def test_learning_rate_schedules():

@@ -118,6 +118,8 @@ def ablate(
 def _check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
     saved = RunConfig.load(saved_path)
     saved.model.vocab_size = cfg.model.vocab_size  # a trained BPE resizes it at run time
+    if cfg.train.grad_accum is None:  # resolved from the process count at run time
+        saved.train.grad_accum = None
     if saved.to_dict() != cfg.to_dict():
         raise UserError(
             f"{saved_path.parent} was started with other settings; rerun the original command or use another --out"

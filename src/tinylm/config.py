@@ -198,8 +198,9 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 turns clipping off)."""
     batch_size: int = 8
     """Sequences per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    grad_accum: int | None = None
+    """Micro-batches per optimizer step, shared out over the processes (a multiple of their number:
+    the same model on any count). Default: one per process, so the global batch grows with them."""
 
     # --- budget: whichever comes first ends the run ---
     max_steps: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -52,3 +53,43 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None, time_fra
     if progress <= stable:
         return cfg.lr
     return cfg.lr - (cfg.lr - floor) * (progress - stable) / cfg.decay_fraction
+
+
+SCHEDULE_EXTENSION_RULE = "hold: steps past the original budget keep the schedule's last LR"
+"""How a resumed run with a longer budget continues its schedule (recorded in summary.json)."""
+
+
+@dataclass
+class ScheduleSpan:
+    """The budget a run's LR schedule is laid out over: fixed when the run starts, kept on resume.
+
+    A resumed run given a longer budget does not re-lay the schedule (that would make the LR
+    jump back up mid-run); the added steps keep the last LR of the original schedule.
+    """
+
+    steps: int | None
+    """Optimizer steps, when the run has a step or token budget."""
+    time_s: float | None
+    """Seconds, when the run has only a time budget."""
+
+    def lr(self, cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+        if self.steps is not None:
+            return learning_rate(cfg, min(step, self.steps - 1), self.steps)
+        time_fraction = min(elapsed_s / self.time_s, 1.0) if self.time_s else 0.0
+        return learning_rate(cfg, step, None, time_fraction)
+
+    def extension(self, steps_budget: int | None, max_time: float | None) -> dict | None:
+        """How a budget larger than this span extends the schedule, or None if it does not."""
+        if self.steps is not None and steps_budget is not None and steps_budget > self.steps:
+            return {"from_steps": self.steps, "to_steps": steps_budget, "rule": SCHEDULE_EXTENSION_RULE}
+        if self.steps is None and self.time_s and max_time and max_time > self.time_s:
+            return {"from_time_s": self.time_s, "to_time_s": max_time, "rule": SCHEDULE_EXTENSION_RULE}
+        return None
+
+
+def describe_extension(extended: dict) -> str:
+    if "from_steps" in extended:
+        span, added = f"{extended['from_steps']} steps", f"steps {extended['from_steps'] + 1}-{extended['to_steps']}"
+    else:
+        span, added = f"{extended['from_time_s']:g} s", f"the time up to {extended['to_time_s']:g} s"
+    return f"the schedule spans the first {span}; {added} keep its last LR"

@@ -16,15 +16,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinylm import checkpoint
-from tinylm.config import RunConfig
-from tinylm.data.batching import training_rows, validation_batches
+from tinylm.config import RunConfig, TrainConfig
+from tinylm.data.batching import Batch, RowSource, training_rows, validation_batches
 from tinylm.data.prepare import PreparedData, PrepareOptions, prepare
 from tinylm.distributed import Cluster, init_cluster, shutdown
 from tinylm.errors import UserError
 from tinylm.evaluate import autocast_for, validation_loss_sum
 from tinylm.metrics import MetricsLog, truncate_metrics
 from tinylm.model import GPT
-from tinylm.optim import build_optimizer, learning_rate
+from tinylm.optim import ScheduleSpan, build_optimizer, describe_extension
 from tinylm.paths import check_writable_dir
 from tinylm.runtime import tune_for
 from tinylm.stability import StabilityMonitor
@@ -50,6 +50,7 @@ class Progress:
     elapsed_s: float = 0.0
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     stability: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)  # the ScheduleSpan fixed at the start; {} before
 
 
 def select_device(name: str) -> torch.device:
@@ -79,6 +80,66 @@ def fit_vocabulary(cfg: RunConfig, data: PreparedData) -> None:
             f"the {data.meta['tokenizer']} vocabulary has {vocab} tokens, more than the model's "
             f"embedding ({cfg.model.vocab_size}); raise --vocab-size"
         )
+
+
+def resolve_grad_accum(cfg: RunConfig, world: int, run_dir: Path, resume: bool) -> None:
+    """Fix the number of micro-batches per optimizer step for the whole run.
+
+    Without --grad-accum every process takes one micro-batch per step: the global batch
+    grows with the processes. The value is then saved in config.json, and a resumed run
+    keeps it, so it trains the same model on any number of processes. An explicit value is
+    shared out over the processes: any count that divides it trains the same model.
+    """
+    t = cfg.train
+    if t.grad_accum is None and resume and (run_dir / CONFIG_FILE).exists():
+        t.grad_accum = RunConfig.load(run_dir / CONFIG_FILE).train.grad_accum
+    if t.grad_accum is None:
+        t.grad_accum = world
+    if t.grad_accum % world:
+        if resume:
+            fix = f"resume on a number of processes that divides {t.grad_accum}"
+        else:
+            fix = f"make --grad-accum a multiple of {world}, or leave it out for one micro-batch per process"
+        raise UserError(f"{world} processes cannot share {t.grad_accum} micro-batches per step; {fix}")
+
+
+def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -> tuple[list[Batch], int]:
+    """This rank's micro-batches of optimizer step ``step``, and the real targets of the whole step.
+
+    The step's micro-batches are numbered 0 .. grad_accum - 1; rank r takes r, r + world, ...
+    Rows are a pure function of the step, so each rank counts the whole step's real targets
+    itself (a few small host arrays) instead of waiting on an all-reduce before its backward.
+    """
+    mine, step_real = [], 0
+    for micro in range(t.grad_accum):
+        batch = rows.batch((step * t.grad_accum + micro) * t.batch_size, t.batch_size)
+        step_real += batch.real_tokens
+        if micro % cluster.world == cluster.rank:
+            mine.append(batch)
+    return mine, step_real
+
+
+def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_real: int, cluster: Cluster,
+                         device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Forward and backward of this rank's micro-batches; returns their summed target losses (on the device).
+
+    The step's gradient is the mean over all its real targets, whatever the split over
+    micro-batches and ranks: the model's loss is a mean over one micro-batch's real targets,
+    so each is weighted by its share of the step's, times the world size that DDP's gradient
+    average divides by. (A mean of micro-batch means would weight padded rows unevenly.)
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one sync per step
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        last = i == len(batches) - 1
+        with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
+            with autocast_for(device):
+                _, loss = trainable(batch.x, batch.y, batch.doc_ids)
+            # A divisor rather than a factor: with packed rows it is this rank's number of
+            # micro-batches exactly, as it always was. Every row has a real target (a document's EOT).
+            (loss / (step_real / (batch.real_tokens * cluster.world))).backward()
+        loss_sum += loss.detach().double() * batch.real_tokens
+    return loss_sum
 
 
 def total_steps(cfg: RunConfig) -> int | None:
@@ -152,11 +213,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
            device: torch.device) -> TrainResult:  # fmt: skip
     t = cfg.train
     run_dir = Path(t.out)
-    if t.grad_accum % cluster.world:
-        raise UserError(
-            f"{cluster.world} processes cannot share {t.grad_accum} micro-batches per step; "
-            f"make --grad-accum a multiple of {cluster.world}"
-        )
+    resolve_grad_accum(cfg, cluster.world, run_dir, resume)
     if not resume:
         check_fresh_run_dir(run_dir)
     failure = None
@@ -201,7 +258,10 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
     trainable = DistributedDataParallel(model) if cluster.active else model
 
     steps_budget = total_steps(cfg)
-    local_accum = t.grad_accum // cluster.world
+    if not progress.schedule:  # a fresh run (or a checkpoint from before spans were kept)
+        progress.schedule = {"steps": steps_budget, "time_s": t.max_time}
+    schedule = ScheduleSpan(**progress.schedule)
+    schedule_extended = schedule.extension(steps_budget, t.max_time)
     slots_per_micro = t.batch_size * T
     monitor = StabilityMonitor(t.guard, progress.stability)
     log = MetricsLog(run_dir, t.tensorboard) if cluster.is_main else None
@@ -211,6 +271,9 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
         "params_non_embedding": model.num_params(non_embedding=True),
         "device": str(device),
         "world_size": cluster.world,
+        "grad_accum": t.grad_accum,
+        "global_batch_rows": t.grad_accum * t.batch_size,
+        "schedule_extended": schedule_extended,
         "data": data.meta["source"],
         "tokenizer": data.meta["tokenizer"],
         "batching": t.batching,
@@ -229,6 +292,14 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
         if log is not None:
             log.write(record)
 
+    if not quiet:
+        print(
+            f"global batch: {t.grad_accum * t.batch_size} rows per step (--grad-accum {t.grad_accum} x --batch-size "
+            f"{t.batch_size}; {cluster.world} process(es), {t.grad_accum // cluster.world} micro-batch(es) each)",
+            flush=True,
+        )
+        if schedule_extended:
+            print(f"budget extended past the LR schedule's span: {describe_extension(schedule_extended)}", flush=True)
     bar = tqdm(total=steps_budget, initial=progress.step, unit="step", disable=True if quiet else None)
     interrupted = False
     budget_done = steps_budget is not None and progress.step >= steps_budget
@@ -241,24 +312,12 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
             monitor.observe_val(0, val)
             monitor.remember_good(model, optimizer, 0)
         while not budget_done:
-            time_fraction = progress.elapsed_s / t.max_time if t.max_time else 0.0
-            lr = learning_rate(t, progress.step, steps_budget, time_fraction) * monitor.lr_scale
+            lr = schedule.lr(t, progress.step, progress.elapsed_s) * monitor.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, real = torch.zeros((), device=device), 0  # on the device: one sync per step, not per micro-batch
-            for i in range(local_accum):
-                micro = i * cluster.world + cluster.rank  # this rank's share of the step's micro-batches
-                first_row = (progress.step * t.grad_accum + micro) * t.batch_size
-                batch = rows.batch(first_row, t.batch_size).to(device)
-                last = i == local_accum - 1
-                with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
-                    with autocast_for(device):
-                        _, loss = trainable(batch.x, batch.y, batch.doc_ids)
-                    (loss / local_accum).backward()
-                loss_sum += loss.detach().float()
-                real += batch.real_tokens
-            loss_sum, real = cluster.sum([loss_sum.item(), real], device)
-            train_loss = loss_sum / t.grad_accum
+            batches, step_real = step_batches(rows, t, progress.step, cluster)
+            loss_sum = accumulate_gradients(trainable, batches, step_real, cluster, device)
+            train_loss = cluster.sum([loss_sum.item()], device)[0] / step_real
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
             if monitor.allow_update(progress.step, train_loss, grad_norm):
@@ -267,7 +326,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
 
             progress.step += 1
             progress.tokens += slots_per_micro * t.grad_accum
-            progress.real_tokens += int(real)
+            progress.real_tokens += step_real
             now = time.perf_counter()
             progress.elapsed_s += now - clock
             clock = now
