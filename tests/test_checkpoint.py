@@ -186,10 +186,14 @@ DAMAGE = {
     "truncated weights": (lambda run: _truncate(checkpoint.locate(run).model), "model.safetensors"),
     "empty trainer state": (lambda run: checkpoint.locate(run).state.write_bytes(b""), "trainer_state.pt"),
     "damaged pointer": (lambda run: (run / checkpoint.POINTER_FILE).write_text('{"dir": '), "checkpoint.json"),
-    "old layout, truncated weights": (lambda run: (_to_old_layout(run), _truncate(run / "model.safetensors")),
-                                      "model.safetensors"),  # fmt: skip
-    "old layout, truncated state": (lambda run: (_to_old_layout(run), _truncate(run / "trainer_state.pt")),
-                                    "trainer_state.pt"),  # fmt: skip
+    "old layout, truncated weights": (
+        lambda run: (_to_old_layout(run), _truncate(run / "model.safetensors")),
+        "model.safetensors",
+    ),  # fmt: skip
+    "old layout, truncated state": (
+        lambda run: (_to_old_layout(run), _truncate(run / "trainer_state.pt")),
+        "trainer_state.pt",
+    ),  # fmt: skip
 }
 
 

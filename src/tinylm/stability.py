@@ -146,12 +146,12 @@ class StabilityMonitor:
     def remember_good(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Keep a copy of a state to return to (taken right after an evaluation that shows no rise)."""
         if self.guard and self.val_rising == 0 and self.train_rising == 0 and not self._rollback_wanted:
-            self._good = {
-                "step": step,
-                "val_loss": self.last_val,
-                "model": copy.deepcopy(model.state_dict()),
-                "optimizer": copy.deepcopy(optimizer.state_dict()),
-            }
+            self._good = _snapshot(step, self.last_val, model, optimizer)
+
+    def resume_from(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After a checkpoint is loaded: a good state that state() marked as the checkpoint's own is copied."""
+        if self._good is not None and self._good["model"] is None:
+            self._good = _snapshot(self._good["step"], self._good["val_loss"], model, optimizer)
 
     def rollback(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Return to the last good state: with a lower LR, or for good once recoveries run out."""
@@ -179,8 +179,15 @@ class StabilityMonitor:
         pending, self._pending = self._pending, []
         return pending
 
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps, the good state to roll back to included."""
+    def state(self, step: int) -> dict[str, Any]:
+        """What the checkpoint of ``step`` keeps, the good state to roll back to included.
+
+        A good state taken at that very step is the checkpoint's own weights and optimizer state:
+        it is marked, not stored twice, and resume_from() copies it back from the loaded checkpoint.
+        """
+        good = self._good
+        if good is not None and good["step"] == step:
+            good = {**good, "model": None, "optimizer": None}
         return {
             "lr_scale": self.lr_scale,
             "events": self.events,
@@ -201,7 +208,7 @@ class StabilityMonitor:
             "skip_streak": self.skip_streak,
             "losses": list(self._losses),
             "norms": list(self._norms),
-            "good": self._good,
+            "good": good,
         }
 
     @property
@@ -272,6 +279,15 @@ class StabilityMonitor:
         event = {"event": kind, "step": step, **values}
         self.events.append(event)
         self._pending.append(event)
+
+
+def _snapshot(step: int, val: float | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "step": step,
+        "val_loss": val,
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+    }
 
 
 def _finite(x: float) -> float | None:

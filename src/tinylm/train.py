@@ -214,6 +214,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
     local_accum = t.grad_accum // cluster.world
     slots_per_micro = t.batch_size * T
     monitor = StabilityMonitor(t.guard, progress.stability)
+    monitor.resume_from(model, optimizer)
     log = MetricsLog(run_dir, t.tensorboard) if cluster.is_main else None
     stop = _StopFlag()
     context = {
@@ -316,7 +317,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
             ckpt_every = t.checkpoint_every or t.eval_every
             final = budget_done or stop_asked or monitor.gave_up
             if cluster.is_main and (final or progress.step % ckpt_every == 0):
-                progress.stability = monitor.state()
+                progress.stability = monitor.state(progress.step)
                 checkpoint.save(run_dir, model, optimizer, progress.__dict__)
             if stop_asked and not budget_done:
                 interrupted = True
