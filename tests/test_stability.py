@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from tinylm.evaluate import evaluate_run
 from tinylm.metrics import read_metrics
 from tinylm.model import GPT
 from tinylm.stability import StabilityMonitor
@@ -69,6 +70,7 @@ def test_a_nan_loss_is_skipped_without_killing_the_run(stories, tmp_path, monkey
     assert s["completed"] and s["steps"] == 12
     assert math.isfinite(s["final_val_loss"]) and s["final_val_loss"] < s["start_val_loss"]
     assert s["stability"]["nan_count"] == 1
+    assert s["skipped_updates"] == 1  # the report tells an arm that trained on fewer steps
     nan_events = [e for e in s["events"] if e["event"] == "nan"]
     assert nan_events[0]["step"] == 5 and nan_events[0]["skipped"]
 
@@ -102,3 +104,77 @@ def test_divergence_rolls_back_to_the_last_good_state():
     assert torch.equal(model.weight, good)
     assert monitor.lr_scale == 0.5
     assert [e["event"] for e in monitor.events] == ["divergence", "recovery"]
+
+
+def _without_time(run_dir):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_metrics(run_dir)]
+
+
+def test_a_run_resumed_during_recovery_continues_as_the_uninterrupted_one(high_lr_runs, stories, tmp_path):
+    whole = high_lr_runs[True]
+    recoveries = [e["step"] for e in whole.summary["events"] if e["event"] == "recovery"]
+    assert len(recoveries) >= 2  # stopping between two roll-backs: the second needs the saved good state
+    cfg = tiny_config(stories, tmp_path / "split", max_steps=40, eval_every=5, lr=TOO_HIGH_LR, guard=True)
+    train(cfg, quiet=True, interrupt_after=recoveries[0] + 2)
+    resumed = train(cfg, resume=True, quiet=True)
+    assert _without_time(resumed.run_dir) == _without_time(whole.run_dir)
+
+
+def test_giving_up_keeps_the_last_good_weights_and_says_so(stories, tmp_path, capsys):
+    result = train(tiny_config(stories, tmp_path / "run", max_steps=24, eval_every=4, lr=30.0, guard=True), quiet=True)
+    s = result.summary
+    assert s["stability"]["gave_up"] and not s["completed"] and s["final_val_loss"] > 2 * s["best_val_loss"]
+    saved = evaluate_run(result.run_dir, device_name="cpu")["loss"]  # what sample/export would use
+    assert saved == pytest.approx(s["best_val_loss"], rel=1e-5)
+    kept = s["stability"]["kept_weights"]
+    assert kept["val_loss"] == s["best_val_loss"] and s["stability"]["label"] == "unstable"
+    assert f"kept the weights of step {kept['step']}" in s["stability"]["reason"]
+    assert f"the saved weights are the last good ones, from step {kept['step']}" in capsys.readouterr().out
+
+
+def test_a_non_finite_learning_rate_is_never_better_than_unstable(stories, tmp_path):
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=12, lr=1.0)
+    cfg.train.lr = math.inf  # past the config's own check: the label must not depend on it
+    s = train(cfg, quiet=True).summary
+    assert s["stability"]["label"] == "unstable"
+    monitor = StabilityMonitor(guard=True)
+    monitor.allow_update(0, 3.0, 1.0)
+    assert monitor.report(math.nan)["label"] == "unstable"
+
+
+def test_a_streak_of_skipped_updates_is_a_divergence_that_rolls_back():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = StabilityMonitor(guard=True)
+    monitor.observe_val(0, 3.0)
+    monitor.remember_good(model, opt, 0)
+    for i in range(30):
+        assert monitor.allow_update(i, 3.0 + 0.01 * (i % 3), 1.0 + 0.01 * (i % 2))
+    assert not monitor.allow_update(30, 3.0, 100.0)  # one outlier batch: skipped, no more
+    assert monitor.allow_update(31, 3.0, 1.0) and not monitor.rollback_wanted
+    for i in range(32, 35):  # bad weights: every gradient is huge, three in a row
+        assert not monitor.allow_update(i, 3.0, 100.0)
+    assert monitor.rollback_wanted
+    assert monitor.events[-1]["event"] == "divergence" and "skipped in a row" in monitor.events[-1]["why"]
+    monitor.rollback(model, opt, 35)
+    assert monitor.lr_scale == 0.5 and monitor.skipped == 4
+    assert monitor.report(3.0)["label"] == "ok"
+
+
+def test_a_good_state_at_the_checkpoint_step_is_saved_once_and_restored_on_resume():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = StabilityMonitor(guard=True)
+    monitor.observe_val(10, 5.0)
+    monitor.remember_good(model, opt, 10)
+    saved = monitor.state(10)
+    assert saved["good"]["model"] is None  # the checkpoint of step 10 holds these weights already
+    assert monitor.state(11)["good"]["model"] is not None
+    good = model.weight.detach().clone()
+    resumed = StabilityMonitor(guard=True, state=saved)
+    resumed.resume_from(model, opt)  # model and opt as loaded from that checkpoint
+    with torch.no_grad():
+        model.weight.add_(10.0)
+    resumed.observe_val(20, 9.0)
+    resumed.rollback(model, opt, 20)
+    assert torch.equal(model.weight, good)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from tinylm import checkpoint
 from tinylm.config import TrainConfig
 from tinylm.errors import UserError
 from tinylm.metrics import read_metrics
@@ -20,8 +21,10 @@ def test_loss_falls_and_run_directory_is_complete(stories, tmp_path):
     s = result.summary
     assert s["best_val_loss"] < s["start_val_loss"] - 2.0
     assert abs(s["start_val_loss"] - 10.825) < 0.15
-    for name in ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "trainer_state.pt"):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.json"):
         assert (result.run_dir / name).exists(), name
+    for name in ("model.safetensors", "trainer_state.pt"):  # the one checkpoint folder the pointer names
+        assert (result.run_dir / "checkpoint-000030" / name).exists(), name
     for key in ("params", "start_val_loss", "best_val_loss", "worst_val_loss", "final_val_loss",
                 "train_time_s", "tokens", "steps"):  # fmt: skip
         assert s[key] is not None, key
@@ -103,7 +106,7 @@ def test_token_budget_sets_the_steps(stories, tmp_path):
 def test_time_budget_ends_the_run_cleanly(stories, tmp_path):
     result = train(tiny_config(stories, tmp_path / "run", max_steps=None, max_time=1.0), quiet=True)
     assert result.summary["completed"] and result.summary["steps"] >= 1
-    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert checkpoint.weights_path(tmp_path / "run").exists()
 
 
 def test_gradient_accumulation_matches_a_larger_batch(stories, tmp_path):
@@ -168,10 +171,10 @@ def test_learning_rate_schedules():
 
 def test_refuses_to_overwrite_another_run(stories, tmp_path):
     train(tiny_config(stories, tmp_path / "run", max_steps=2), quiet=True)
-    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    before = checkpoint.weights_path(tmp_path / "run").read_bytes()
     with pytest.raises(UserError, match="holds another run"):
         train(tiny_config(stories, tmp_path / "run", max_steps=2), quiet=True)
-    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+    assert checkpoint.weights_path(tmp_path / "run").read_bytes() == before
 
 
 def test_bad_inputs_are_user_errors(stories, tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tinylm import checkpoint
 from tinylm.config import RunConfig, TrainConfig, preset
 from tinylm.errors import UserError
 from tinylm.summary import SUMMARY_FILE
@@ -98,9 +99,7 @@ def ablate(
                     if not quiet:
                         print(f"[{preset_name}/{run_dir.name}] already finished, skipped")
                     continue
-                resume = (run_dir / CONFIG_FILE).exists() and (run_dir / "trainer_state.pt").exists()
-                if (run_dir / CONFIG_FILE).exists() and not resume:
-                    raise UserError(f"{run_dir} holds an unfinished run with no checkpoint; remove it to rerun")
+                resume = (run_dir / CONFIG_FILE).exists() and checkpoint.exists(run_dir)  # else a fresh start reclaims
                 if resume:
                     _check_same_recipe(run_dir / CONFIG_FILE, cfg)
                 if not quiet:

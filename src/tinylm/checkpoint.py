@@ -1,29 +1,69 @@
-"""Checkpoints of a run directory: weights in safetensors, optimizer/RNG/progress in a torch file.
+"""Checkpoints of a run directory, each one atomic unit.
 
-Both files are written under temporary names and renamed, so a kill at any moment leaves
-the previous complete checkpoint. The step is recorded in both and checked on load.
+Layout::
+
+    run_dir/checkpoint.json            the pointer: {"dir": "checkpoint-000012", "step": 12, "files": sizes}
+    run_dir/checkpoint-000012/         model.safetensors (weights) + trainer_state.pt (optimizer, RNG,
+                                       progress, the guard's roll-back snapshot)
+
+A save writes the new folder under a temporary name, fsyncs its files, renames it, and only
+then switches the pointer with one atomic os.replace; the previous folder is deleted after the
+switch. A kill at any instant therefore leaves the pointer naming one complete checkpoint, and
+the leftovers of a killed save (a temporary folder, a folder never pointed to) are removed by
+the next save or fresh start. Readers go through the pointer and ignore everything else.
+
+Run directories written before this layout hold model.safetensors and trainer_state.pt
+directly in the run directory; they still load, and their first new save replaces them.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from tinylm.errors import UserError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
+POINTER_FILE = "checkpoint.json"
+_FOLDER = re.compile(r"checkpoint-\d+")
+_TMP_PREFIX = ".checkpoint-"  # a save in progress: .checkpoint-000012.tmp
+_TMP_FILES = {POINTER_FILE + ".tmp", MODEL_FILE + ".tmp", STATE_FILE + ".tmp"}  # the last two: old layout
+KILL_ENV = "TINYLM_TEST_KILL_AT"
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class Files:
+    """Where a run's current checkpoint lies, and the sizes its pointer promises (None: old layout)."""
+
+    model: Path
+    state: Path
+    sizes: dict[str, int] | None
+
+
+def kill_point(where: str, step: int) -> None:
+    """For tests: SIGKILL this process at a named moment, set as TINYLM_TEST_KILL_AT="where:step=N".
+
+    It makes the narrow windows of a save reachable from a real process, so tests can prove
+    that a kill there loses nothing.
+    """
+    if os.environ.get(KILL_ENV) == f"{where}:step={step}":
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+# --- writing ------------------------------------------------------------------------------
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,9 +73,37 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write and fsync one file: the bytes are on disk before anything points to them."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new file, a rename) durable; POSIX only."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
-    step = str(progress["step"])
-    _atomic(run_dir / MODEL_FILE, lambda p: save_file(model_tensors(model), str(p), metadata={"step": step}))
+    """Write a new checkpoint and switch to it atomically; the previous one stays until the switch.
+
+    A write that fails (a full disk, a read-only file system) is a UserError and leaves the
+    previous checkpoint as it was.
+    """
+    step = int(progress["step"])
+    discard_leftovers(run_dir)
+    name = f"checkpoint-{step:06d}"
+    tmp, folder = run_dir / f"{_TMP_PREFIX}{step:06d}.tmp", run_dir / name
+    if _read_pointer(run_dir).get("dir") == name:
+        raise RuntimeError(f"a second checkpoint of step {step} in one run")  # the loop saves once per step
     state = {
         "progress": progress,
         "optimizer": optimizer.state_dict(),
@@ -44,17 +112,137 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
-    _atomic(run_dir / STATE_FILE, lambda p: torch.save(state, p))
+    switched = False
+    try:
+        tmp.mkdir()
+        weights = safetensors_bytes(model_tensors(model), metadata={"step": str(step)})
+        _write_bytes(tmp / MODEL_FILE, weights)
+        kill_point("checkpoint:between-files", step)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_bytes(tmp / STATE_FILE, buffer.getvalue())
+        _fsync_dir(tmp)
+        os.replace(tmp, folder)
+        _fsync_dir(run_dir)
+        kill_point("checkpoint:before-pointer", step)
+        sizes = {MODEL_FILE: len(weights), STATE_FILE: buffer.getbuffer().nbytes}
+        pointer = json.dumps({"dir": name, "step": step, "files": sizes}) + "\n"
+        _write_bytes(run_dir / (POINTER_FILE + ".tmp"), pointer.encode())
+        os.replace(run_dir / (POINTER_FILE + ".tmp"), run_dir / POINTER_FILE)
+        switched = True
+        _fsync_dir(run_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not switched:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise UserError(
+            f"could not write the checkpoint of step {step} in {run_dir}: {e.strerror or e}; the previous "
+            f"checkpoint is untouched: fix that and continue with tinylm train --resume {run_dir}"
+        ) from e
+    kill_point("checkpoint:after-pointer", step)
+    discard_leftovers(run_dir)  # the previous checkpoint, now that the new one is in place
 
 
-def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
-    """Load model.safetensors into model; returns the file's metadata."""
-    path = run_dir / MODEL_FILE
+def discard_leftovers(run_dir: Path) -> None:
+    """Remove what no pointer names: killed saves, the previous checkpoint, the old layout's files.
+
+    Nothing is removed while the pointer is damaged: the user may still want to repair it.
+    """
+    if not run_dir.is_dir():
+        return
+    try:
+        current = _read_pointer(run_dir).get("dir")
+    except UserError:
+        return
+    for entry in run_dir.iterdir():
+        killed_save = entry.name.startswith(_TMP_PREFIX) or entry.name in _TMP_FILES
+        replaced = _FOLDER.fullmatch(entry.name) and entry.is_dir() and entry.name != current
+        old_layout = current is not None and entry.name in (MODEL_FILE, STATE_FILE)
+        if killed_save or replaced or old_layout:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def _damaged(path: Path, why: str) -> UserError:
+    return UserError(
+        f"{path} is damaged ({why}); restore it from a backup, or train again (tinylm train ... --out NEW_DIR)"
+    )
+
+
+def _read_pointer(run_dir: Path) -> dict[str, Any]:
+    """The pointer's content; {} when there is none (no checkpoint yet, or the old layout)."""
+    path = run_dir / POINTER_FILE
     if not path.exists():
-        raise UserError(f"{run_dir} has no {MODEL_FILE}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    tensors = load_file(str(path))
+        return {}
+    try:
+        pointer = json.loads(path.read_text())
+        ok = (
+            isinstance(pointer, dict)
+            and isinstance(pointer.get("dir"), str)
+            and _FOLDER.fullmatch(pointer["dir"])
+            and isinstance(pointer.get("step"), int)
+            and isinstance(pointer.get("files"), dict)
+        )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, "not readable JSON") from e
+    if not ok:
+        raise _damaged(path, "not a checkpoint pointer")
+    return pointer
+
+
+def locate(run_dir: Path) -> Files | None:
+    """The run's current checkpoint, in either layout; None when it has none."""
+    pointer = _read_pointer(run_dir)
+    if pointer:
+        folder = run_dir / pointer["dir"]
+        return Files(folder / MODEL_FILE, folder / STATE_FILE, pointer["files"])
+    if (run_dir / MODEL_FILE).exists() or (run_dir / STATE_FILE).exists():
+        return Files(run_dir / MODEL_FILE, run_dir / STATE_FILE, None)
+    return None
+
+
+def exists(run_dir: Path) -> bool:
+    """Whether the run has a checkpoint to resume from (a damaged one counts: resuming says why)."""
+    return (run_dir / POINTER_FILE).exists() or (run_dir / STATE_FILE).exists()
+
+
+def weights_path(run_dir: Path) -> Path:
+    """The safetensors file holding the run's current weights."""
+    return _require(run_dir).model
+
+
+def _require(run_dir: Path) -> Files:
+    files = locate(run_dir)
+    if files is None:
+        raise UserError(f"{run_dir} has no checkpoint (no {POINTER_FILE}); train it first")
+    return files
+
+
+def _check_size(path: Path, sizes: dict[str, int] | None) -> None:
+    if not path.exists():
+        raise UserError(f"{path} is missing; restore it from a backup, or train again (--out NEW_DIR)")
+    expected = (sizes or {}).get(path.name)
+    actual = path.stat().st_size
+    if expected is not None and actual != expected:
+        raise _damaged(path, f"{actual} bytes where its checkpoint wrote {expected}: truncated or altered")
+    if actual == 0:
+        raise _damaged(path, "empty")
+
+
+def _load_weights_from(files: Files, model: torch.nn.Module) -> dict[str, str]:
+    path = files.model
+    _check_size(path, files.sizes)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, str(e)) from e
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -62,13 +250,22 @@ def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
     return metadata
 
 
+def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
+    """Load the current checkpoint's weights into model; returns the safetensors metadata."""
+    return _load_weights_from(_require(run_dir), model)
+
+
 def load(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG; returns the saved progress."""
-    if not (run_dir / STATE_FILE).exists():
-        raise UserError(f"{run_dir} has no checkpoint to resume ({STATE_FILE} missing)")
-    metadata = load_weights(run_dir, model)
-    state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
-    if metadata.get("step") != str(state["progress"]["step"]):
+    files = _require(run_dir)
+    metadata = _load_weights_from(files, model)
+    _check_size(files.state, files.sizes)
+    try:
+        state = torch.load(files.state, map_location="cpu", weights_only=False)
+        step = state["progress"]["step"]
+    except Exception as e:  # a damaged pickle/zip fails in many ways (EOFError, RuntimeError, UnpicklingError ...)
+        raise _damaged(files.state, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from e
+    if metadata.get("step") != str(step):
         raise UserError(f"{run_dir}: weights and trainer state are from different steps; cannot resume")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])

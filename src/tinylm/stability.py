@@ -2,7 +2,10 @@
 
 Detection is always on. With the guard on, an update whose loss or gradient is not finite,
 or whose spike is beyond the hard threshold, is skipped; a divergence episode rolls the
-model and optimizer back to the last good evaluation and lowers the learning rate.
+model and optimizer back to the last good evaluation and lowers the learning rate. Skipping
+is the remedy for an outlier batch; several skips in a row mean the weights themselves are
+bad, and count as a divergence. The last good state is part of the monitor's saved state,
+so a resumed run recovers exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ class Thresholds:
     lr_factor: float = 0.5
     """Learning rate multiplier applied on each recovery."""
     max_recoveries: int = 3
-    """After this many roll-backs the run stops, keeping its best checkpoint."""
+    """After this many roll-backs the run stops with the last good weights it kept."""
+    max_skip_streak: int = 3
+    """This many updates skipped in a row are a divergence episode, not a run of bad batches."""
     gap_tight: float = 0.2
     """A final train/val gap up to this size is tight (the run can be very stable) ..."""
     gap_wide: float = 0.5
@@ -81,10 +86,14 @@ class StabilityMonitor:
         self.in_episode: bool = s.get("in_episode", False)
         self.gave_up: bool = s.get("gave_up", False)
         self.last_train_loss: float | None = s.get("last_train_loss")
+        self.last_loss_finite: bool = s.get("last_loss_finite", True)
+        self.last_val: float | None = s.get("last_val")
+        self.skipped: int = s.get("skipped", 0)
+        self.skip_streak: int = s.get("skip_streak", 0)
         self._losses: deque[float] = deque(s.get("losses", []), maxlen=self.th.spike_window)
         self._norms: deque[float] = deque(s.get("norms", []), maxlen=self.th.spike_window)
         self._pending: list[dict[str, Any]] = []
-        self._good: tuple[int, dict, dict] | None = None
+        self._good: dict[str, Any] | None = s.get("good")  # step, val_loss, model and optimizer state dicts
         self._rollback_wanted = False
 
     # --- what the training loop calls ---
@@ -92,9 +101,10 @@ class StabilityMonitor:
     def allow_update(self, step: int, loss: float, grad_norm: float) -> bool:
         """Record the step's loss and gradient norm; False means skip this update."""
         step += 1  # events are named by the step number the update would produce
+        self.last_loss_finite = math.isfinite(loss)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._event("nan", step, loss=loss, grad_norm=grad_norm, skipped=self.guard)
-            return not self.guard
+            return self._skip(step, loss) if self.guard else True
         worst_z = 0.0
         checks = (
             ("loss_spike", loss, self._losses, self.th.loss_spike_ratio),
@@ -108,7 +118,8 @@ class StabilityMonitor:
                 self._event(kind, step, value=value, z=round(z, 2), skipped=self.guard and z > self.th.hard_spike_z)
             worst_z = max(worst_z, z)
         if self.guard and worst_z > self.th.hard_spike_z:
-            return False  # keep the spike out of the history too
+            return self._skip(step, loss)  # keep the spike out of the history too
+        self.skip_streak = 0
         self._losses.append(loss)
         self._norms.append(grad_norm)
         self.last_train_loss = loss
@@ -116,6 +127,7 @@ class StabilityMonitor:
         return True
 
     def observe_val(self, step: int, val: float) -> None:
+        self.last_val = val
         if not math.isfinite(val):
             self._event("nan", step, val_loss=val)
             self._diverged(step, val, "validation loss is not finite")
@@ -141,24 +153,31 @@ class StabilityMonitor:
         return self._rollback_wanted
 
     def remember_good(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Keep a copy of a state to return to (taken at evaluations that show no rise)."""
+        """Keep a copy of a state to return to (taken right after an evaluation that shows no rise)."""
         if self.guard and self.val_rising == 0 and self.train_rising == 0 and not self._rollback_wanted:
-            self._good = (step, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+            self._good = _snapshot(step, self.last_val, model, optimizer)
+
+    def resume_from(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After a checkpoint is loaded: a good state that state() marked as the checkpoint's own is copied."""
+        if self._good is not None and self._good["model"] is None:
+            self._good = _snapshot(self._good["step"], self._good["val_loss"], model, optimizer)
 
     def rollback(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Return to the last good state: with a lower LR, or for good once recoveries run out."""
         self._rollback_wanted = False
         self.recoveries += 1
-        if self.recoveries > self.th.max_recoveries:
-            self.gave_up = True
-            self._event("gave_up", step, recoveries=self.recoveries - 1)
-            return
         restored_from = None
         if self._good is not None:
-            restored_from = self._good[0]
-            model.load_state_dict(self._good[1])
-            optimizer.load_state_dict(self._good[2])
+            restored_from = self._good["step"]
+            model.load_state_dict(self._good["model"])
+            optimizer.load_state_dict(self._good["optimizer"])
+        if self.recoveries > self.th.max_recoveries:
+            self.gave_up = True
+            kept = {} if self._good is None else {"val_loss": self._good["val_loss"]}
+            self._event("gave_up", step, recoveries=self.recoveries - 1, restored_step=restored_from, **kept)
+            return
         self.lr_scale *= self.th.lr_factor
-        self.val_rising = self.train_rising = 0
+        self.val_rising = self.train_rising = self.skip_streak = 0
         self.in_episode = False
         self.ema, self.best_ema = None, math.inf
         self._losses.clear()
@@ -169,8 +188,15 @@ class StabilityMonitor:
         pending, self._pending = self._pending, []
         return pending
 
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps (the in-memory good state is not saved)."""
+    def state(self, step: int) -> dict[str, Any]:
+        """What the checkpoint of ``step`` keeps, the good state to roll back to included.
+
+        A good state taken at that very step is the checkpoint's own weights and optimizer state:
+        it is marked, not stored twice, and resume_from() copies it back from the loaded checkpoint.
+        """
+        good = self._good
+        if good is not None and good["step"] == step:
+            good = {**good, "model": None, "optimizer": None}
         return {
             "lr_scale": self.lr_scale,
             "events": self.events,
@@ -185,9 +211,21 @@ class StabilityMonitor:
             "in_episode": self.in_episode,
             "gave_up": self.gave_up,
             "last_train_loss": self.last_train_loss,
+            "last_loss_finite": self.last_loss_finite,
+            "last_val": self.last_val,
+            "skipped": self.skipped,
+            "skip_streak": self.skip_streak,
             "losses": list(self._losses),
             "norms": list(self._norms),
+            "good": good,
         }
+
+    @property
+    def kept_weights(self) -> dict[str, Any] | None:
+        """Step and val loss of the weights the run ends with when the guard gave up."""
+        if not self.gave_up or self._good is None:
+            return None
+        return {"step": self._good["step"], "val_loss": self._good["val_loss"]}
 
     # --- the label ---
 
@@ -197,7 +235,7 @@ class StabilityMonitor:
         gap = None
         if final_val is not None and self.last_train_loss is not None and math.isfinite(final_val):
             gap = final_val - self.last_train_loss
-        label, reason = _label(self, counts, divergences, gap)
+        label, reason = _label(self, counts, divergences, gap, final_val)
         return {
             "label": label,
             "reason": reason,
@@ -211,6 +249,7 @@ class StabilityMonitor:
             "divergence_steps": [e["step"] for e in divergences],
             "recoveries": sum(e["event"] == "recovery" for e in self.events),
             "gave_up": self.gave_up,
+            "kept_weights": self.kept_weights,
             "thresholds": asdict(self.th),
         }
 
@@ -229,6 +268,14 @@ class StabilityMonitor:
         else:
             self.train_rising = 0
 
+    def _skip(self, step: int, loss: float) -> bool:
+        """Count a skipped update; a streak of them is a divergence (the weights, not a batch, are bad)."""
+        self.skipped += 1
+        self.skip_streak += 1
+        if self.skip_streak >= self.th.max_skip_streak:
+            self._diverged(step, loss, f"{self.skip_streak} updates skipped in a row")
+        return False
+
     def _diverged(self, step: int, value: float, why: str) -> None:
         if self._rollback_wanted or self.in_episode:
             return  # one event per episode: it ends when the loss comes back near its best
@@ -241,6 +288,15 @@ class StabilityMonitor:
         event = {"event": kind, "step": step, **values}
         self.events.append(event)
         self._pending.append(event)
+
+
+def _snapshot(step: int, val: float | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "step": step,
+        "val_loss": val,
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+    }
 
 
 def _finite(x: float) -> float | None:
@@ -256,8 +312,18 @@ def _zscore(value: float, history: deque[float], min_history: int) -> float:
     return (value - mean) / max(std, 1e-3 * abs(mean), 1e-8)
 
 
-def _label(m: StabilityMonitor, counts: dict[str, int], divergences: list, gap: float | None) -> tuple[str, str]:
+def _label(
+    m: StabilityMonitor, counts: dict[str, int], divergences: list, gap: float | None, final_val: float | None
+) -> tuple[str, str]:
     """very stable / stable / ok / unstable, with the reason a reader sees in brackets."""
+    if final_val is not None and not math.isfinite(final_val):
+        return "unstable", f"final val loss is {final_val}"
+    if not m.last_loss_finite:
+        return "unstable", "final train loss is not finite"
+    if m.gave_up:
+        kept = m.kept_weights
+        where = f"; kept the weights of step {kept['step']}" if kept else ""
+        return "unstable", f"gave up after {m.th.max_recoveries} recoveries{where}"
     if divergences:
         first = divergences[0]
         if m.recoveries and not m.gave_up and m.guard:

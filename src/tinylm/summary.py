@@ -32,6 +32,7 @@ def write_summary(run_dir: Path, progress, context: dict[str, Any], monitor, int
         "utilisation": progress.real_tokens / progress.tokens if progress.tokens else None,
         "tokens_per_s": progress.tokens / progress.elapsed_s if progress.elapsed_s > 0 else None,
         "stability": monitor.report(vals[-1] if vals else None),
+        "skipped_updates": monitor.skipped,  # updates the guard left out: fewer real steps than "steps"
         "events": monitor.events,
         "interrupted": interrupted,
         "completed": not interrupted and not monitor.gave_up,

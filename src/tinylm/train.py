@@ -22,7 +22,7 @@ from tinylm.data.prepare import PreparedData, PrepareOptions, prepare
 from tinylm.distributed import Cluster, init_cluster, shutdown
 from tinylm.errors import UserError
 from tinylm.evaluate import autocast_for, validation_loss_sum
-from tinylm.metrics import MetricsLog, truncate_metrics
+from tinylm.metrics import METRICS_FILE, MetricsLog, truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import ScheduleSpan, build_optimizer, describe_extension
 from tinylm.paths import check_writable_dir
@@ -185,9 +185,19 @@ class _StopFlag:
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
-    if (run_dir / CONFIG_FILE).exists() or (run_dir / SUMMARY_FILE).exists():
+    """A fresh run may use an empty folder, or reclaim one whose run was killed before its first checkpoint."""
+    if checkpoint.exists(run_dir) or (run_dir / SUMMARY_FILE).exists():
         raise UserError(f"{run_dir} holds another run; resume it with --resume {run_dir} or choose another --out")
     check_writable_dir(run_dir, "--out")  # before the data is prepared: no minutes of tokenising first
+
+
+def start_run_dir(cfg: RunConfig, run_dir: Path, data: PreparedData) -> None:
+    """Write what a fresh run starts with; what a run killed before its first checkpoint left goes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.discard_leftovers(run_dir)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    cfg.save(run_dir / CONFIG_FILE)
+    data.tokenizer.save(run_dir)  # sampling and export need it with the weights
 
 
 def train(
@@ -216,6 +226,8 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
     resolve_grad_accum(cfg, cluster.world, run_dir, resume)
     if not resume:
         check_fresh_run_dir(run_dir)
+    elif not checkpoint.exists(run_dir):  # killed before its first checkpoint: start it again
+        resume = False
     failure = None
     if cluster.is_main:  # one rank tokenises; the others then find it in the cache
         try:
@@ -250,9 +262,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
             truncate_metrics(run_dir, progress.step)
     else:
         if cluster.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(run_dir / CONFIG_FILE)
-            data.tokenizer.save(run_dir)  # sampling and export need it with the weights
+            start_run_dir(cfg, run_dir, data)
         progress = Progress()
     cluster.barrier()
     trainable = DistributedDataParallel(model) if cluster.active else model
@@ -264,6 +274,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
     schedule_extended = schedule.extension(steps_budget, t.max_time)
     slots_per_micro = t.batch_size * T
     monitor = StabilityMonitor(t.guard, progress.stability)
+    monitor.resume_from(model, optimizer)
     log = MetricsLog(run_dir, t.tensorboard) if cluster.is_main else None
     stop = _StopFlag()
     context = {
@@ -311,7 +322,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
             write({"step": 0, "tokens": 0, "val_loss": val, "elapsed_s": 0.0})
             monitor.observe_val(0, val)
             monitor.remember_good(model, optimizer, 0)
-        while not budget_done:
+        while not budget_done and not monitor.gave_up:
             lr = schedule.lr(t, progress.step, progress.elapsed_s) * monitor.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -356,21 +367,28 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
                 write(event)
             if "val_loss" in record or progress.step % t.log_every == 0:
                 write(record)
+            checkpoint.kill_point("train:after-metrics", progress.step)
             bar.update(1)
             tokens_per_s = progress.tokens / max(progress.elapsed_s, 1e-9)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             if "val_loss" in record and bar.disable and not quiet:
                 print(f"step {progress.step}: train {train_loss:.4f} val {record['val_loss']:.4f}", flush=True)
             ckpt_every = t.checkpoint_every or t.eval_every
-            if cluster.is_main and (budget_done or stop_asked or progress.step % ckpt_every == 0):
-                progress.stability = monitor.state()
+            final = budget_done or stop_asked or monitor.gave_up
+            if cluster.is_main and (final or progress.step % ckpt_every == 0):
+                progress.stability = monitor.state(progress.step)
                 checkpoint.save(run_dir, model, optimizer, progress.__dict__)
             if stop_asked and not budget_done:
                 interrupted = True
                 break
-            if monitor.gave_up:
-                break
     bar.close()
+    kept = monitor.kept_weights
+    if kept and log is not None:  # the terminal says it too, not only summary.json
+        print(
+            f"the stability guard gave up at step {progress.step} after {monitor.th.max_recoveries} recoveries; "
+            f"the saved weights are the last good ones, from step {kept['step']} (val loss {kept['val_loss']:.4f})",
+            flush=True,
+        )
     summary = {}
     if log is not None:
         log.close()
