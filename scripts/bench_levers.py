@@ -64,7 +64,7 @@ def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
 def onednn_logits_matmul(preset_name: str, repeats: int) -> tuple[float, float]:
     """The logits of one loss chunk, (rows, C) x (V, C)^T: the default BLAS vs oneDNN."""
     cfg = preset(preset_name)
-    rows = tinylm.loss._CHUNK_ELEMENTS // cfg.vocab_size
+    rows = tinylm.loss._CHUNK_ELEMENTS["cpu"] // cfg.vocab_size
     hidden, weight = torch.randn(rows, cfg.n_embd), torch.randn(cfg.vocab_size, cfg.n_embd)
 
     def blas():
@@ -120,7 +120,7 @@ def adamw(preset_name: str, repeats: int) -> tuple[float, float, float]:
 def softmax_passes(preset_name: str, repeats: int) -> tuple[float, float]:
     """One loss chunk: log_softmax then exp (two exponentials per logit) vs max + softmax + max."""
     cfg = preset(preset_name)
-    rows = tinylm.loss._CHUNK_ELEMENTS // cfg.vocab_size
+    rows = tinylm.loss._CHUNK_ELEMENTS["cpu"] // cfg.vocab_size
     logits = torch.randn(rows, cfg.vocab_size)
 
     def log_softmax_exp():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,7 @@ class Check:
     cuda: bool
     deadline: float
     python: str = sys.executable
+    only: list[str] = field(default_factory=list)  # the parts to run, by name (all when empty)
     results: list[PartResult] = field(default_factory=list)
     last_output: str = ""  # what the last part printed
 
@@ -64,8 +66,11 @@ class Check:
             f.write(text)
         print(text, end="", flush=True)
 
-    def run(self, name: str, argv: list[str], timeout: float, needs_cuda: bool = False) -> PartResult:
+    def run(self, name: str, argv: list[str], timeout: float, needs_cuda: bool = False,
+            env: dict[str, str] | None = None) -> PartResult:  # fmt: skip
         """Run one part as a subprocess, its output into parts.log; never raises."""
+        if self.only and name not in self.only and name != "environment":
+            return self._record(PartResult(name, "skipped", "not in --only"))
         if needs_cuda and not self.cuda:
             return self._record(PartResult(name, "skipped", "no CUDA"))
         left = self.deadline - time.monotonic()
@@ -75,7 +80,7 @@ class Check:
         start = time.monotonic()
         try:
             done = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=min(timeout, left))  # fmt: skip
+                                  timeout=min(timeout, left), env={**os.environ, **(env or {})})  # fmt: skip
             self.log(done.stdout)
             self.last_output = done.stdout
             ok, why = done.returncode == 0, f"exit code {done.returncode}"
@@ -113,12 +118,16 @@ def environment(check: Check) -> None:
 def tests(check: Check) -> None:
     """The fast suite with CUDA visible; tests/test_cuda.py holds the tests that need the GPU."""
     junit = check.work / "tests.xml"
-    argv = [check.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    # -v -rf: each test's outcome is in parts.log as it finishes, even if the part runs out of time
+    argv = [check.python, "-m", "pytest", "-v", "-rf", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     if check.smoke:
         argv.append("tests/test_cuda.py")  # the CPU test of this script must not rerun the whole suite
-    elif _importable(check.python, "xdist"):
-        argv += ["-n", "4"]
-    result = check.run("tests", argv, timeout=60 if check.smoke else 240)
+    else:
+        if _importable(check.python, "xdist"):
+            argv += ["-n", "8"]  # most tests are CPU-bound tiny runs; 2 threads each below
+        if _importable(check.python, "pytest_timeout"):
+            argv += ["--timeout", "150"]
+    result = check.run("tests", argv, timeout=60 if check.smoke else 240, env={"OMP_NUM_THREADS": "2"})
     if junit.exists():
         result.figures = _junit_counts(junit)
         shutil.copy(junit, check.out / "tests.xml")
@@ -306,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare", action="store_true", help="fill .device/ here, before the GPU run")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: exercise every part in seconds")
     parser.add_argument("--data", help="text data for the ablation (default .device/data/tinystories-lc)")
+    parser.add_argument("--only", help="comma-separated part names to run, e.g. bench-basic,tests (a rerun)")
     parser.add_argument("--budget-s", type=float, default=450, help="stop starting parts after this many seconds")
     args = parser.parse_args(argv)
     if args.prepare:
@@ -324,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # only to know which parts can run; the parts themselves run in subprocesses
 
     check = Check(out=out, work=Path(tempfile.mkdtemp(prefix="gpu_check-")), smoke=args.smoke, data=data,
-                  cuda=torch.cuda.is_available(), deadline=started + args.budget_s)  # fmt: skip
+                  cuda=torch.cuda.is_available(), deadline=started + args.budget_s,
+                  only=args.only.split(",") if args.only else [])  # fmt: skip
     # The most telling parts first, so a short lease still brings back the figures.
     environment(check)
     benches(check, compiled=False)

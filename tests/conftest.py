@@ -58,7 +58,7 @@ def tiny_config(data: Path | str, out: Path, **train) -> RunConfig:
     """A tiny model; a small trained BPE keeps its steps cheap (pass tokenizer='gpt2' for GPT-2's 50257)."""
     settings = dict(
         data=str(data), out=str(out), max_steps=12, batch_size=4, eval_every=4, eval_tokens=512, lr=3e-3, seed=7,
-        tokenizer="bpe:512",
+        tokenizer="bpe:512", device="cpu",  # the CPU's behaviour; test_cuda.py runs the same on a GPU
     )  # fmt: skip
     settings.update(train)
     model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)

@@ -12,7 +12,9 @@ from tinylm.report import write_report
 
 
 def base(stories) -> TrainConfig:
-    return TrainConfig(data=str(stories), max_steps=6, eval_every=3, batch_size=2, eval_tokens=256, lr=3e-3)
+    return TrainConfig(
+        data=str(stories), max_steps=6, eval_every=3, batch_size=2, eval_tokens=256, lr=3e-3, device="cpu"
+    )
 
 
 @pytest.fixture(scope="module")

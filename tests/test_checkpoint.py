@@ -21,7 +21,7 @@ from tinylm.metrics import read_metrics
 from tinylm.train import train
 
 # The CLI twin of tiny_config(..., checkpoint_every=2): the same run in a child process.
-TINY = ["--preset", "tiny", "--batch-size", "4", "--eval-tokens", "512", "--tokenizer", "bpe:512", "--lr", "3e-3",
+TINY = ["--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--eval-tokens", "512", "--tokenizer", "bpe:512", "--lr", "3e-3",
         "--seed", "7", "--max-steps", "12", "--eval-every", "4", "--checkpoint-every", "2", "--quiet"]  # fmt: skip
 
 

@@ -10,7 +10,19 @@ import time
 
 import pytest
 
-TINY = ["--preset", "tiny", "--batch-size", "4", "--eval-tokens", "512", "--tokenizer", "bpe:512", "--quiet"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "4",
+    "--eval-tokens",
+    "512",
+    "--tokenizer",
+    "bpe:512",
+    "--quiet",
+]
 
 
 def tinylm(*args, **kwargs):

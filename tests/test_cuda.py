@@ -5,7 +5,11 @@ test_model.py, test_use.py, test_train.py and test_distributed.py; here they mee
 """
 
 import contextlib
+import json
 import socket
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
@@ -65,8 +69,9 @@ def test_kv_cache_logits_and_greedy_text_match_the_full_forward_on_cuda():
             torch.testing.assert_close(last, full[:, t], rtol=1e-4, atol=1e-4)
         opts = SamplingOptions(max_new_tokens=16, temperature=0.0, stop_at_eot=False)
         prompt = idx[0, :4].tolist()
-        cached = list(generate(model, prompt, opts, eot_id=0, use_cache=True))
-        uncached = list(generate(model, prompt, opts, eot_id=0, use_cache=False))
+        vocabulary = types.SimpleNamespace(vocab_size=50, eot_id=0)  # what generate() asks of a tokenizer
+        cached = list(generate(model, prompt, opts, vocabulary, use_cache=True))
+        uncached = list(generate(model, prompt, opts, vocabulary, use_cache=False))
     assert cached == uncached
 
 
@@ -113,3 +118,20 @@ def test_ddp_with_one_nccl_rank_gives_the_plain_gradients():
         assert total.tolist() == [1.0, 1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_train_sample_and_eval_commands_run_on_cuda(stories, tmp_path):
+    def tinylm(*args):
+        done = subprocess.run([sys.executable, "-m", "tinylm", *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    run = tmp_path / "run"
+    tinylm("train", "--preset", "tiny", "--data", stories, "--tokenizer", "bpe:512", "--batch-size", 4,
+           "--max-steps", 8, "--eval-every", 4, "--eval-tokens", 512, "--quiet", "--out", run)  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and summary["best_val_loss"] < summary["start_val_loss"]
+    text = tinylm("sample", run, "--prompt", "once upon a time", "--max-new-tokens", 20, "--seed", 1).stdout
+    assert "once upon a time" in text
+    tinylm("eval", run)
+    assert json.loads((run / "eval.json").read_text())["loss"] > 0

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-ARGS = "--preset tiny --batch-size 2 --grad-accum 2 --eval-tokens 512 --lr 3e-3 --tokenizer bpe:512 --quiet".split()
+# --device cpu: these tests are about gloo on CPU processes, also on a machine with one GPU
+ARGS = "--preset tiny --batch-size 2 --grad-accum 2 --eval-tokens 512 --lr 3e-3 --tokenizer bpe:512 --quiet --device cpu".split()
 
 
 def torchrun(*args, **kwargs):
@@ -62,7 +63,20 @@ def test_padded_two_processes_train_the_same_model_as_one_with_their_whole_batch
 def test_the_readme_commands_run_as_written_without_grad_accum(stories, tmp_path):
     # The README's `tinylm train --nproc-per-node 4 --preset quality --data ... --out runs/q` and its
     # torchrun form, on a tiny preset: without --grad-accum each process takes one micro-batch.
-    small = ["--preset", "tiny", "--data", stories, "--tokenizer", "bpe:512", "--batch-size", 2, "--eval-tokens", 512]
+    small = [
+        "--preset",
+        "tiny",
+        "--data",
+        stories,
+        "--tokenizer",
+        "bpe:512",
+        "--batch-size",
+        2,
+        "--eval-tokens",
+        512,
+        "--device",
+        "cpu",
+    ]
     launcher = tinylm("train", "--nproc-per-node", 2, *small, "--max-steps", 2, "--out", tmp_path / "launcher")
     assert launcher.returncode == 0, launcher.stderr[-2000:]
     assert "global batch: 4 rows per step" in launcher.stdout

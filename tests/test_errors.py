@@ -17,7 +17,19 @@ from tinylm.errors import UserError
 from tinylm.metrics import read_metrics
 from tinylm.train import train
 
-TINY = ["--preset", "tiny", "--batch-size", "4", "--eval-tokens", "512", "--tokenizer", "bpe:512", "--quiet"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "4",
+    "--eval-tokens",
+    "512",
+    "--tokenizer",
+    "bpe:512",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")

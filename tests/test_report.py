@@ -178,5 +178,5 @@ def test_a_run_without_its_config_is_a_one_line_error(tmp_path):
 def test_a_run_without_a_config_is_named(tmp_path):
     run_dir = make_run(tmp_path, "init", "init")
     (run_dir / "config.json").unlink()
-    with pytest.raises(UserError, match="config.json is missing"):
+    with pytest.raises(UserError, match=r"not a run directory \(no config.json\)"):
         find_runs([tmp_path])

@@ -120,7 +120,7 @@ def test_gradient_accumulation_matches_a_larger_batch(stories, tmp_path):
 def _weights(run_dir):
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "model.safetensors"))
+    return load_file(str(checkpoint.weights_path(run_dir)))
 
 
 def test_padded_loss_is_the_mean_over_the_whole_steps_real_tokens(stories, tmp_path):

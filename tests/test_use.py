@@ -64,7 +64,8 @@ def test_sample_and_eval_commands(trained, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("once upon a time") and len(done.stdout) > len("once upon a time") + 5
     out = tmp_path / "eval.json"
-    done = subprocess.run([sys.executable, "-m", "tinylm", "eval", str(trained), "--out", str(out)],
+    # --device cpu: the run was trained and validated in fp32 on the CPU; on a GPU eval would use bf16
+    done = subprocess.run([sys.executable, "-m", "tinylm", "eval", str(trained), "--out", str(out), "--device", "cpu"],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())

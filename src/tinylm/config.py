@@ -105,6 +105,10 @@ def _require(obj: Any, names: tuple[str, ...], ok: Callable[[Any], Any], rule: s
             raise ConfigError(name, f"must be {rule}, got {value!r}")
 
 
+CONFIG_FILE = "config.json"
+"""Where a run directory keeps its resolved RunConfig."""
+
+
 @dataclass
 class ModelConfig:
     """Shape of a GPT-2 style decoder."""

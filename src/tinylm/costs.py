@@ -26,7 +26,9 @@ class ModelCosts:
         return asdict(self)
 
 
-def model_costs(cfg: ModelConfig, batch_size: int = 8, bytes_per_value: int = 4) -> ModelCosts:
+def model_costs(
+    cfg: ModelConfig, batch_size: int = 8, bytes_per_value: int = 4, device_type: str = "cpu"
+) -> ModelCosts:
     with torch.device("meta"):
         model = GPT(cfg)
     params = model.num_params()
@@ -45,7 +47,7 @@ def model_costs(cfg: ModelConfig, batch_size: int = 8, bytes_per_value: int = 4)
         "gradients": params * bytes_per_value,
         "optimizer": 2 * params * 4,
         "activations": activations * bytes_per_value,
-        "logits_chunk": 2 * _CHUNK_ELEMENTS * 4,
+        "logits_chunk": 2 * min(_CHUNK_ELEMENTS[device_type], tokens * V) * 4,
     }
     memory["total"] = sum(memory.values())
     return ModelCosts(

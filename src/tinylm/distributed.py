@@ -67,6 +67,10 @@ def init_cluster(device_name: str) -> tuple[Cluster, str]:
         return Cluster(), device_name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if use_cuda and local_rank >= torch.cuda.device_count():  # NCCL cannot put two ranks on one GPU
+        gpus = torch.cuda.device_count()
+        raise UserError(f"process {local_rank} of this node has no GPU of its own ({gpus} here): "
+                        f"use --nproc-per-node {gpus}, or --device cpu")  # fmt: skip
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.ablation import PHASES
-from tinylm.config import PRESETS, ModelConfig, TrainConfig
+from tinylm.config import CONFIG_FILE, PRESETS, ModelConfig, RunConfig, TrainConfig
 from tinylm.errors import UserError
 from tinylm.metrics import read_metrics
 from tinylm.stability import LABELS, Thresholds, gap_wording
@@ -126,7 +126,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             raise UserError(f"no such directory: {root}")
         for summary_path in sorted(root.rglob(SUMMARY_FILE)):
             run_dir = summary_path.parent
-            config = _read_json(run_dir / "config.json")
+            config = RunConfig.load(run_dir / CONFIG_FILE).to_dict()  # validated: a damaged file is one line
             train = config.get("train") or {}
             runs.append(
                 Run(

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinylm import checkpoint
-from tinylm.config import RunConfig, TrainConfig
+from tinylm.config import CONFIG_FILE, RunConfig, TrainConfig
 from tinylm.data.batching import Batch, RowSource, training_rows, validation_batches
 from tinylm.data.prepare import PreparedData, PrepareOptions, prepare
 from tinylm.distributed import Cluster, init_cluster, shutdown
@@ -29,8 +29,6 @@ from tinylm.paths import check_writable_dir
 from tinylm.runtime import tune_for
 from tinylm.stability import StabilityMonitor
 from tinylm.summary import SUMMARY_FILE, write_summary
-
-CONFIG_FILE = "config.json"
 
 
 @dataclass
