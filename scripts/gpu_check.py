@@ -178,7 +178,7 @@ def ablation(check: Check) -> None:
     if report.exists():
         shutil.copy(report, check.out / "ablation-report.md")
         for png in out.glob("*val-loss*.png"):
-            shutil.copy(png, check.out / f"ablation-{png.name}")
+            shutil.copy(png, check.out / png.name)  # the name report.md links to
             break
         rows = json.loads((out / "results.json").read_text())
         result.figures["phases"] = {
