@@ -160,3 +160,14 @@ def test_doc_mask_applies_to_the_packed_phase_only(tmp_path):
     base_cfg = TrainConfig(doc_mask=True, max_steps=1)
     masks = {name: phase_config(base_cfg, "tiny", phase, 1, tmp_path).train.doc_mask for name, phase in PHASES.items()}
     assert masks == {"baseline": False, "init": False, "cosine": False, "packed": True}
+
+
+def test_a_damaged_summary_is_one_line_for_ablate_and_report(stories, tmp_path):
+    from tinylm.cli import main
+
+    run_dir = tmp_path / "tiny" / "init"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text('{"completed": tr')  # torn by a kill mid-write
+    with pytest.raises(UserError, match=r"init/summary.json is damaged"):
+        ablate(["tiny"], base(stories), tmp_path, parse_phases("init"), quiet=True)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report.md")]) == 2

@@ -178,3 +178,9 @@ def test_sampling_and_evaluation_ignore_rows_beyond_the_tokenizer(tmp_path):
     unpadded.load_state_dict(state)
     unpadded_total, _ = validation_loss_sum(unpadded, batches, torch.device("cpu"), V)
     assert total == pytest.approx(unpadded_total, rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(temperature):
+    with pytest.raises(UserError, match="--temperature"):
+        SamplingOptions(temperature=temperature)

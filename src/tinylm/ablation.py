@@ -16,7 +16,7 @@ from typing import Any
 from tinylm import checkpoint
 from tinylm.config import RunConfig, TrainConfig, preset
 from tinylm.errors import UserError
-from tinylm.summary import SUMMARY_FILE
+from tinylm.summary import SUMMARY_FILE, read_summary
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def ablate(
                 cfg.model.__post_init__()
                 run_dirs.append(run_dir)
                 summary_path = run_dir / SUMMARY_FILE
-                if summary_path.exists() and json.loads(summary_path.read_text()).get("completed"):
+                if summary_path.exists() and read_summary(run_dir).get("completed"):
                     if not quiet:
                         print(f"[{preset_name}/{run_dir.name}] already finished, skipped")
                     continue

@@ -23,7 +23,7 @@ from tinylm.config import CONFIG_FILE, PRESETS, ModelConfig, RunConfig, TrainCon
 from tinylm.errors import UserError
 from tinylm.metrics import read_metrics
 from tinylm.stability import LABELS, Thresholds, gap_wording
-from tinylm.summary import SUMMARY_FILE
+from tinylm.summary import SUMMARY_FILE, read_summary
 
 MARKS = {"very stable": "🟢", "stable": "🟢", "ok": "🟡", "unstable": "🔴"}
 
@@ -134,26 +134,13 @@ def find_runs(paths: list[Path]) -> list[Run]:
                     train.get("seed", TrainConfig.seed),
                     run_dir,
                     recipe(config),
-                    _read_json(summary_path),
+                    read_summary(run_dir),
                     read_metrics(run_dir),
                 )
             )
     if not runs:
         raise UserError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
     return runs
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    advice = "rerun that run or leave its folder out of the report"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; {advice}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        data = None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is damaged; {advice}")
-    return data
 
 
 def group(runs: list[Run]) -> dict[str, list[Arm]]:
@@ -363,8 +350,9 @@ def render(groups: dict[str, list[Arm]], plot_names: dict[str, str]) -> str:
         best_text = f"**{best.mean('best_val_loss'):.2f}** ({best.name})" if best else "–"
         lines.append(f"| Best val loss | {best_text} |")
         if times:
-            lines.append(f"| Training time | {fmt_time(sum(times))} in all ({fmt_time(min(times))}–"
-                         f"{fmt_time(max(times))} per run) |")  # fmt: skip
+            low, high = fmt_time(min(times)), fmt_time(max(times))
+            per_run = low if low == high else f"{low}–{high}"
+            lines.append(f"| Training time | {fmt_time(sum(times))} in all ({per_run} per run) |")
         skipped = "; ".join(
             f"{a.name}: {', '.join('unknown' if r.skipped_updates is None else str(r.skipped_updates) for r in a.runs)}"
             for a in arms
@@ -540,9 +528,7 @@ def plot_runs(run_dirs: list[Path], path: Path, log_scale: bool | None = None) -
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(5.5 * len(run_dirs), 4), sharey=True, squeeze=False)
     highs, lows = [], []
     for ax, run_dir in zip(axes[0], run_dirs):
-        if not (run_dir / SUMMARY_FILE).exists():
-            raise UserError(f"{run_dir} has no {SUMMARY_FILE}")
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        summary = read_summary(run_dir)
         records = read_metrics(run_dir)
         train = [(r["tokens"], r["train_loss"]) for r in records if isinstance(r.get("train_loss"), float)]
         val = [(r["tokens"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), float)]

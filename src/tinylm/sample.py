@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,8 @@ class SamplingOptions:
     stop_at_eot: bool = True
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UserError("--temperature must be at least 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan passes a plain < 0 test
+            raise UserError(f"--temperature must be a finite number, at least 0 (0 is greedy), got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
         if self.top_k is not None and self.top_k < 1:

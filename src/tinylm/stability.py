@@ -336,7 +336,7 @@ def _label(
     spikes = counts["loss_spike"] + counts["grad_spike"]
     if spikes or m.max_rise_pct > 2 or (gap is not None and gap_wording(gap, m.th) == "wide"):
         if spikes:
-            return "ok", f"{spikes} spikes"
+            return "ok", f"{spikes} spike{'s' if spikes != 1 else ''}"
         if m.max_rise_pct > 2:
             return "ok", f"val loss rose {m.max_rise_pct:.1f}% above its best"
         return "ok", f"wide train/val gap ({gap:+.2f})"

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tinylm.errors import UserError
+
 SUMMARY_FILE = "summary.json"
 
 
@@ -44,4 +46,15 @@ def write_summary(run_dir: Path, progress, context: dict[str, Any], monitor, int
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / SUMMARY_FILE).read_text())
+    """A finished run's summary.json; a missing or damaged one is a one-line UserError naming it."""
+    path = run_dir / SUMMARY_FILE
+    advice = "train that run again (tinylm train --resume rewrites it) or leave its folder out"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {advice}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged; {advice}")
+    return data
