@@ -240,3 +240,19 @@ def test_a_damaged_checkpoint_exits_with_code_2_and_no_traceback(finished, tmp_p
         done = tinylm(*command)
         assert done.returncode == 2 and "Traceback" not in done.stderr, (command, done.stderr)
         assert file_name in done.stderr
+
+
+def test_a_failed_resume_leaves_the_config_as_it_was(finished, tmp_path):
+    run, _ = _damaged_copy(finished, tmp_path, "truncated weights")
+    before = (run / "config.json").read_bytes()
+    assert main(["train", "--resume", str(run), "--max-steps", "10", "--quiet"]) == 2
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_a_fresh_run_never_deletes_files_it_did_not_write(stories, tmp_path):
+    out = tmp_path / "hf-out"
+    (out / "checkpoint-500").mkdir(parents=True)  # another tool's layout, e.g. the HF Trainer's
+    (out / "checkpoint-500" / "pytorch_model.bin").write_text("precious")
+    with pytest.raises(UserError, match="holds other files"):
+        train(tiny_config(stories, out, max_steps=1), quiet=True)
+    assert (out / "checkpoint-500" / "pytorch_model.bin").read_text() == "precious"

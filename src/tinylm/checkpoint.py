@@ -38,7 +38,7 @@ from tinylm.errors import UserError
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 POINTER_FILE = "checkpoint.json"
-_FOLDER = re.compile(r"checkpoint-\d+")
+_FOLDER = re.compile(r"checkpoint-\d{6,}")  # checkpoint-000012: the step, zero-padded
 _TMP_PREFIX = ".checkpoint-"  # a save in progress: .checkpoint-000012.tmp
 _TMP_FILES = {POINTER_FILE + ".tmp", MODEL_FILE + ".tmp", STATE_FILE + ".tmp"}  # the last two: old layout
 KILL_ENV = "TINYLM_TEST_KILL_AT"

@@ -178,9 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key, value in train_flags.items():
             setattr(cfg.train, key, value)
         cfg.train.out = str(run_dir)
-        cfg.train.__post_init__()
-        if train_flags:
-            cfg.save(run_dir / CONFIG_FILE)
+        cfg.train.__post_init__()  # saved by train() once the checkpoint has loaded
     else:
         cfg = resolve_config(args)
     result = train(cfg, resume=bool(args.resume), quiet=args.quiet)

@@ -183,9 +183,12 @@ class _StopFlag:
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
-    """A fresh run may use an empty folder, or reclaim one whose run was killed before its first checkpoint."""
+    """A fresh run may use a new or empty folder, or reclaim one whose tinylm run was killed
+    before its first checkpoint; anything else in --out is not ours to delete."""
     if checkpoint.exists(run_dir) or (run_dir / SUMMARY_FILE).exists():
         raise UserError(f"{run_dir} holds another run; resume it with --resume {run_dir} or choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / CONFIG_FILE).exists():
+        raise UserError(f"--out {run_dir} holds other files; choose a new or empty folder")
     check_writable_dir(run_dir, "--out")  # before the data is prepared: no minutes of tokenising first
 
 
@@ -256,7 +259,8 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
 
     if resume:
         progress = Progress(**checkpoint.load(run_dir, model, optimizer))
-        if cluster.is_main:
+        if cluster.is_main:  # only now that the checkpoint loaded: a failed resume changes nothing
+            cfg.save(run_dir / CONFIG_FILE)  # the budget or device this resume was given
             truncate_metrics(run_dir, progress.step)
     else:
         if cluster.is_main:
