@@ -316,3 +316,43 @@ def test_other_outs_under_a_file_are_refused_before_any_work(finished, tmp_path,
 def test_unparsable_or_unreadable_yaml_is_one_line(stories, tmp_path, capsys, text):
     recipe = _recipe(tmp_path, text) if text is not None else tmp_path  # None: a folder given as --config
     refused(capsys, ["train", "--config", recipe, "--data", stories, "--out", tmp_path / "run"], str(recipe))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--repeats", "0"],
+        ["bench", "--batch-size", "0"],
+        ["train", "--nproc-per-node", "0"],
+        ["sample", "RUN", "--max-new-tokens", "-3"],
+        ["eval", "RUN", "--eval-tokens", "0"],
+    ],
+)
+def test_counts_below_their_minimum_are_refused_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be at least" in err[0], err
+
+
+def test_prepare_out_that_cannot_be_created_is_refused_before_tokenising(stories, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["prepare", "--data", str(stories), "--out", str(blocker / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_a_damaged_trained_tokenizer_is_one_line(stories, tmp_path, capsys):
+    from tinylm.data.tokenizer import BPETokenizer
+
+    (tmp_path / BPETokenizer.FILE).write_text('{"version": "1.0", "truncated')
+    with pytest.raises(UserError, match="tokenizer.json is damaged"):
+        BPETokenizer.load(tmp_path, "bpe:512")
+
+
+def test_a_summary_without_the_figures_is_one_line_in_report(stories, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(stories, run, max_steps=1, eval_every=1), quiet=True)
+    (run / "summary.json").write_text('{"completed": true}')
+    assert main(["report", str(run), "--out", str(tmp_path / "report.md")]) == 2

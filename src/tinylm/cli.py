@@ -50,6 +50,18 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, kind: type, title: str, skip=()) -> None:
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(kind)
@@ -211,6 +223,8 @@ def _print_summary(s: dict, run_dir: Path) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from tinylm.data.prepare import PrepareOptions, prepare
 
+    if args.out:
+        check_writable_dir(Path(args.out), "--out")  # before minutes of tokenising
     options = PrepareOptions(args.data, args.tokenizer, args.val_fraction, args.text_field, args.doc_sep)
     data = prepare(options, out=Path(args.out) if args.out else None)
     meta = data.meta
@@ -382,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML recipe; flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--nproc-per-node", type=_integer, default=1, help="data-parallel processes (starts torchrun)")
+    p.add_argument("--nproc-per-node", type=_at_least(1), default=1, help="data-parallel processes (starts torchrun)")
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(p, TrainConfig, "training")
     p.set_defaults(func=cmd_train)
@@ -412,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_integer, default=1, help="repeat each phase with K seeds (mean ± std)")
     p.add_argument("--out", required=True, help="ablation directory (rerun to finish an interrupted one)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--nproc-per-node", type=_integer, default=1, help="data-parallel processes per phase (torchrun)")
+    p.add_argument(
+        "--nproc-per-node", type=_at_least(1), default=1, help="data-parallel processes per phase (torchrun)"
+    )
     _add_dataclass_flags(p, ModelConfig, "model")
     _add_dataclass_flags(
         p, TrainConfig, "training (passed to every phase)", skip=("init", "schedule", "batching", "out")
@@ -427,12 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a trained run")
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=_integer, default=200)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=_integer, default=200)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=_integer, default=None)
-    p.add_argument("--num-samples", type=_integer, default=1)
+    p.add_argument("--num-samples", type=_at_least(1), default=1)
     p.add_argument("--no-stop", action="store_true", help="go on past <|endoftext|>")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
@@ -440,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained run")
     p.add_argument("run_dir")
     p.add_argument("--data", help="other data (default: the run's own validation stream)")
-    p.add_argument("--eval-tokens", type=_integer, default=None)
+    p.add_argument("--eval-tokens", type=_at_least(1), default=None)
     p.add_argument("--out", help="JSON file (default RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
@@ -453,9 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the training step: tokens/s, GFLOP/s, MFU, peak memory")
     p.add_argument("--preset", choices=list(PRESETS), default="basic")
-    p.add_argument("--batch-size", type=_integer, default=8)
-    p.add_argument("--repeats", type=_integer, default=5)
-    p.add_argument("--warmup", type=_integer, default=2)
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument("--repeats", type=_at_least(1), default=5)
+    p.add_argument("--warmup", type=_at_least(0), default=2)
     p.add_argument("--compare-textbook", action="store_true", help="also time full logits + F.cross_entropy + AdamW")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--compile", action="store_true", help="torch.compile the tinylm step's blocks (as train --compile)")

@@ -134,13 +134,28 @@ def find_runs(paths: list[Path]) -> list[Run]:
                     train.get("seed", TrainConfig.seed),
                     run_dir,
                     recipe(config),
-                    read_summary(run_dir),
+                    _complete_summary(run_dir),
                     read_metrics(run_dir),
                 )
             )
     if not runs:
         raise UserError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
     return runs
+
+
+# Keys every tinylm version writes to summary.json and the report reads.
+SUMMARY_KEYS = ("params", "steps", "best_step", "start_val_loss", "best_val_loss", "stability")
+
+
+def _complete_summary(run_dir: Path) -> dict[str, Any]:
+    summary = read_summary(run_dir)
+    missing = [k for k in SUMMARY_KEYS if k not in summary] + [
+        f"stability.{k}" for k in ("label", "reason") if k not in (summary.get("stability") or {})
+    ]
+    if missing:
+        raise UserError(f"{run_dir / SUMMARY_FILE} lacks {', '.join(missing)}: not a finished tinylm run summary; "
+                        "train that run again or leave its folder out")  # fmt: skip
+    return summary
 
 
 def group(runs: list[Run]) -> dict[str, list[Arm]]:

@@ -185,7 +185,15 @@ class BPETokenizer:
     def load(cls, directory: Path, spec: str) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(directory / cls.FILE)), spec)
+        path = directory / cls.FILE
+        if not path.exists():
+            raise UserError(f"{path} is missing: the run's trained tokenizer is lost; train the run again")
+        try:
+            return cls(HFTokenizer.from_file(str(path)), spec)
+        except Exception as e:  # tokenizers raises a bare Exception for a torn or invalid file
+            raise UserError(
+                f"{path} is damaged ({str(e).splitlines()[0][:120]}); train the run again or restore the file"
+            ) from None
 
     @property
     def backend(self):
