@@ -12,7 +12,8 @@ tinystories-lc, and wheels of the pure-Python dependencies the device's Python l
 Every part runs in its own subprocess with its own time limit; a failing part is named and the
 rest still run. OUT_DIR receives at most eight files (the device tool returns no more):
 gpu_check.json, summary.md, parts.log, tests.xml, ablation-report.md and its validation plot.
-Exit status: 0 when no part failed (parts skipped for want of CUDA or time do not fail it).
+Exit status: 0 when every part passed or was skipped (no CUDA, or not in --only); a part that
+failed or ran out of the time budget makes it 1.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ BENCH_PRESETS = ["basic", "mid", "quality"]
 @dataclass
 class PartResult:
     name: str
-    status: str  # passed | failed | skipped
+    status: str  # passed | failed | skipped (cannot run here, or not asked for) | not run (out of time)
     why: str = ""
     seconds: float = 0.0
     figures: dict = field(default_factory=dict)
@@ -75,7 +76,7 @@ class Check:
             return self._record(PartResult(name, "skipped", "no CUDA"))
         left = self.deadline - time.monotonic()
         if left < min(timeout, 30):
-            return self._record(PartResult(name, "skipped", f"out of time ({left:.0f} s left of the budget)"))
+            return self._record(PartResult(name, "not run", f"out of time ({left:.0f} s left of the budget)"))
         self.log(f"\n===== {name}: {' '.join(argv)}\n")
         start = time.monotonic()
         try:
@@ -177,9 +178,8 @@ def ablation(check: Check) -> None:
     report = out / "report.md"
     if report.exists():
         shutil.copy(report, check.out / "ablation-report.md")
-        for png in out.glob("*val-loss*.png"):
-            shutil.copy(png, check.out / png.name)  # the name report.md links to
-            break
+        for png in out.glob("*.png"):  # the names report.md links to
+            shutil.copy(png, check.out / png.name)
         rows = json.loads((out / "results.json").read_text())
         result.figures["phases"] = {
             r.get("phase", "?"): {k: r.get(k) for k in ("start_val_loss", "best_val_loss", "train_time_s")}
@@ -190,6 +190,11 @@ def ablation(check: Check) -> None:
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def part_names(smoke: bool) -> list[str]:
+    benches = [f"bench-{p}{suffix}" for suffix in ("", "-compile") for p in (["tiny"] if smoke else BENCH_PRESETS)]
+    return ["environment", "tests", "ablation", *benches]
 
 
 def _importable(python: str, module: str) -> bool:
@@ -226,7 +231,7 @@ def _bench_figures(report: dict) -> dict:
 
 def write_summary(check: Check, started: float) -> dict:
     env = next((r.figures for r in check.results if r.name == "environment"), {})
-    failed = [r.name for r in check.results if r.status == "failed"]
+    failed = [r.name for r in check.results if r.status in ("failed", "not run")]  # a part not run proves nothing
     summary = {
         "smoke": check.smoke,
         "environment": env,
@@ -323,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         parser.error("give OUT_DIR (or --prepare)")
+    only = args.only.split(",") if args.only else []
+    unknown = sorted(set(only) - set(part_names(args.smoke)))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; the parts: {', '.join(part_names(args.smoke))}")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty")
@@ -335,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check = Check(out=out, work=Path(tempfile.mkdtemp(prefix="gpu_check-")), smoke=args.smoke, data=data,
                   cuda=torch.cuda.is_available(), deadline=started + args.budget_s,
-                  only=args.only.split(",") if args.only else [])  # fmt: skip
+                  only=only)  # fmt: skip
     # The most telling parts first, so a short lease still brings back the figures.
     environment(check)
     benches(check, compiled=False)

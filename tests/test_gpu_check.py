@@ -43,3 +43,20 @@ def test_gpu_check_names_a_failed_part_and_exits_non_zero(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["failed_parts"] == ["ablation"]
     assert "FAILED: ablation" in (out / "summary.md").read_text()
+
+
+def test_gpu_check_counts_a_part_it_had_no_time_for_as_not_proven(stories, tmp_path):
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--budget-s", "1", "--data",
+                           str(stories), str(out)], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 1
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert {p["status"] for p in summary["parts"] if "no CUDA" not in p["why"]} == {"not run"}
+    assert "ablation" in summary["failed_parts"]
+
+
+def test_gpu_check_refuses_an_unknown_part(tmp_path):
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--only", "bench-huge", str(tmp_path / "o")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+    assert done.returncode == 2 and "unknown part(s) bench-huge" in done.stderr

@@ -114,6 +114,16 @@ def test_the_stability_row_is_the_least_stable_arm(tmp_path):
     assert report.rstrip().splitlines()[-3].endswith("| 🟡 Ok (baseline: wide train/val gap (-0.90)) |")
 
 
+def test_the_stability_row_names_every_arm_at_the_worst_label(tmp_path):
+    spikes = {"label": "ok", "reason": "1 spike", "train_val_gap": 0.1}
+    wide = {"label": "ok", "reason": "wide train/val gap (+0.87)", "train_val_gap": 0.87}
+    make_run(tmp_path, "baseline", "baseline", best=6.04, stability=spikes)
+    make_run(tmp_path, "init", "init", best=3.95, stability=wide)
+    make_run(tmp_path, "cosine", "cosine", best=3.99)
+    expected = "🟡 Ok (baseline: 1 spike; init: wide train/val gap (+0.87))"
+    assert f"| Stability | {expected} |" in report_of(tmp_path)
+
+
 def test_every_arm_alike_says_so(tmp_path):
     make_run(tmp_path, "init", "init", best=6.02)
     make_run(tmp_path, "cosine", "cosine", best=6.99)

@@ -253,18 +253,16 @@ def fmt_params(arms: list[Arm]) -> str:
 
 
 def stability_text(arms: list[Arm]) -> str:
-    """The least stable arm speaks for the preset, and is named."""
-    worst = max(arms, key=lambda a: _rank(a.stability["label"]))
-    label, reason = worst.stability["label"], worst.stability["reason"]
+    """The least stable arms speak for the preset, each named with its reason."""
+    label = max((a.stability["label"] for a in arms), key=_rank)
     alike = [a for a in arms if a.stability["label"] == label]
+    reasons = {a.stability["reason"] for a in alike}
     if len(arms) == 1:
-        where = reason
-    elif len(alike) < len(arms):
-        where = f"{worst.name}: {reason}"
-    elif all(a.stability["reason"] == reason for a in arms):
-        where = f"every arm: {reason}"
+        where = alike[0].stability["reason"]
+    elif len(reasons) == 1:
+        where = f"{'every arm' if len(alike) == len(arms) else ', '.join(a.name for a in alike)}: {reasons.pop()}"
     else:
-        where = f"every arm; {worst.name}: {reason}"
+        where = "; ".join(f"{a.name}: {a.stability['reason']}" for a in alike)
     return f"{MARKS.get(label, '⚪')} {label.capitalize()} ({where})"
 
 
