@@ -145,15 +145,15 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(stories, tmp_path
 def test_a_full_disk_keeps_the_previous_checkpoint_and_is_one_line(stories, tmp_path, monkeypatch):
     whole = train(tiny_config(stories, tmp_path / "whole", checkpoint_every=4), quiet=True)
     cfg = tiny_config(stories, tmp_path / "run", checkpoint_every=4)
-    write = checkpoint._write_bytes
+    write = checkpoint._write_file
 
-    def disk_full_in_step_8(path, data):
+    def disk_full_in_step_8(path, writer):
         if "000008" in path.parent.name and path.name == checkpoint.STATE_FILE:  # the weights are already written
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        write(path, data)
+        return write(path, writer)
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "_write_bytes", disk_full_in_step_8)
+        m.setattr(checkpoint, "_write_file", disk_full_in_step_8)
         with pytest.raises(UserError, match="No space left on device") as e:
             train(cfg, quiet=True)
     assert "\n" not in str(e.value) and "--resume" in str(e.value)

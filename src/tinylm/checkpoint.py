@@ -18,15 +18,15 @@ directly in the run directory; they still load, and their first new save replace
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -73,12 +73,17 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write and fsync one file: the bytes are on disk before anything points to them."""
+def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> int:
+    """Write and fsync one file (the bytes are on disk before anything points to them); returns its size."""
     with open(path, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
+        return f.tell()
+
+
+def _write_bytes(path: Path, data: bytes) -> int:
+    return _write_file(path, lambda f: f.write(data))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,14 +123,12 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         weights = safetensors_bytes(model_tensors(model), metadata={"step": str(step)})
         _write_bytes(tmp / MODEL_FILE, weights)
         kill_point("checkpoint:between-files", step)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        _write_bytes(tmp / STATE_FILE, buffer.getvalue())
+        state_size = _write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))  # streamed: no copy in memory
         _fsync_dir(tmp)
         os.replace(tmp, folder)
         _fsync_dir(run_dir)
         kill_point("checkpoint:before-pointer", step)
-        sizes = {MODEL_FILE: len(weights), STATE_FILE: buffer.getbuffer().nbytes}
+        sizes = {MODEL_FILE: len(weights), STATE_FILE: state_size}
         pointer = json.dumps({"dir": name, "step": step, "files": sizes}) + "\n"
         _write_bytes(run_dir / (POINTER_FILE + ".tmp"), pointer.encode())
         os.replace(run_dir / (POINTER_FILE + ".tmp"), run_dir / POINTER_FILE)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tinylm import checkpoint
-from tinylm.config import RunConfig
+from tinylm.config import CONFIG_FILE, RunConfig
 from tinylm.data.tokenizer import Tokenizer, load_tokenizer
 from tinylm.errors import UserError
 from tinylm.model import GPT
@@ -25,7 +25,7 @@ class LoadedRun:
 
 def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     """A run's model (eval mode) and the tokenizer it was trained with."""
-    cfg = RunConfig.load(run_dir / "config.json")  # a missing or damaged file is a one-line UserError
+    cfg = RunConfig.load(run_dir / CONFIG_FILE)  # a missing or damaged file is a one-line UserError
     model = GPT(cfg.model)
     checkpoint.load_weights(run_dir, model)
     model.to(device or torch.device("cpu")).eval()
