@@ -16,7 +16,18 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit
 
 
 def tune_for(device: torch.device) -> None:
-    """TF32 matmuls on CUDA; on CPU, a heap that keeps freed memory for the next step."""
+    """TF32 matmuls on CUDA; on CPU, a heap that keeps freed memory for the next step.
+
+    Subnormals are deliberately not flushed to zero on CPU. A naive-init (baseline phase) step
+    makes them: 4.7e-4 of its loss softmax probabilities, 0.7% of the gradients at its blocks'
+    linear outputs. But they cost nothing measurable here: the baseline phase's step took
+    1.00x the scaled phase's, with and without FTZ/DAZ, and FTZ/DAZ left both phases' first
+    step bit-identical (AMD EPYC Zen 4, AVX-512; scripts/bench_phases.py,
+    docs/bench/baseline-phase.json). Also, ``torch.set_flush_denormal`` sets only the calling
+    thread and threads started after it, so made here it would miss intra-op workers already
+    running. The one slow path for tiny values found was ``torch.exp`` with a subnormal
+    result (15-30x per element); the training step does not call it.
+    """
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
     else:
