@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm import checkpoint
-from tinylm.config import RunConfig, TrainConfig, preset
+from tinylm.config import CONFIG_FILE, RunConfig, TrainConfig, preset
 from tinylm.errors import UserError
 from tinylm.summary import SUMMARY_FILE, read_summary
 
@@ -77,8 +77,6 @@ def ablate(
     nproc_per_node: int = 1,
 ) -> list[Path]:
     """Run (or finish) every phase of every preset; returns the run directories in order."""
-    from tinylm.train import CONFIG_FILE, train
-
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
@@ -94,24 +92,28 @@ def ablate(
                     setattr(cfg.model, key, value)
                 cfg.model.__post_init__()
                 run_dirs.append(run_dir)
-                summary_path = run_dir / SUMMARY_FILE
-                if summary_path.exists() and read_summary(run_dir).get("completed"):
-                    if not quiet:
-                        print(f"[{preset_name}/{run_dir.name}] already finished, skipped")
-                    continue
-                resume = (run_dir / CONFIG_FILE).exists() and checkpoint.exists(run_dir)  # else a fresh start reclaims
-                if resume:
-                    _check_same_recipe(run_dir / CONFIG_FILE, cfg)
-                if not quiet:
-                    verb = "resuming" if resume else "training"
-                    print(f"[{preset_name}/{run_dir.name}] {verb}: {phase.key_change}", flush=True)
-                if nproc_per_node > 1:
-                    _train_with_torchrun(cfg, resume, quiet, nproc_per_node)
-                    continue
-                result = train(cfg, resume=resume, quiet=quiet)
-                if result.interrupted:
-                    raise KeyboardInterrupt
+                _run_phase(cfg, run_dir, f"{preset_name}/{run_dir.name}", phase, quiet, nproc_per_node)
     return run_dirs
+
+
+def _run_phase(cfg: RunConfig, run_dir: Path, label: str, phase: Phase, quiet: bool, nproc_per_node: int) -> None:
+    """Train one phase's run, resume it if it was interrupted, or skip it if it finished."""
+    from tinylm.train import train
+
+    if (run_dir / SUMMARY_FILE).exists() and read_summary(run_dir).get("completed"):
+        if not quiet:
+            print(f"[{label}] already finished, skipped")
+        return
+    resume = (run_dir / CONFIG_FILE).exists() and checkpoint.exists(run_dir)  # else a fresh start reclaims
+    if resume:
+        _check_same_recipe(run_dir / CONFIG_FILE, cfg)
+    if not quiet:
+        print(f"[{label}] {'resuming' if resume else 'training'}: {phase.key_change}", flush=True)
+    if nproc_per_node > 1:
+        _train_with_torchrun(cfg, resume, quiet, nproc_per_node)
+        return
+    if train(cfg, resume=resume, quiet=quiet).interrupted:
+        raise KeyboardInterrupt
 
 
 def _check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
