@@ -190,3 +190,12 @@ def test_a_run_without_a_config_is_named(tmp_path):
     (run_dir / "config.json").unlink()
     with pytest.raises(UserError, match=r"not a run directory \(no config.json\)"):
         find_runs([tmp_path])
+
+
+def test_one_log_scale_rule_for_every_plot():
+    from tinylm.report.plots import wants_log_scale
+
+    assert not wants_log_scale([], [])
+    assert not wants_log_scale([2.0, 3.0], [10.0, 4.0])  # a factor of five exactly stays linear
+    assert wants_log_scale([2.0], [10.5])
+    assert wants_log_scale([0.0], [1.0])  # a zero loss is not a division by zero
