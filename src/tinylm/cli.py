@@ -308,8 +308,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from tinylm.runtime import select_device
     from tinylm.sample import SamplingOptions, load_run, sample_text
-    from tinylm.train import select_device
 
     run = load_run(Path(args.run_dir), select_device(args.device))
     opts = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p, not args.no_stop)
