@@ -16,7 +16,7 @@ from typing import Any
 from tinylm import checkpoint
 from tinylm.config import RunConfig, TrainConfig, preset
 from tinylm.errors import UserError
-from tinylm.summary import SUMMARY_FILE, read_summary
+from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def ablate(
     nproc_per_node: int = 1,
 ) -> list[Path]:
     """Run (or finish) every phase of every preset; returns the run directories in order."""
-    from tinylm.train import CONFIG_FILE, train
+    from tinylm.train import train
 
     if seeds < 1:
         raise UserError("--seeds must be at least 1")

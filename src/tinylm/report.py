@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.ablation import PHASES
-from tinylm.config import CONFIG_FILE, PRESETS, ModelConfig, RunConfig, TrainConfig
+from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig
 from tinylm.errors import UserError
-from tinylm.metrics import read_metrics
+from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, read_summary
 from tinylm.stability import LABELS, Thresholds, gap_wording
-from tinylm.summary import SUMMARY_FILE, read_summary
 
 MARKS = {"very stable": "🟢", "stable": "🟢", "ok": "🟡", "unstable": "🔴"}
 
