@@ -34,14 +34,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from tinylm.errors import UserError, damaged, missing
-from tinylm.paths import replace_durably, write_atomic
+from tinylm.paths import TMP_SUFFIX, replace_durably, write_atomic
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 POINTER_FILE = "checkpoint.json"
 _FOLDER = re.compile(r"checkpoint-\d{6,}")  # checkpoint-000012: the step, zero-padded
 _TMP_PREFIX = ".checkpoint-"  # a save in progress: .checkpoint-000012.tmp
-_TMP_FILES = {POINTER_FILE + ".tmp", MODEL_FILE + ".tmp", STATE_FILE + ".tmp"}  # the last two: old layout
+_TMP_FILES = {name + TMP_SUFFIX for name in (POINTER_FILE, MODEL_FILE, STATE_FILE)}  # the last two: old layout
 KILL_ENV = "TINYLM_TEST_KILL_AT"
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from tinylm.errors import UserError
 
+TMP_SUFFIX = ".tmp"
+"""``NAME.tmp``: where write_atomic puts a file's new bytes before renaming them over ``NAME``."""
+
 
 def check_writable_dir(path: Path, flag: str) -> None:
     """Refuse, in one line, a folder that is a file, lies under a file, or cannot be created or written.
@@ -43,7 +46,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     system), are fsynced, and only then renamed over ``path``. A leftover ``NAME.tmp`` means
     a write was killed; the next write replaces it.
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
