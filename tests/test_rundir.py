@@ -44,7 +44,7 @@ def test_a_failed_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
         write_atomic(path, "new\n")
-    assert path.read_text() == "old\n"
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["config.json"]
 
 
 def test_prepare_options_come_from_the_config():

@@ -43,15 +43,19 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     """Replace ``path`` with ``data`` so that a reader, or a kill at any instant, sees the old file or the new one.
 
     The bytes go to ``NAME.tmp`` in the same folder (a rename is atomic only within one file
-    system), are fsynced, and only then renamed over ``path``. A leftover ``NAME.tmp`` means
-    a write was killed; the next write replaces it.
+    system), are fsynced, and only then renamed over ``path``. A failed write removes its
+    ``NAME.tmp``; one left over means a write was killed, and the next write replaces it.
     """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    replace_durably(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+        raise
 
 
 def replace_durably(src: Path, dest: Path) -> None:
