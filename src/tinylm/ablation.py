@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tinylm import checkpoint
-from tinylm.config import CONFIG_FILE, RunConfig, TrainConfig, preset
+from tinylm.config import RunConfig, TrainConfig, preset
 from tinylm.errors import UserError
-from tinylm.summary import SUMMARY_FILE, read_summary
+from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,9 @@ import torch
 
 from tinylm.config import TrainConfig, preset
 from tinylm.costs import model_costs
-from tinylm.evaluate import autocast_for
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
-from tinylm.runtime import tune_for
+from tinylm.runtime import autocast_for, select_device, tune_for
 
 
 @dataclass
@@ -144,8 +143,6 @@ def bench(
     measure_memory: bool = True,
     compile: bool = False,
 ) -> dict:
-    from tinylm.train import select_device
-
     device = select_device(device_name)
     tune_for(device)  # the same process settings as training, for both steps
     peak = matmul_peak_gflops(device)

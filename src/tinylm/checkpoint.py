@@ -33,14 +33,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from tinylm.errors import UserError
+from tinylm.errors import UserError, damaged, missing
+from tinylm.paths import TMP_SUFFIX, replace_durably, write_atomic
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 POINTER_FILE = "checkpoint.json"
 _FOLDER = re.compile(r"checkpoint-\d{6,}")  # checkpoint-000012: the step, zero-padded
 _TMP_PREFIX = ".checkpoint-"  # a save in progress: .checkpoint-000012.tmp
-_TMP_FILES = {POINTER_FILE + ".tmp", MODEL_FILE + ".tmp", STATE_FILE + ".tmp"}  # the last two: old layout
+_TMP_FILES = {name + TMP_SUFFIX for name in (POINTER_FILE, MODEL_FILE, STATE_FILE)}  # the last two: old layout
 KILL_ENV = "TINYLM_TEST_KILL_AT"
 
 
@@ -82,21 +83,6 @@ def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> int:
         return f.tell()
 
 
-def _write_bytes(path: Path, data: bytes) -> int:
-    return _write_file(path, lambda f: f.write(data))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a new file, a rename) durable; POSIX only."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
     """Write a new checkpoint and switch to it atomically; the previous one stays until the switch.
 
@@ -117,26 +103,20 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
-    switched = False
     try:
         tmp.mkdir()
         weights = safetensors_bytes(model_tensors(model), metadata={"step": str(step)})
-        _write_bytes(tmp / MODEL_FILE, weights)
+        _write_file(tmp / MODEL_FILE, lambda f: f.write(weights))
         kill_point("checkpoint:between-files", step)
         state_size = _write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))  # streamed: no copy in memory
-        _fsync_dir(tmp)
-        os.replace(tmp, folder)
-        _fsync_dir(run_dir)
+        replace_durably(tmp, folder)
         kill_point("checkpoint:before-pointer", step)
         sizes = {MODEL_FILE: len(weights), STATE_FILE: state_size}
         pointer = json.dumps({"dir": name, "step": step, "files": sizes}) + "\n"
-        _write_bytes(run_dir / (POINTER_FILE + ".tmp"), pointer.encode())
-        os.replace(run_dir / (POINTER_FILE + ".tmp"), run_dir / POINTER_FILE)
-        switched = True
-        _fsync_dir(run_dir)
+        write_atomic(run_dir / POINTER_FILE, pointer)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not switched:
+        if _current_dir(run_dir) != name:  # the switch did not happen: the new folder is a leftover
             shutil.rmtree(folder, ignore_errors=True)
         raise UserError(
             f"could not write the checkpoint of step {step} in {run_dir}: {e.strerror or e}; the previous "
@@ -171,10 +151,19 @@ def discard_leftovers(run_dir: Path) -> None:
 # --- reading ------------------------------------------------------------------------------
 
 
+_RESTORE = "restore it from a backup, or train again (tinylm train ... --out NEW_DIR)"
+
+
 def _damaged(path: Path, why: str) -> UserError:
-    return UserError(
-        f"{path} is damaged ({why}); restore it from a backup, or train again (tinylm train ... --out NEW_DIR)"
-    )
+    return damaged(path, _RESTORE, why)
+
+
+def _current_dir(run_dir: Path) -> str | None:
+    """The folder the pointer names; None without a pointer, or with a damaged one."""
+    try:
+        return _read_pointer(run_dir).get("dir")
+    except UserError:
+        return None
 
 
 def _read_pointer(run_dir: Path) -> dict[str, Any]:
@@ -228,7 +217,7 @@ def _require(run_dir: Path) -> Files:
 
 def _check_size(path: Path, sizes: dict[str, int] | None) -> None:
     if not path.exists():
-        raise UserError(f"{path} is missing; restore it from a backup, or train again (--out NEW_DIR)")
+        raise missing(path, "restore it from a backup, or train again (--out NEW_DIR)")
     expected = (sizes or {}).get(path.name)
     actual = path.stat().st_size
     if expected is not None and actual != expected:

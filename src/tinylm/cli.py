@@ -173,7 +173,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tinylm.distributed import relaunch_with_torchrun
-    from tinylm.train import CONFIG_FILE, train
+    from tinylm.rundir import CONFIG_FILE
+    from tinylm.train import train
 
     if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         return relaunch_with_torchrun(args.nproc_per_node, _without_nproc(args.argv))
@@ -225,7 +226,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.out:
         check_writable_dir(Path(args.out), "--out")  # before minutes of tokenising
-    options = PrepareOptions(args.data, args.tokenizer, args.val_fraction, args.text_field, args.doc_sep)
+    options = PrepareOptions.from_config(args)
     data = prepare(options, out=Path(args.out) if args.out else None)
     meta = data.meta
     print(f"prepared {meta['source']} with {meta['tokenizer']} (vocabulary {meta['vocab_size']}, {meta['dtype']})")
@@ -308,8 +309,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from tinylm.runtime import select_device
     from tinylm.sample import SamplingOptions, load_run, sample_text
-    from tinylm.train import select_device
 
     run = load_run(Path(args.run_dir), select_device(args.device))
     opts = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p, not args.no_stop)
@@ -327,15 +328,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinylm.evaluate import evaluate_run
+    from tinylm.rundir import EVAL_FILE, write_atomic
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval.json"
+    out = Path(args.out) if args.out else Path(args.run_dir) / EVAL_FILE
     if args.out:
         check_writable_file(out, "--out")
     result = evaluate_run(Path(args.run_dir), args.data, args.eval_tokens, args.device)
     for key in ("data", "tokens", "bytes", "loss", "perplexity", "bits_per_byte"):
         value = result[key]
         print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tinylm.errors import UserError
+from tinylm.paths import write_atomic
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -103,10 +104,6 @@ def _require(obj: Any, names: tuple[str, ...], ok: Callable[[Any], Any], rule: s
         value = getattr(obj, name)
         if value is not None and not ok(value):
             raise ConfigError(name, f"must be {rule}, got {value!r}")
-
-
-CONFIG_FILE = "config.json"
-"""Where a run directory keeps its resolved RunConfig."""
 
 
 @dataclass
@@ -286,7 +283,7 @@ class RunConfig:
         )
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:

@@ -1,21 +1,18 @@
-"""Validation loss on a fixed list of batches."""
+"""Validation loss on a fixed list of batches, and a trained run's loss, perplexity and bits per byte."""
 
 from __future__ import annotations
 
-import contextlib
+import math
+from pathlib import Path
 
 import torch
 
-from tinylm.data.batching import Batch
+from tinylm.data.batching import Batch, validation_batches
+from tinylm.data.prepare import PrepareOptions, prepare
 from tinylm.loss import linear_cross_entropy
 from tinylm.model import GPT
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; fp32 elsewhere (this project's CPUs have no bf16 units)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from tinylm.rundir import load_run, tokenizer_file
+from tinylm.runtime import autocast_for, select_device
 
 
 @torch.no_grad()
@@ -48,24 +45,11 @@ def validation_loss(model: GPT, batches: list[Batch], device: torch.device, voca
 
 def evaluate_run(run_dir, data: str | None = None, eval_tokens: int | None = None, device_name: str = "auto") -> dict:
     """Loss, perplexity and bits per byte of a trained run on its own validation stream or other data."""
-    import math
-    from pathlib import Path
-
-    from tinylm.data.batching import validation_batches
-    from tinylm.data.prepare import PrepareOptions, prepare
-    from tinylm.sample import load_run
-    from tinylm.train import select_device
-
     run_dir = Path(run_dir)
     device = select_device(device_name)
     run = load_run(run_dir, device)
     t = run.cfg.train
-    tokenizer_file = run_dir / "tokenizer.json"
-    options = PrepareOptions(
-        data or t.data, t.tokenizer, t.val_fraction, t.text_field, t.doc_sep,
-        tokenizer_file=str(tokenizer_file) if tokenizer_file.exists() else None,
-    )  # fmt: skip
-    prepared = prepare(options, quiet=True)
+    prepared = prepare(PrepareOptions.from_config(t, data, tokenizer_file(run_dir)), quiet=True)
     batches = validation_batches(
         prepared.split("val"), run.cfg.model.block_size, t.batch_size,
         eval_tokens if eval_tokens is not None else t.eval_tokens, prepared.meta["eot_id"], t.doc_mask,

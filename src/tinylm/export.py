@@ -10,7 +10,7 @@ import torch
 from tinylm.data.tokenizer import EOT_TEXT, BPETokenizer, gpt2_ranks_path
 from tinylm.errors import UserError
 from tinylm.paths import check_writable_dir
-from tinylm.sample import load_run
+from tinylm.rundir import load_run
 
 # Our Linear layers store (out, in); GPT-2's Conv1D layers store (in, out).
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tinylm.errors import UserError
+from tinylm.paths import write_atomic
+from tinylm.rundir import METRICS_FILE, TENSORBOARD_DIR, read_metrics
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["METRICS_FILE", "MetricsLog", "read_metrics", "truncate_metrics"]  # read_metrics: its old import path
 
 
 def _clean(value: Any) -> Any:
@@ -27,7 +28,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
@@ -43,37 +44,7 @@ class MetricsLog:
             self._tb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl. A torn last line (a kill inside a write) is dropped: its step is
-    past the last checkpoint, so a resume trains it again. A damaged line before it is a UserError."""
-    path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    lines = path.read_text(errors="replace").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        record = _parse(line)
-        if record is None:
-            if number == len(lines):
-                break
-            raise UserError(f"{path} line {number} is damaged (not a JSON object); delete that line and try again")
-        records.append(record)
-    return records
-
-
-def _parse(line: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """Drop records past ``last_step`` (written after the checkpoint a resume starts from)."""
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-    tmp = run_dir / (METRICS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(run_dir / METRICS_FILE)
+    write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))

@@ -1,11 +1,16 @@
-"""Checks on the folders a user asks tinylm to write, made before any work starts."""
+"""Writing files safely: checks on the folders a user asks tinylm to write (made before any
+work starts), and the one atomic write every file tinylm keeps goes through."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 from tinylm.errors import UserError
+
+TMP_SUFFIX = ".tmp"
+"""``NAME.tmp``: where write_atomic puts a file's new bytes before renaming them over ``NAME``."""
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -32,3 +37,45 @@ def check_writable_file(path: Path, flag: str) -> None:
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; name a file to write")
     check_writable_dir(path.parent, flag)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` with ``data`` so that a reader, or a kill at any instant, sees the old file or the new one.
+
+    The bytes go to ``NAME.tmp`` in the same folder (a rename is atomic only within one file
+    system), are fsynced, and only then renamed over ``path``. A failed write removes its
+    ``NAME.tmp``; one left over means a write was killed, and the next write replaces it.
+    """
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+        raise
+
+
+def replace_durably(src: Path, dest: Path) -> None:
+    """Rename a finished file or folder over ``dest`` atomically, and make the rename itself durable.
+
+    A folder's own entries are fsynced first, so that its files (fsynced by whoever wrote
+    them) cannot appear under ``dest`` before they do.
+    """
+    if src.is_dir():
+        fsync_dir(src)
+    os.replace(src, dest)
+    fsync_dir(dest.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new file, a rename) durable; POSIX only."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

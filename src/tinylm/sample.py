@@ -5,31 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from tinylm import checkpoint
-from tinylm.config import CONFIG_FILE, RunConfig
-from tinylm.data.tokenizer import Tokenizer, load_tokenizer
+from tinylm.data.tokenizer import Tokenizer
 from tinylm.errors import UserError
 from tinylm.model import GPT
+from tinylm.rundir import LoadedRun, load_run
 
-
-@dataclass
-class LoadedRun:
-    cfg: RunConfig
-    model: GPT
-    tokenizer: Tokenizer
-
-
-def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
-    """A run's model (eval mode) and the tokenizer it was trained with."""
-    cfg = RunConfig.load(run_dir / CONFIG_FILE)  # a missing or damaged file is a one-line UserError
-    model = GPT(cfg.model)
-    checkpoint.load_weights(run_dir, model)
-    model.to(device or torch.device("cpu")).eval()
-    return LoadedRun(cfg, model, load_tokenizer(cfg.train.tokenizer, run_dir))
+__all__ = ["LoadedRun", "SamplingOptions", "generate", "load_run", "pick_next", "sample_text"]  # load_run: old path
 
 
 @dataclass

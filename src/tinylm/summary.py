@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tinylm.errors import UserError
+from tinylm.paths import write_atomic
+from tinylm.rundir import SUMMARY_FILE, read_summary
 
-SUMMARY_FILE = "summary.json"
+__all__ = ["SUMMARY_FILE", "read_summary", "write_summary"]  # the first two: their old import path
 
 
 def write_summary(run_dir: Path, progress, context: dict[str, Any], monitor, interrupted: bool, steps_budget) -> dict:
@@ -39,22 +40,5 @@ def write_summary(run_dir: Path, progress, context: dict[str, Any], monitor, int
         "interrupted": interrupted,
         "completed": not interrupted and not monitor.gave_up,
     }
-    tmp = run_dir / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tmp.replace(run_dir / SUMMARY_FILE)
+    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
     return summary
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """A finished run's summary.json; a missing or damaged one is a one-line UserError naming it."""
-    path = run_dir / SUMMARY_FILE
-    advice = "train that run again (tinylm train --resume rewrites it) or leave its folder out"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; {advice}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        data = None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is damaged; {advice}")
-    return data

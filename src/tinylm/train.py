@@ -16,19 +16,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tinylm import checkpoint
-from tinylm.config import CONFIG_FILE, RunConfig, TrainConfig
+from tinylm.config import RunConfig, TrainConfig
 from tinylm.data.batching import Batch, RowSource, training_rows, validation_batches
 from tinylm.data.prepare import PreparedData, PrepareOptions, prepare
 from tinylm.distributed import Cluster, init_cluster, shutdown
 from tinylm.errors import UserError
-from tinylm.evaluate import autocast_for, validation_loss_sum
-from tinylm.metrics import METRICS_FILE, MetricsLog, truncate_metrics
+from tinylm.evaluate import validation_loss_sum
+from tinylm.metrics import MetricsLog, truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import ScheduleSpan, build_optimizer, describe_extension
 from tinylm.paths import check_writable_dir
-from tinylm.runtime import tune_for
+from tinylm.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from tinylm.runtime import autocast_for, select_device, tune_for
 from tinylm.stability import StabilityMonitor
-from tinylm.summary import SUMMARY_FILE, write_summary
+from tinylm.summary import write_summary
 
 
 @dataclass
@@ -51,21 +52,8 @@ class Progress:
     schedule: dict[str, Any] = field(default_factory=dict)  # the ScheduleSpan fixed at the start; {} before
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"unknown device {name!r}") from e
-
-
 def prepare_data(cfg: RunConfig, quiet: bool = False) -> PreparedData:
-    t = cfg.train
-    options = PrepareOptions(t.data, t.tokenizer, t.val_fraction, t.text_field, t.doc_sep)
-    return prepare(options, quiet=quiet)
+    return prepare(PrepareOptions.from_config(cfg.train), quiet=quiet)
 
 
 def fit_vocabulary(cfg: RunConfig, data: PreparedData) -> None:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from tinylm.data.sources import ReadOptions, Source, open_source
 from tinylm.data.tokenizer import BPETokenizer, Tokenizer, cache_dir, load_tokenizer, parse_bpe_size
 from tinylm.errors import UserError
+from tinylm.paths import replace_durably
 
 FORMAT_VERSION = 2  # 2: a trained BPE encodes the text '<|endoftext|>' in a document as text
 _BATCH_CHARS = 1 << 22  # documents are tokenised in batches of about 4 MB of text
@@ -43,6 +44,15 @@ class PrepareOptions:
     doc_sep: str | None = None
     tokenizer_file: str | None = None
     """For 'bpe:N': reuse this trained tokenizer.json (e.g. a run's) instead of training one."""
+
+    @classmethod
+    def from_config(cls, settings, data: str | None = None, tokenizer_file: Path | None = None) -> PrepareOptions:
+        """The options a run's TrainConfig (or anything with its data fields: the prepare command's
+        flags) asks for; ``data`` replaces its source, e.g. to evaluate a run on other text."""
+        return cls(
+            data or settings.data, settings.tokenizer, settings.val_fraction, settings.text_field, settings.doc_sep,
+            tokenizer_file=str(tokenizer_file) if tokenizer_file else None,
+        )  # fmt: skip
 
 
 @dataclass
@@ -124,7 +134,7 @@ def _publish(meta: dict, tmp: Path, directory: Path) -> dict:
     try:
         if directory.exists():
             directory.rmdir()  # empty when checked; a concurrent prepare may have filled it since
-        os.replace(tmp, directory)
+        replace_durably(tmp, directory)
         return meta
     except OSError:
         meta_path = directory / "meta.json"

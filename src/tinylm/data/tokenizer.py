@@ -22,7 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
-from tinylm.errors import UserError
+from tinylm.errors import UserError, damaged
+from tinylm.paths import write_atomic
 
 EOT_TEXT = "<|endoftext|>"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -93,9 +94,7 @@ def fetch_gpt2_ranks(dest: Path) -> Path:
     if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
         raise UserError("the downloaded GPT-2 ranks fail the sha256 check; not installed")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = dest.with_suffix(".tmp")
-    tmp_path.write_bytes(data)
-    os.replace(tmp_path, dest)
+    write_atomic(dest, data)
     return dest
 
 
@@ -191,9 +190,7 @@ class BPETokenizer:
         try:
             return cls(HFTokenizer.from_file(str(path)), spec)
         except Exception as e:  # tokenizers raises a bare Exception for a torn or invalid file
-            raise UserError(
-                f"{path} is damaged ({str(e).splitlines()[0][:120]}); train the run again or restore the file"
-            ) from None
+            raise damaged(path, "train the run again or restore the file", str(e).splitlines()[0][:120]) from None
 
     @property
     def backend(self):
@@ -211,7 +208,7 @@ class BPETokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory: Path) -> None:
-        self._tok.save(str(directory / self.FILE))
+        write_atomic(directory / self.FILE, self._tok.to_str(pretty=True))  # the bytes HF's save() writes
 
 
 def parse_bpe_size(spec: str) -> int | None:

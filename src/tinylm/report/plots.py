@@ -8,9 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tinylm.metrics import read_metrics
 from tinylm.report.runs import Arm
-from tinylm.summary import read_summary
+from tinylm.rundir import read_metrics, read_summary
 
 FIGSIZE = (7, 4.2)
 DPI = 110

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.ablation import PHASES
-from tinylm.config import CONFIG_FILE, PRESETS, ModelConfig, RunConfig, TrainConfig
+from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig
 from tinylm.errors import UserError
-from tinylm.metrics import read_metrics
+from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, read_summary
 from tinylm.stability import LABELS
-from tinylm.summary import SUMMARY_FILE, read_summary
 
 # Settings that say where and how a run is logged, not what it trains: they never separate arms.
 BOOKKEEPING = frozenset({"out", "log_every", "checkpoint_every", "tensorboard"})
