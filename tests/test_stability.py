@@ -167,9 +167,9 @@ def test_a_good_state_at_the_checkpoint_step_is_saved_once_and_restored_on_resum
     monitor = StabilityMonitor(guard=True)
     monitor.observe_val(10, 5.0)
     monitor.remember_good(model, opt, 10)
-    saved = monitor.state(10)
+    saved = monitor.state_dict(10)
     assert saved["good"]["model"] is None  # the checkpoint of step 10 holds these weights already
-    assert monitor.state(11)["good"]["model"] is not None
+    assert monitor.state_dict(11)["good"]["model"] is not None
     good = model.weight.detach().clone()
     resumed = StabilityMonitor(guard=True, state=saved)
     resumed.resume_from(model, opt)  # model and opt as loaded from that checkpoint

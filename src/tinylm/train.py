@@ -378,7 +378,7 @@ def _train(cfg: RunConfig, resume: bool, quiet: bool, interrupt_after: int | Non
             ckpt_every = t.checkpoint_every or t.eval_every
             final = budget_done or stop_asked or monitor.gave_up
             if cluster.is_main and (final or progress.step % ckpt_every == 0):
-                progress.stability = monitor.state(progress.step)
+                progress.stability = monitor.state_dict(progress.step)
                 checkpoint.save(run_dir, model, optimizer, progress.__dict__)
             if stop_asked and not budget_done:
                 interrupted = True
