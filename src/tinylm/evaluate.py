@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from tinylm.data.batching import Batch
 from tinylm.loss import linear_cross_entropy
 from tinylm.model import GPT
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; fp32 elsewhere (this project's CPUs have no bf16 units)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from tinylm.runtime import autocast_for
 
 
 @torch.no_grad()
@@ -53,8 +45,8 @@ def evaluate_run(run_dir, data: str | None = None, eval_tokens: int | None = Non
 
     from tinylm.data.batching import validation_batches
     from tinylm.data.prepare import PrepareOptions, prepare
+    from tinylm.runtime import select_device
     from tinylm.sample import load_run
-    from tinylm.train import select_device
 
     run_dir = Path(run_dir)
     device = select_device(device_name)

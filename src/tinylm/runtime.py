@@ -1,7 +1,8 @@
-"""Process-wide settings that make a training step fast on the device it runs on."""
+"""The device a command runs on, its precision, and the process-wide settings that make a step fast there."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -9,10 +10,30 @@ import platform
 
 import torch
 
+from tinylm.errors import UserError
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {name!r}") from e
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; fp32 elsewhere (this project's CPUs have no bf16 units)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def tune_for(device: torch.device) -> None:
