@@ -190,7 +190,7 @@ class Trainer:
         stop = StopFlag(interrupt_after)
         self.model.train()
         with stop.installed():
-            self.clock = RunClock(self.progress.elapsed_s)
+            self.clock = RunClock(self.progress.elapsed_s)  # the run's time counts from here on
             if self.progress.step == 0 and not self.progress.val_losses:
                 val = self.validate()
                 self.write({"step": 0, "tokens": 0, "val_loss": val, "elapsed_s": 0.0})
@@ -209,7 +209,7 @@ class Trainer:
                 record["val_loss"] = self.validate()
             if self.monitor.rollback_wanted:
                 self.monitor.rollback(self.model, self.optimizer, p.step)
-            p.elapsed_s = record["elapsed_s"] = self.clock.elapsed_s()
+            p.elapsed_s = record["elapsed_s"] = self.clock.elapsed_s()  # the step's time, evaluation included
             self.log_step(record)
             self.maybe_checkpoint(final=budget_spent or stop_asked or self.monitor.gave_up)
             if stop_asked and not budget_spent:
