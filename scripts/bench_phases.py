@@ -41,7 +41,8 @@ from tinylm.distributed import Cluster
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
 from tinylm.runtime import tune_for
-from tinylm.train import accumulate_gradients, prepare_data, step_batches
+from tinylm.train import prepare_data
+from tinylm.trainer import accumulate_gradients, step_batches
 
 cpu = torch.device("cpu")
 tune_for(cpu)

@@ -135,7 +135,7 @@ def test_gap_wording_and_label_use_the_same_limits(gap):
     from tinylm.stability import gap_wording
 
     monitor = StabilityMonitor(guard=True)
-    monitor.last_train_loss = 3.0
+    monitor.state.last_train_loss = 3.0
     label = monitor.report(3.0 + gap)["label"]
     assert {"tight": "very stable", "moderate": "stable", "wide": "ok"}[gap_wording(gap)] == label
 

@@ -167,9 +167,9 @@ def test_a_good_state_at_the_checkpoint_step_is_saved_once_and_restored_on_resum
     monitor = StabilityMonitor(guard=True)
     monitor.observe_val(10, 5.0)
     monitor.remember_good(model, opt, 10)
-    saved = monitor.state(10)
+    saved = monitor.state_dict(10)
     assert saved["good"]["model"] is None  # the checkpoint of step 10 holds these weights already
-    assert monitor.state(11)["good"]["model"] is not None
+    assert monitor.state_dict(11)["good"]["model"] is not None
     good = model.weight.detach().clone()
     resumed = StabilityMonitor(guard=True, state=saved)
     resumed.resume_from(model, opt)  # model and opt as loaded from that checkpoint
@@ -178,3 +178,55 @@ def test_a_good_state_at_the_checkpoint_step_is_saved_once_and_restored_on_resum
     resumed.observe_val(20, 9.0)
     resumed.rollback(model, opt, 20)
     assert torch.equal(model.weight, good)
+
+
+# What main's StabilityMonitor.state() wrote into trainer_state.pt before StabilityState existed.
+SAVED_BEFORE_THE_DATACLASS = {
+    "lr_scale": 0.5,
+    "events": [
+        {"event": "divergence", "step": 5, "value": 9.1, "why": "val loss 9.100 vs best 5.940", "best_val": 5.94},
+        {"event": "recovery", "step": 5, "restored_step": 0, "lr_scale": 0.5},
+    ],
+    "best_val": 5.94,
+    "max_rise": 3.16,
+    "max_rise_pct": 53.2,
+    "val_rising": 0,
+    "ema": 6.3,
+    "best_ema": 6.1,
+    "train_rising": 1,
+    "recoveries": 1,
+    "in_episode": False,
+    "gave_up": False,
+    "last_train_loss": 6.2,
+    "last_loss_finite": True,
+    "last_val": 9.1,
+    "skipped": 0,
+    "skip_streak": 0,
+    "losses": [6.4, 6.2],
+    "norms": [1.5, 1.2],
+    "good": {"step": 0, "val_loss": 5.94, "model": None, "optimizer": None},
+}
+
+
+def test_a_stability_state_saved_before_the_dataclass_loads_whole():
+    monitor = StabilityMonitor(guard=True, state=SAVED_BEFORE_THE_DATACLASS)
+    assert monitor.state_dict(7) == {**SAVED_BEFORE_THE_DATACLASS, "rollback_wanted": False}
+    assert monitor.lr_scale == 0.5 and monitor.report(9.1)["recoveries"] == 1
+    assert StabilityMonitor(guard=True, state={}).state_dict(0) == StabilityMonitor(guard=True).state_dict(0)
+
+
+def test_a_monitor_restored_from_its_saved_state_judges_as_the_uninterrupted_one():
+    def feed(monitor, steps):
+        for i in steps:
+            loss = 3.0 + 0.01 * (i % 3) + (2.0 if i == 70 else 0.0)  # one spike past the window's fill
+            monitor.allow_update(i, loss, 1.0 + 0.01 * (i % 2))
+            if i % 10 == 9:
+                monitor.observe_val(i + 1, 3.0 - 0.001 * i)
+
+    whole, first = StabilityMonitor(guard=False), StabilityMonitor(guard=False)
+    feed(whole, range(100))
+    feed(first, range(60))
+    assert len(first.state.losses) == first.th.spike_window  # the window keeps its last steps only
+    resumed = StabilityMonitor(guard=False, state=first.state_dict(60))
+    feed(resumed, range(60, 100))
+    assert resumed.state == whole.state and [e["event"] for e in whole.events] == ["loss_spike"]

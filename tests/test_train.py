@@ -218,3 +218,95 @@ def test_a_block_longer_than_the_data_is_refused(tmp_path):
     with pytest.raises(UserError, match="fewer than one block"):
         train(cfg, quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+# --- the Trainer's parts, one at a time ---------------------------------------------------
+
+
+def _trainer(stories, run_dir, **train_settings):
+    from tinylm.distributed import Cluster
+    from tinylm.train import build_trainer
+
+    cfg = tiny_config(stories, run_dir, **train_settings)
+    return build_trainer(cfg, resume=False, quiet=True, cluster=Cluster(), device=torch.device("cpu"))
+
+
+def _weights_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_one_training_step_updates_the_weights_and_counts_its_tokens(stories, tmp_path):
+    trainer = _trainer(stories, tmp_path / "run")
+    before = _weights_of(trainer.model)
+    record = trainer.train_step()
+    assert record["step"] == trainer.progress.step == 1
+    assert record["tokens"] == trainer.progress.tokens == 4 * 64
+    assert 0 < record["real_tokens"] <= record["tokens"]
+    assert record["lr"] > 0 and record["grad_norm"] > 0 and 5.0 < record["train_loss"] < 8.0
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(p.grad is None for p in trainer.model.parameters())  # ready for the next step
+
+
+def test_an_update_the_guard_refuses_leaves_the_weights_as_they_were(stories, tmp_path, monkeypatch):
+    trainer = _trainer(stories, tmp_path / "run", guard=True)
+    monkeypatch.setattr(trainer.monitor, "allow_update", lambda step, loss, grad_norm: False)
+    before = _weights_of(trainer.model)
+    record = trainer.train_step()
+    assert record["step"] == 1 and record["tokens"] == 4 * 64  # the step counts: its batch was seen
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_an_evaluation_is_kept_in_the_progress_and_judged_by_the_guard(stories, tmp_path):
+    trainer = _trainer(stories, tmp_path / "run", guard=True)
+    val = trainer.validate()
+    assert trainer.progress.val_losses == [(0, val)]
+    assert trainer.monitor.state.best_val == val and trainer.monitor.state.good["step"] == 0
+
+
+def test_a_checkpoint_carries_the_progress_and_the_whole_stability_state(stories, tmp_path):
+    from dataclasses import fields
+
+    from tinylm.stability import StabilityState
+
+    trainer = _trainer(stories, tmp_path / "run", guard=True)
+    trainer.validate()
+    trainer.train_step()
+    trainer.maybe_checkpoint(final=True)
+    saved = checkpoint.load(tmp_path / "run", trainer.model, trainer.optimizer)
+    assert saved["step"] == 1 and saved["val_losses"] == trainer.progress.val_losses
+    assert set(saved["stability"]) == {f.name for f in fields(StabilityState)}
+    assert saved["stability"]["losses"] == trainer.monitor.state.losses and saved["stability"]["good"]["step"] == 0
+
+
+def test_the_run_clock_adds_this_process_time_to_what_the_checkpoint_says(monkeypatch):
+    import time
+
+    from tinylm.trainer import RunClock
+
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = RunClock(earlier_s=5.0)
+    assert clock.elapsed_s() == 5.0
+    now[0] = 102.5
+    assert clock.elapsed_s() == 7.5
+
+
+def test_recorded_time_runs_on_across_a_resume_and_ends_in_the_summary(stories, tmp_path):
+    cfg = tiny_config(stories, tmp_path / "run", checkpoint_every=2)
+    train(cfg, quiet=True, interrupt_after=6)
+    resumed = train(cfg, resume=True, quiet=True)
+    times = [r["elapsed_s"] for r in read_metrics(resumed.run_dir) if "elapsed_s" in r]
+    assert times[0] == 0.0 and times == sorted(times) and times[-1] > 0
+    assert resumed.summary["train_time_s"] == round(times[-1], 3)
+
+
+def test_a_stop_is_asked_by_a_signal_or_at_the_test_step():
+    from tinylm.trainer import StopFlag
+
+    assert not StopFlag().asked(100)
+    assert StopFlag(interrupt_after=3).asked(3) and not StopFlag(interrupt_after=3).asked(2)
+    flag = StopFlag()
+    flag.requested = True
+    assert flag.asked(0)

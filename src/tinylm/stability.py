@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -68,225 +67,276 @@ def gap_wording(gap: float, th: Thresholds = Thresholds()) -> str:
     return "wide" if abs(gap) > th.gap_wide else "moderate" if abs(gap) > th.gap_tight else "tight"
 
 
+@dataclass
+class StabilityState:
+    """Everything the monitor has learned so far; a checkpoint keeps it whole, so a resumed run
+    judges and recovers exactly as an uninterrupted one would.
+
+    The field names are the keys of the dict trainer_state.pt holds (see to_dict), so
+    checkpoints written before this class existed load as they are.
+    """
+
+    lr_scale: float = 1.0  # the learning rate multiplier left by recoveries
+    events: list[dict[str, Any]] = field(default_factory=list)
+    # validation side
+    best_val: float = math.inf
+    last_val: float | None = None
+    max_rise: float = 0.0
+    max_rise_pct: float = 0.0
+    val_rising: int = 0  # consecutive evaluations above the best by more than val_rise
+    # train side
+    ema: float | None = None
+    best_ema: float = math.inf
+    train_rising: int = 0  # consecutive steps of the smoothed loss above its best by more than train_rise
+    last_train_loss: float | None = None  # of the last update taken
+    last_loss_finite: bool = True  # of the last step, taken or skipped
+    losses: list[float] = field(default_factory=list)  # the spike window, oldest first
+    norms: list[float] = field(default_factory=list)
+    # skips, episodes and recoveries
+    skipped: int = 0
+    skip_streak: int = 0
+    in_episode: bool = False  # a divergence was reported and the loss has not come back near its best
+    rollback_wanted: bool = False
+    recoveries: int = 0
+    gave_up: bool = False
+    good: dict[str, Any] | None = None  # the state to roll back to: step, val_loss, model and optimizer state dicts
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved form. Shallow on purpose: the snapshot's tensors are written, not copied first."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> StabilityState:
+        """Accepts older checkpoints too: a field they lack starts at its default."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
 class StabilityMonitor:
-    def __init__(self, guard: bool, state: dict[str, Any] | None = None, thresholds: Thresholds = Thresholds()):
+    """Judges each step and evaluation against the state; the training loop calls, in this order,
+    allow_update (each step), observe_val and remember_good (each evaluation), then rollback when
+    rollback_wanted."""
+
+    def __init__(
+        self,
+        guard: bool,
+        state: StabilityState | dict[str, Any] | None = None,
+        thresholds: Thresholds = Thresholds(),
+    ):
         self.guard = guard
         self.th = thresholds
-        s = state or {}
-        self.lr_scale: float = s.get("lr_scale", 1.0)
-        self.events: list[dict[str, Any]] = s.get("events", [])
-        self.best_val: float = s.get("best_val", math.inf)
-        self.max_rise: float = s.get("max_rise", 0.0)
-        self.max_rise_pct: float = s.get("max_rise_pct", 0.0)
-        self.val_rising: int = s.get("val_rising", 0)
-        self.ema: float | None = s.get("ema")
-        self.best_ema: float = s.get("best_ema", math.inf)
-        self.train_rising: int = s.get("train_rising", 0)
-        self.recoveries: int = s.get("recoveries", 0)
-        self.in_episode: bool = s.get("in_episode", False)
-        self.gave_up: bool = s.get("gave_up", False)
-        self.last_train_loss: float | None = s.get("last_train_loss")
-        self.last_loss_finite: bool = s.get("last_loss_finite", True)
-        self.last_val: float | None = s.get("last_val")
-        self.skipped: int = s.get("skipped", 0)
-        self.skip_streak: int = s.get("skip_streak", 0)
-        self._losses: deque[float] = deque(s.get("losses", []), maxlen=self.th.spike_window)
-        self._norms: deque[float] = deque(s.get("norms", []), maxlen=self.th.spike_window)
-        self._pending: list[dict[str, Any]] = []
-        self._good: dict[str, Any] | None = s.get("good")  # step, val_loss, model and optimizer state dicts
-        self._rollback_wanted = False
+        if not isinstance(state, StabilityState):
+            state = StabilityState.from_dict(state or {})
+        self.state = state
+        self._pending: list[dict[str, Any]] = []  # events not yet written to the metrics
+
+    # --- the figures the summary and the loop read ---
+
+    @property
+    def lr_scale(self) -> float:
+        return self.state.lr_scale
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.state.events
+
+    @property
+    def skipped(self) -> int:
+        return self.state.skipped
+
+    @property
+    def last_train_loss(self) -> float | None:
+        return self.state.last_train_loss
+
+    @property
+    def gave_up(self) -> bool:
+        return self.state.gave_up
+
+    @property
+    def rollback_wanted(self) -> bool:
+        return self.state.rollback_wanted
+
+    @property
+    def kept_weights(self) -> dict[str, Any] | None:
+        """Step and val loss of the weights the run ends with when the guard gave up."""
+        good = self.state.good
+        if not self.state.gave_up or good is None:
+            return None
+        return {"step": good["step"], "val_loss": good["val_loss"]}
 
     # --- what the training loop calls ---
 
     def allow_update(self, step: int, loss: float, grad_norm: float) -> bool:
         """Record the step's loss and gradient norm; False means skip this update."""
+        s = self.state
         step += 1  # events are named by the step number the update would produce
-        self.last_loss_finite = math.isfinite(loss)
+        s.last_loss_finite = math.isfinite(loss)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._event("nan", step, loss=loss, grad_norm=grad_norm, skipped=self.guard)
             return self._skip(step, loss) if self.guard else True
-        worst_z = 0.0
-        checks = (
-            ("loss_spike", loss, self._losses, self.th.loss_spike_ratio),
-            ("grad_spike", grad_norm, self._norms, self.th.grad_spike_ratio),
+        worst_z = max(
+            self._spike_z("loss_spike", step, loss, s.losses, self.th.loss_spike_ratio),
+            self._spike_z("grad_spike", step, grad_norm, s.norms, self.th.grad_spike_ratio),
         )
-        for kind, value, history, ratio in checks:
-            z = _zscore(value, history, self.th.spike_min_history)
-            if z > self.th.spike_z and value < ratio * sum(history) / len(history):
-                z = 0.0  # statistically unusual but small: not a spike
-            if z > self.th.spike_z:
-                self._event(kind, step, value=value, z=round(z, 2), skipped=self.guard and z > self.th.hard_spike_z)
-            worst_z = max(worst_z, z)
         if self.guard and worst_z > self.th.hard_spike_z:
             return self._skip(step, loss)  # keep the spike out of the history too
-        self.skip_streak = 0
-        self._losses.append(loss)
-        self._norms.append(grad_norm)
-        self.last_train_loss = loss
+        s.skip_streak = 0
+        self._remember(s.losses, loss)
+        self._remember(s.norms, grad_norm)
+        s.last_train_loss = loss
         self._observe_train(step, loss)
         return True
 
     def observe_val(self, step: int, val: float) -> None:
-        self.last_val = val
+        s = self.state
+        s.last_val = val
         if not math.isfinite(val):
             self._event("nan", step, val_loss=val)
             self._diverged(step, val, "validation loss is not finite")
             return
-        if val < self.best_val:
-            self.best_val = val
-            self.val_rising = 0
-            self.in_episode = False
+        if val < s.best_val:
+            s.best_val = val
+            s.val_rising = 0
+            s.in_episode = False
             return
-        rise = val - self.best_val
-        self.max_rise = max(self.max_rise, rise)
-        self.max_rise_pct = max(self.max_rise_pct, 100.0 * rise / self.best_val)
-        if rise > self.th.val_rise * self.best_val:
-            self.val_rising += 1
-            if self.val_rising >= self.th.val_patience or rise > self.th.val_hard_rise * self.best_val:
-                self._diverged(step, val, f"val loss {val:.3f} vs best {self.best_val:.3f}")
+        rise = val - s.best_val
+        s.max_rise = max(s.max_rise, rise)
+        s.max_rise_pct = max(s.max_rise_pct, 100.0 * rise / s.best_val)
+        if rise > self.th.val_rise * s.best_val:
+            s.val_rising += 1
+            if s.val_rising >= self.th.val_patience or rise > self.th.val_hard_rise * s.best_val:
+                self._diverged(step, val, f"val loss {val:.3f} vs best {s.best_val:.3f}")
         else:
-            self.val_rising = 0
-            self.in_episode = False
-
-    @property
-    def rollback_wanted(self) -> bool:
-        return self._rollback_wanted
+            s.val_rising = 0
+            s.in_episode = False
 
     def remember_good(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Keep a copy of a state to return to (taken right after an evaluation that shows no rise)."""
-        if self.guard and self.val_rising == 0 and self.train_rising == 0 and not self._rollback_wanted:
-            self._good = _snapshot(step, self.last_val, model, optimizer)
+        s = self.state
+        if self.guard and s.val_rising == 0 and s.train_rising == 0 and not s.rollback_wanted:
+            s.good = _snapshot(step, s.last_val, model, optimizer)
 
     def resume_from(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """After a checkpoint is loaded: a good state that state() marked as the checkpoint's own is copied."""
-        if self._good is not None and self._good["model"] is None:
-            self._good = _snapshot(self._good["step"], self._good["val_loss"], model, optimizer)
+        """After a checkpoint is loaded: a good state that state_dict() marked as the checkpoint's own is copied."""
+        good = self.state.good
+        if good is not None and good["model"] is None:
+            self.state.good = _snapshot(good["step"], good["val_loss"], model, optimizer)
 
     def rollback(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Return to the last good state: with a lower LR, or for good once recoveries run out."""
-        self._rollback_wanted = False
-        self.recoveries += 1
+        s = self.state
+        s.rollback_wanted = False
+        s.recoveries += 1
         restored_from = None
-        if self._good is not None:
-            restored_from = self._good["step"]
-            model.load_state_dict(self._good["model"])
-            optimizer.load_state_dict(self._good["optimizer"])
-        if self.recoveries > self.th.max_recoveries:
-            self.gave_up = True
-            kept = {} if self._good is None else {"val_loss": self._good["val_loss"]}
-            self._event("gave_up", step, recoveries=self.recoveries - 1, restored_step=restored_from, **kept)
+        if s.good is not None:
+            restored_from = s.good["step"]
+            model.load_state_dict(s.good["model"])
+            optimizer.load_state_dict(s.good["optimizer"])
+        if s.recoveries > self.th.max_recoveries:
+            s.gave_up = True
+            kept = {} if s.good is None else {"val_loss": s.good["val_loss"]}
+            self._event("gave_up", step, recoveries=s.recoveries - 1, restored_step=restored_from, **kept)
             return
-        self.lr_scale *= self.th.lr_factor
-        self.val_rising = self.train_rising = self.skip_streak = 0
-        self.in_episode = False
-        self.ema, self.best_ema = None, math.inf
-        self._losses.clear()
-        self._norms.clear()
-        self._event("recovery", step, restored_step=restored_from, lr_scale=self.lr_scale)
+        s.lr_scale *= self.th.lr_factor
+        s.val_rising = s.train_rising = s.skip_streak = 0
+        s.in_episode = False
+        s.ema, s.best_ema = None, math.inf
+        s.losses.clear()
+        s.norms.clear()
+        self._event("recovery", step, restored_step=restored_from, lr_scale=s.lr_scale)
 
     def drain_events(self) -> list[dict[str, Any]]:
         pending, self._pending = self._pending, []
         return pending
 
-    def state(self, step: int) -> dict[str, Any]:
-        """What the checkpoint of ``step`` keeps, the good state to roll back to included.
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """What the checkpoint of ``step`` keeps: the whole state, the good state to roll back to included.
 
         A good state taken at that very step is the checkpoint's own weights and optimizer state:
         it is marked, not stored twice, and resume_from() copies it back from the loaded checkpoint.
         """
-        good = self._good
+        saved = self.state.to_dict()
+        good = saved["good"]
         if good is not None and good["step"] == step:
-            good = {**good, "model": None, "optimizer": None}
-        return {
-            "lr_scale": self.lr_scale,
-            "events": self.events,
-            "best_val": self.best_val,
-            "max_rise": self.max_rise,
-            "max_rise_pct": self.max_rise_pct,
-            "val_rising": self.val_rising,
-            "ema": self.ema,
-            "best_ema": self.best_ema,
-            "train_rising": self.train_rising,
-            "recoveries": self.recoveries,
-            "in_episode": self.in_episode,
-            "gave_up": self.gave_up,
-            "last_train_loss": self.last_train_loss,
-            "last_loss_finite": self.last_loss_finite,
-            "last_val": self.last_val,
-            "skipped": self.skipped,
-            "skip_streak": self.skip_streak,
-            "losses": list(self._losses),
-            "norms": list(self._norms),
-            "good": good,
-        }
-
-    @property
-    def kept_weights(self) -> dict[str, Any] | None:
-        """Step and val loss of the weights the run ends with when the guard gave up."""
-        if not self.gave_up or self._good is None:
-            return None
-        return {"step": self._good["step"], "val_loss": self._good["val_loss"]}
+            saved["good"] = {**good, "model": None, "optimizer": None}
+        return saved
 
     # --- the label ---
 
     def report(self, final_val: float | None) -> dict[str, Any]:
-        counts = {k: sum(e["event"] == k for e in self.events) for k in ("loss_spike", "grad_spike", "nan")}
-        divergences = [e for e in self.events if e["event"] == "divergence"]
+        s = self.state
+        counts = {k: sum(e["event"] == k for e in s.events) for k in ("loss_spike", "grad_spike", "nan")}
+        divergences = [e for e in s.events if e["event"] == "divergence"]
         gap = None
-        if final_val is not None and self.last_train_loss is not None and math.isfinite(final_val):
-            gap = final_val - self.last_train_loss
+        if final_val is not None and s.last_train_loss is not None and math.isfinite(final_val):
+            gap = final_val - s.last_train_loss
         label, reason = _label(self, counts, divergences, gap, final_val)
         return {
             "label": label,
             "reason": reason,
             "guard": self.guard,
-            "max_val_rise": round(self.max_rise, 4),
-            "max_val_rise_pct": round(self.max_rise_pct, 2),
+            "max_val_rise": round(s.max_rise, 4),
+            "max_val_rise_pct": round(s.max_rise_pct, 2),
             "spikes": counts["loss_spike"] + counts["grad_spike"],
             "nan_count": counts["nan"],
             "train_val_gap": None if gap is None else round(gap, 4),
             "divergence": bool(divergences),
             "divergence_steps": [e["step"] for e in divergences],
-            "recoveries": sum(e["event"] == "recovery" for e in self.events),
-            "gave_up": self.gave_up,
+            "recoveries": sum(e["event"] == "recovery" for e in s.events),
+            "gave_up": s.gave_up,
             "kept_weights": self.kept_weights,
             "thresholds": asdict(self.th),
         }
 
     # --- internals ---
 
+    def _spike_z(self, kind: str, step: int, value: float, history: list[float], ratio: float) -> float:
+        """The value's z-score against its window, 0 when it is not a spike; a spike is an event."""
+        z = _zscore(value, history, self.th.spike_min_history)
+        if z > self.th.spike_z and value < ratio * sum(history) / len(history):
+            z = 0.0  # statistically unusual but small: not a spike
+        if z > self.th.spike_z:
+            self._event(kind, step, value=value, z=round(z, 2), skipped=self.guard and z > self.th.hard_spike_z)
+        return z
+
+    def _remember(self, history: list[float], value: float) -> None:
+        history.append(value)
+        del history[: -self.th.spike_window]
+
     def _observe_train(self, step: int, loss: float) -> None:
-        d = self.th.ema_decay
-        self.ema = loss if self.ema is None else d * self.ema + (1 - d) * loss
-        if self.ema < self.best_ema:
-            self.best_ema = self.ema
-            self.train_rising = 0
-        elif self.ema > (1 + self.th.train_rise) * self.best_ema:
-            self.train_rising += 1
-            if self.train_rising == self.th.train_patience:
-                self._diverged(step, self.ema, f"smoothed train loss {self.ema:.3f} vs best {self.best_ema:.3f}")
+        s, d = self.state, self.th.ema_decay
+        s.ema = loss if s.ema is None else d * s.ema + (1 - d) * loss
+        if s.ema < s.best_ema:
+            s.best_ema = s.ema
+            s.train_rising = 0
+        elif s.ema > (1 + self.th.train_rise) * s.best_ema:
+            s.train_rising += 1
+            if s.train_rising == self.th.train_patience:
+                self._diverged(step, s.ema, f"smoothed train loss {s.ema:.3f} vs best {s.best_ema:.3f}")
         else:
-            self.train_rising = 0
+            s.train_rising = 0
 
     def _skip(self, step: int, loss: float) -> bool:
         """Count a skipped update; a streak of them is a divergence (the weights, not a batch, are bad)."""
-        self.skipped += 1
-        self.skip_streak += 1
-        if self.skip_streak >= self.th.max_skip_streak:
-            self._diverged(step, loss, f"{self.skip_streak} updates skipped in a row")
+        s = self.state
+        s.skipped += 1
+        s.skip_streak += 1
+        if s.skip_streak >= self.th.max_skip_streak:
+            self._diverged(step, loss, f"{s.skip_streak} updates skipped in a row")
         return False
 
     def _diverged(self, step: int, value: float, why: str) -> None:
-        if self._rollback_wanted or self.in_episode:
+        s = self.state
+        if s.rollback_wanted or s.in_episode:
             return  # one event per episode: it ends when the loss comes back near its best
-        self.in_episode = True
-        self._event("divergence", step, value=value, why=why, best_val=_finite(self.best_val))
+        s.in_episode = True
+        self._event("divergence", step, value=value, why=why, best_val=_finite(s.best_val))
         if self.guard:
-            self._rollback_wanted = True
+            s.rollback_wanted = True
 
     def _event(self, kind: str, step: int, **values: Any) -> None:
         event = {"event": kind, "step": step, **values}
-        self.events.append(event)
+        self.state.events.append(event)
         self._pending.append(event)
 
 
@@ -303,7 +353,7 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _zscore(value: float, history: deque[float], min_history: int) -> float:
+def _zscore(value: float, history: list[float], min_history: int) -> float:
     if len(history) < min_history:
         return 0.0
     mean = sum(history) / len(history)
@@ -316,30 +366,31 @@ def _label(
     m: StabilityMonitor, counts: dict[str, int], divergences: list, gap: float | None, final_val: float | None
 ) -> tuple[str, str]:
     """very stable / stable / ok / unstable, with the reason a reader sees in brackets."""
+    s = m.state
     if final_val is not None and not math.isfinite(final_val):
         return "unstable", f"final val loss is {final_val}"
-    if not m.last_loss_finite:
+    if not s.last_loss_finite:
         return "unstable", "final train loss is not finite"
-    if m.gave_up:
+    if s.gave_up:
         kept = m.kept_weights
         where = f"; kept the weights of step {kept['step']}" if kept else ""
         return "unstable", f"gave up after {m.th.max_recoveries} recoveries{where}"
     if divergences:
         first = divergences[0]
-        if m.recoveries and not m.gave_up and m.guard:
-            return "ok", f"divergence at step {first['step']}, recovered with LR x {m.lr_scale:g}"
+        if s.recoveries and not s.gave_up and m.guard:
+            return "ok", f"divergence at step {first['step']}, recovered with LR x {s.lr_scale:g}"
         return "unstable", f"divergence at step {first['step']}"
     if counts["nan"]:
         return "unstable", f"{counts['nan']} non-finite losses"
-    if m.max_rise_pct > 10:
-        return "unstable", f"val loss rose {m.max_rise_pct:.1f}% above its best"
+    if s.max_rise_pct > 10:
+        return "unstable", f"val loss rose {s.max_rise_pct:.1f}% above its best"
     spikes = counts["loss_spike"] + counts["grad_spike"]
-    if spikes or m.max_rise_pct > 2 or (gap is not None and gap_wording(gap, m.th) == "wide"):
+    if spikes or s.max_rise_pct > 2 or (gap is not None and gap_wording(gap, m.th) == "wide"):
         if spikes:
             return "ok", f"{spikes} spike{'s' if spikes != 1 else ''}"
-        if m.max_rise_pct > 2:
-            return "ok", f"val loss rose {m.max_rise_pct:.1f}% above its best"
+        if s.max_rise_pct > 2:
+            return "ok", f"val loss rose {s.max_rise_pct:.1f}% above its best"
         return "ok", f"wide train/val gap ({gap:+.2f})"
-    if m.max_rise_pct > 0.5 or (gap is not None and gap_wording(gap, m.th) != "tight"):
-        return "stable", "small val rises" if m.max_rise_pct > 0.5 else f"moderate train/val gap ({gap:+.2f})"
+    if s.max_rise_pct > 0.5 or (gap is not None and gap_wording(gap, m.th) != "tight"):
+        return "stable", "small val rises" if s.max_rise_pct > 0.5 else f"moderate train/val gap ({gap:+.2f})"
     return "very stable", "no divergence, tight train/val gap"

@@ -1,0 +1,335 @@
+"""The training loop: a Trainer steps a run that train.py has set up, from its progress to its budget.
+
+Each step is ``batch -> forward/backward -> clip -> guarded update``, then maybe an evaluation
+(the guard judges it and may roll back), the metrics, and maybe a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from tinylm import checkpoint
+from tinylm.config import RunConfig, TrainConfig
+from tinylm.data.batching import Batch, RowSource
+from tinylm.distributed import Cluster
+from tinylm.evaluate import validation_loss_sum
+from tinylm.metrics import MetricsLog
+from tinylm.model import GPT
+from tinylm.optim import ScheduleSpan, describe_extension
+from tinylm.runtime import autocast_for
+from tinylm.stability import StabilityMonitor
+from tinylm.summary import write_summary
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    interrupted: bool = False
+
+
+@dataclass
+class Progress:
+    """Everything about where a run stands that a checkpoint must carry."""
+
+    step: int = 0
+    tokens: int = 0  # token slots trained on
+    real_tokens: int = 0  # slots holding a real (non-pad) target
+    elapsed_s: float = 0.0  # training time, as RunClock counts it, at the end of the last step
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    stability: dict[str, Any] = field(default_factory=dict)  # StabilityMonitor.state_dict() at the checkpoint
+    schedule: dict[str, Any] = field(default_factory=dict)  # the ScheduleSpan fixed at the start; {} before
+
+
+@dataclass
+class RunData:
+    """What a run steps over, fixed before its first step."""
+
+    rows: RowSource  # training rows: those of any step can be rebuilt from the step number
+    val_batches: list[Batch]  # this rank's share of the fixed validation batches
+    meta: dict[str, Any]  # the prepared data's: source, tokenizer, vocab_size ...
+
+
+class RunClock:
+    """The run's training time: what earlier processes trained (saved in the checkpoint) plus the
+    wall time since this process's loop started.
+
+    Everything in the loop counts (evaluations, metrics, checkpoints): this is the time --max-time
+    spends and a time-based schedule follows. Time before the loop (data, model, resume) does not.
+    """
+
+    def __init__(self, earlier_s: float = 0.0):
+        self._earlier_s = earlier_s
+        self._start = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        return self._earlier_s + (time.perf_counter() - self._start)
+
+
+class StopFlag:
+    """Set by Ctrl-C / SIGTERM: the loop finishes the step, checkpoints and returns.
+
+    A second signal more than two seconds later stops at once. Closer repeats are the same
+    request arriving twice (under torchrun a terminal's Ctrl-C reaches the ranks both
+    directly and as torchrun's SIGTERM). interrupt_after: behave as if the signal came during
+    that step (for tests).
+    """
+
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        self.requested = False
+        self.interrupt_after = interrupt_after
+        self._first = 0.0
+
+    def asked(self, step: int) -> bool:
+        return self.requested or (self.interrupt_after is not None and step >= self.interrupt_after)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            now = time.monotonic()
+            if self.requested and now - self._first > 2.0:
+                raise KeyboardInterrupt
+            if not self.requested:
+                self.requested, self._first = True, now
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -> tuple[list[Batch], int]:
+    """This rank's micro-batches of optimizer step ``step``, and the real targets of the whole step.
+
+    The step's micro-batches are numbered 0 .. grad_accum - 1; rank r takes r, r + world, ...
+    Rows are a pure function of the step, so each rank counts the whole step's real targets
+    itself (a few small host arrays) instead of waiting on an all-reduce before its backward.
+    """
+    mine, step_real = [], 0
+    for micro in range(t.grad_accum):
+        batch = rows.batch((step * t.grad_accum + micro) * t.batch_size, t.batch_size)
+        step_real += batch.real_tokens
+        if micro % cluster.world == cluster.rank:
+            mine.append(batch)
+    return mine, step_real
+
+
+def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_real: int, cluster: Cluster,
+                         device: torch.device) -> torch.Tensor:  # fmt: skip
+    """Forward and backward of this rank's micro-batches; returns their summed target losses (on the device).
+
+    The step's gradient is the mean over all its real targets, whatever the split over
+    micro-batches and ranks: the model's loss is a mean over one micro-batch's real targets,
+    so each is weighted by its share of the step's, times the world size that DDP's gradient
+    average divides by. (A mean of micro-batch means would weight padded rows unevenly.)
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one sync per step
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        last = i == len(batches) - 1
+        with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
+            with autocast_for(device):
+                _, loss = trainable(batch.x, batch.y, batch.doc_ids)
+            # A divisor rather than a factor: with packed rows it is this rank's number of
+            # micro-batches exactly, as it always was. Every row has a real target (a document's EOT).
+            (loss / (step_real / (batch.real_tokens * cluster.world))).backward()
+        loss_sum += loss.detach().double() * batch.real_tokens
+    return loss_sum
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip to max_norm (0: no clipping); returns the norm before clipping, which the guard judges."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf")).item()
+
+
+class Trainer:
+    """Steps one run; train.build_trainer() makes it from the run's data, model, optimizer and progress.
+
+    Under torchrun every rank runs one; rank 0 alone writes metrics, checkpoints and the summary.
+    """
+
+    def __init__(self, cfg: RunConfig, data: RunData, model: GPT, optimizer: torch.optim.Optimizer,
+                 progress: Progress, cluster: Cluster, device: torch.device, steps_budget: int | None,
+                 quiet: bool = False):  # fmt: skip
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir = Path(cfg.train.out)
+        self.data, self.model, self.optimizer, self.progress = data, model, optimizer, progress
+        self.cluster, self.device, self.quiet = cluster, device, quiet
+        self.trainable = DistributedDataParallel(model) if cluster.active else model
+        self.steps_budget = steps_budget
+        if not progress.schedule:  # a fresh run (or a checkpoint from before spans were kept)
+            progress.schedule = {"steps": steps_budget, "time_s": self.t.max_time}
+        self.schedule = ScheduleSpan(**progress.schedule)
+        self.schedule_extended = self.schedule.extension(steps_budget, self.t.max_time)
+        self.monitor = StabilityMonitor(self.t.guard, progress.stability)
+        self.monitor.resume_from(model, optimizer)
+        self.log = MetricsLog(self.run_dir, self.t.tensorboard) if cluster.is_main else None
+
+    # --- the loop ---
+
+    def fit(self, interrupt_after: int | None = None) -> TrainResult:
+        """Step until the budget is spent, the guard gives up or a stop is asked for; then write the summary."""
+        self.announce()
+        self.bar = tqdm(total=self.steps_budget, initial=self.progress.step, unit="step", disable=self.quiet or None)
+        stop = StopFlag(interrupt_after)
+        self.model.train()
+        with stop.installed():
+            self.clock = RunClock(self.progress.elapsed_s)  # the run's time counts from here on
+            if self.progress.step == 0 and not self.progress.val_losses:
+                val = self.validate()
+                self.write({"step": 0, "tokens": 0, "val_loss": val, "elapsed_s": 0.0})
+            interrupted = self.run_steps(stop)
+        self.bar.close()
+        return self.finish(interrupted)
+
+    def run_steps(self, stop: StopFlag) -> bool:
+        """The steps of this process; returns whether a stop request ended them before the budget."""
+        p = self.progress
+        budget_spent = self.steps_budget is not None and p.step >= self.steps_budget
+        while not budget_spent and not self.monitor.gave_up:
+            record = self.train_step()
+            budget_spent, stop_asked = self.agree_to_stop(stop)
+            if budget_spent or p.step % self.t.eval_every == 0:
+                record["val_loss"] = self.validate()
+            if self.monitor.rollback_wanted:
+                self.monitor.rollback(self.model, self.optimizer, p.step)
+            p.elapsed_s = record["elapsed_s"] = self.clock.elapsed_s()  # the step's time, evaluation included
+            self.log_step(record)
+            self.maybe_checkpoint(final=budget_spent or stop_asked or self.monitor.gave_up)
+            if stop_asked and not budget_spent:
+                return True
+        return False
+
+    # --- its parts ---
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step: batch, forward/backward, clip, guarded update. Returns the step's metrics."""
+        t, p = self.t, self.progress
+        lr = self.schedule.lr(t, p.step, p.elapsed_s) * self.monitor.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches, step_real = step_batches(self.data.rows, t, p.step, self.cluster)
+        loss_sum = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device)
+        train_loss = self.cluster.sum([loss_sum.item()], self.device)[0] / step_real
+        grad_norm = clip_gradients(self.model, t.grad_clip)
+        if self.monitor.allow_update(p.step, train_loss, grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.step += 1
+        p.tokens += t.grad_accum * t.batch_size * self.cfg.model.block_size
+        p.real_tokens += step_real
+        return {"step": p.step, "tokens": p.tokens, "real_tokens": p.real_tokens, "lr": lr,
+                "train_loss": train_loss, "grad_norm": grad_norm}  # fmt: skip
+
+    def agree_to_stop(self, stop: StopFlag) -> tuple[bool, bool]:
+        """(budget spent, stop asked), the same on every rank: one stopping alone would hang the next all-reduce."""
+        p, max_time = self.progress, self.t.max_time
+        out_of_time = max_time is not None and self.clock.elapsed_s() >= max_time
+        out_of_time, stop_asked = self.cluster.any([out_of_time, stop.asked(p.step)], self.device)
+        return out_of_time or (self.steps_budget is not None and p.step >= self.steps_budget), stop_asked
+
+    def validate(self) -> float:
+        """Validation loss over every rank's share; the guard judges it and may keep this state as good."""
+        p, monitor = self.progress, self.monitor
+        loss_sum, tokens = validation_loss_sum(
+            self.model, self.data.val_batches, self.device, self.data.meta["vocab_size"]
+        )
+        loss_sum, tokens = self.cluster.sum([loss_sum, tokens], self.device)
+        loss = loss_sum / max(tokens, 1)
+        p.val_losses.append((p.step, loss))
+        monitor.observe_val(p.step, loss)
+        monitor.remember_good(self.model, self.optimizer, p.step)
+        return loss
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """The guard's events and the step's metrics to the log; then the progress bar (or a line per evaluation)."""
+        p = self.progress
+        for event in self.monitor.drain_events():
+            self.write(event)
+        if "val_loss" in record or p.step % self.t.log_every == 0:
+            self.write(record)
+        checkpoint.kill_point("train:after-metrics", p.step)
+        self.bar.update(1)
+        tokens_per_s = p.tokens / max(p.elapsed_s, 1e-9)
+        self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if "val_loss" in record and self.bar.disable and not self.quiet:
+            print(f"step {p.step}: train {record['train_loss']:.4f} val {record['val_loss']:.4f}", flush=True)
+
+    def maybe_checkpoint(self, final: bool) -> None:
+        p = self.progress
+        if self.cluster.is_main and (final or p.step % (self.t.checkpoint_every or self.t.eval_every) == 0):
+            p.stability = self.monitor.state_dict(p.step)
+            checkpoint.save(self.run_dir, self.model, self.optimizer, vars(p))  # vars: the snapshot is not copied
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(record)
+
+    # --- before and after ---
+
+    def announce(self) -> None:
+        t, world = self.t, self.cluster.world
+        if self.quiet:
+            return
+        print(
+            f"global batch: {t.grad_accum * t.batch_size} rows per step (--grad-accum {t.grad_accum} x --batch-size "
+            f"{t.batch_size}; {world} process(es), {t.grad_accum // world} micro-batch(es) each)",
+            flush=True,
+        )
+        if self.schedule_extended:
+            print(
+                f"budget extended past the LR schedule's span: {describe_extension(self.schedule_extended)}", flush=True
+            )
+
+    def finish(self, interrupted: bool) -> TrainResult:
+        """Rank 0 writes the summary (and says when the guard gave up); every rank waits for it."""
+        summary = {}
+        if self.log is not None:
+            kept = self.monitor.kept_weights
+            if kept:  # the terminal says it too, not only summary.json
+                print(
+                    f"the stability guard gave up at step {self.progress.step} after {self.monitor.th.max_recoveries} "
+                    f"recoveries; the saved weights are the last good ones, from step {kept['step']} "
+                    f"(val loss {kept['val_loss']:.4f})",
+                    flush=True,
+                )
+            self.log.close()
+            summary = write_summary(self.run_dir, self.progress, self.run_facts(), self.monitor, interrupted,
+                                    self.steps_budget)  # fmt: skip
+        self.cluster.barrier()  # no rank leaves before the checkpoint and summary are written
+        return TrainResult(self.run_dir, summary, interrupted)
+
+    def run_facts(self) -> dict[str, Any]:
+        """What the summary records about how the run was made, beside its results."""
+        t = self.t
+        facts = {
+            "params": self.model.num_params(),
+            "params_non_embedding": self.model.num_params(non_embedding=True),
+            "device": str(self.device),
+            "world_size": self.cluster.world,
+            "grad_accum": t.grad_accum,
+            "global_batch_rows": t.grad_accum * t.batch_size,
+            "schedule_extended": self.schedule_extended,
+            "data": self.data.meta["source"],
+            "tokenizer": self.data.meta["tokenizer"],
+            "batching": t.batching,
+        }
+        if t.batching == "padded":
+            facts["truncated_docs"] = self.data.rows.truncated_docs
+        return facts
