@@ -149,12 +149,12 @@ def _holds(kind: type, key: str) -> bool:
     return key in {f.name for f in dataclasses.fields(kind)} or any(_holds(s, key) for s in sections(kind).values())
 
 
-def nest(kind: type, raw: Any, source: str = "") -> dict[str, Any]:
+def nest(kind: type, raw: Any, source: str = "", section: str = "") -> dict[str, Any]:
     """``raw``, flat or in sections, as a mapping shaped like ``kind``; unknown keys are refused here.
 
     A key naming a section holds that section's settings; any other key is ``kind``'s own field or
     goes to the first section (at any depth) that has a field of that name. ``source`` (a file)
-    starts every error message.
+    starts every error message; ``section`` is the dotted place of ``kind`` (``train``).
     """
     where = f"{source}: " if source else ""
     if not isinstance(raw, dict):
@@ -165,16 +165,20 @@ def nest(kind: type, raw: Any, source: str = "") -> dict[str, Any]:
         if key in parts:
             if value is not None and not isinstance(value, dict):
                 raise UserError(f"{where}{key} must be a mapping of settings, got {value!r}")
-            out = merge(out, {key: nest(parts[key], value or {}, source)})
+            out = merge(out, {key: nest(parts[key], value or {}, source, _within(section, key))})
         elif key in own:
             out[key] = value
         elif home := next((name for name, part in parts.items() if _holds(part, key)), None):
-            out = merge(out, {home: nest(parts[home], {key: value}, source)})
+            out = merge(out, {home: nest(parts[home], {key: value}, source, _within(section, home))})
         else:
             unknown.append(str(key))
     if unknown:
-        raise UserError(f"{where}unknown setting(s) for {kind.__name__}: {', '.join(sorted(unknown))}")
+        raise UserError(f"{where}unknown {section + ' ' if section else ''}setting(s): {', '.join(sorted(unknown))}")
     return out
+
+
+def _within(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
 
 
 def merge(*layers: dict[str, Any]) -> dict[str, Any]:

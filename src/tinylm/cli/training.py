@@ -10,13 +10,19 @@ from pathlib import Path
 
 from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
 from tinylm.cli.settings import has_budget, resolve_config, resume_config
-from tinylm.config import PRESETS, ModelConfig, TrainConfig, preset
+from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig, preset
 from tinylm.errors import UserError
-from tinylm.fields import build
+from tinylm.fields import build, sections
 from tinylm.paths import check_writable_dir
 
 ABLATION_FIXED = ("init", "schedule", "batching", "out")
 """Training settings each ablation phase sets itself."""
+
+
+def add_run_flags(parser: argparse.ArgumentParser, train_title: str = "training", skip=()) -> None:
+    """The flags of every section of RunConfig (model, train, and any section added later)."""
+    for name, kind in sections(RunConfig).items():
+        add_settings_flags(parser, kind, train_title if name == "train" else name, f"{name}.", skip)
 
 
 def add_train(sub) -> None:
@@ -26,8 +32,7 @@ def add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--nproc-per-node", type=at_least(1), default=1, help="data-parallel processes (starts torchrun)")
-    add_settings_flags(p, ModelConfig, "model", "model.")
-    add_settings_flags(p, TrainConfig, "training", "train.")
+    add_run_flags(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -119,8 +124,7 @@ def add_ablate(sub) -> None:
     p.add_argument("--out", required=True, help="ablation directory (rerun to finish an interrupted one)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--nproc-per-node", type=at_least(1), default=1, help="data-parallel processes per phase (torchrun)")
-    add_settings_flags(p, ModelConfig, "model", "model.")
-    add_settings_flags(p, TrainConfig, "training (passed to every phase)", "train.", skip=ABLATION_FIXED)
+    add_run_flags(p, "training (passed to every phase)", skip=ABLATION_FIXED)
     p.set_defaults(func=cmd_ablate)
 
 
