@@ -8,102 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from tinylm.errors import UserError
+from tinylm.fields import ConfigError, from_mapping
+from tinylm.fields import read_fields as _read_fields
+from tinylm.fields import require as _require
 from tinylm.paths import write_atomic
 
 GPT2_VOCAB_SIZE = 50257
-
-
-class ConfigError(UserError):
-    """An invalid value of one setting; ``field`` names it, so a caller can say which file it came from."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field} {problem}")
-        self.field = field
-
-
-# --- reading values as the type a field declares ----------------------------------------
-# One set of rules for flags, YAML recipes and config.json. PyYAML reads `1e-3` and `2e6`
-# as strings (YAML 1.1 wants a dot), so text holding a number is the number users mean.
-
-ON = ("on", "true", "yes", "1")
-OFF = ("off", "false", "no", "0")
-
-
-def as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ON + OFF:
-        return value.lower() in ON
-    raise ValueError(f"must be on or off (true or false), got {value!r}")
-
-
-def as_float(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ValueError(f"must be a number, got {value!r}")
-
-
-def as_int(value: Any) -> int:
-    number = as_float(value)
-    if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"must be a whole number, got {value!r}")
-    return int(number)
-
-
-def _as_declared(name: str, hint: Any, value: Any) -> Any:
-    """value read as the type hint ``hint`` of field ``name``: int, float, bool, str, a Literal, or X | None."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(name, f"must be text, got {value!r}")
-        return value
-    read = {bool: as_bool, int: as_int, float: as_float}.get(hint)
-    if read is None:  # a type with no reading rule here: the field's own checks see it as given
-        return value
-    try:
-        value = read(value)
-    except ValueError as e:
-        raise ConfigError(name, str(e)) from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(name, f"must be a finite number, got {value}")
-    return value
-
-
-def _read_fields(obj: Any) -> None:
-    """Replace every field of a config dataclass by its value read as the declared type."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        setattr(obj, f.name, _as_declared(f.name, hints[f.name], getattr(obj, f.name)))
-
-
-def _require(obj: Any, names: tuple[str, ...], ok: Callable[[Any], Any], rule: str) -> None:
-    """Every named field that is set (not None) satisfies ``ok(value)``; else a ConfigError saying ``rule``."""
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and not ok(value):
-            raise ConfigError(name, f"must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -270,17 +185,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def __post_init__(self) -> None:
-        self.preset = _as_declared("preset", str | None, self.preset)
+        _read_fields(self)
 
     @classmethod
     def from_dict(cls, raw: Any) -> RunConfig:
         if not isinstance(raw, dict):
             raise UserError("must hold an object with 'model' and 'train' settings")
-        return cls(
-            model=_build(ModelConfig, raw.get("model", {}), "model"),
-            train=_build(TrainConfig, raw.get("train", {}), "train"),
-            preset=raw.get("preset"),
-        )
+        return from_mapping(cls, raw)
 
     def save(self, path: Path) -> None:
         write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -307,34 +218,3 @@ class RunConfig:
 
 
 _LOST_CONFIG = "the run's settings are lost: restore the file from a copy or train the run again"
-
-
-def _build(kind: type, raw: Any, section: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(section, f"must be a mapping of settings, got {raw!r}")
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UserError(f"unknown {section} setting(s): {', '.join(unknown)}")
-    return kind(**raw)
-
-
-def field_docs(kind: type) -> dict[str, str]:
-    """The docstring under each dataclass field (used as CLI help)."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(kind)))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, following in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = following.value.value
-    return docs

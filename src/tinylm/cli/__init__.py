@@ -1,0 +1,61 @@
+"""The ``tinylm`` command: thin argument parsing over functions that return results.
+
+Flags for the model and training settings are generated from the config dataclasses, so
+every field can be set from the command line (``--n-layer 6``, ``--max-tokens 2e6``) and
+their help is the field's docstring. Precedence: preset < --config YAML < flags.
+
+- ``flags.py``: flags from the dataclasses, argparse types, the one-line-error parser;
+- ``settings.py``: the one merge of preset < YAML recipe < flags (and of a resumed run's flags);
+- ``training.py`` (train, info, ablate), ``data.py`` (prepare, bench, fetch-tokenizer),
+  ``runs.py`` (report, plot, sample, eval, export): each command's flags beside its code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinylm.cli import data, runs, training
+from tinylm.cli.flags import Parser
+from tinylm.cli.settings import resolve_config
+from tinylm.errors import UserError
+
+__all__ = ["build_parser", "main", "resolve_config"]
+
+COMMANDS = (
+    training.add_train,
+    data.add_prepare,
+    training.add_info,
+    training.add_ablate,
+    runs.add_report,
+    runs.add_sample,
+    runs.add_eval,
+    runs.add_export,
+    data.add_bench,
+    runs.add_plot,
+    data.add_fetch_tokenizer,
+)
+"""Each adds one sub-command, in the order ``tinylm --help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="tinylm", description="Train small GPT models and measure what matters.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"tinylm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tinylm: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,98 @@
+"""Commands about data and speed: ``prepare``, ``bench`` and ``fetch-tokenizer``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tinylm.cli.flags import at_least, integer
+from tinylm.config import PRESETS
+from tinylm.paths import check_writable_dir
+
+
+def add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenise a data source into memory-mapped token files")
+    p.add_argument("--data", required=True, help="path, 'shakespeare', 'tinystories' or 'hf:NAME[:CONFIG]'")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or 'bpe:N'")
+    p.add_argument("--out", help="directory to write (default: the cache, keyed by content)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--doc-sep", default=None)
+    p.add_argument("--block-size", type=integer, default=512, help="report token utilisation at this block size")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from tinylm.data.prepare import PrepareOptions, prepare
+
+    if args.out:
+        check_writable_dir(Path(args.out), "--out")  # before minutes of tokenising
+    options = PrepareOptions.from_config(args)
+    data = prepare(options, out=Path(args.out) if args.out else None)
+    meta = data.meta
+    print(f"prepared {meta['source']} with {meta['tokenizer']} (vocabulary {meta['vocab_size']}, {meta['dtype']})")
+    for split, info in meta["splits"].items():
+        print(f"  {split:<5} {info['documents']:>9,} documents {info['tokens']:>12,} tokens")
+    if args.block_size:
+        _print_utilisation(data, args.block_size)
+    print(f"  in {data.directory}")
+    return 0
+
+
+def _print_utilisation(data, block_size: int) -> None:
+    from tinylm.data.batching import PackedRows, PaddedRows
+
+    split = data.split("train")
+    eot = data.meta["eot_id"]
+    padded = PaddedRows(split, block_size, eot, seed=0)
+    packed = PackedRows(split, block_size, eot, seed=0)
+    packed_util = packed.n_rows * block_size / (len(split.tokens) - 1)
+    print(
+        f"  token utilisation at block {block_size}: packed {100 * packed_util:.2f}% of the stream in full "
+        f"blocks (100% of slots real), padded {100 * padded.expected_utilisation:.2f}% of slots real "
+        f"({padded.truncated_docs:,} documents truncated)"
+    )
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time the training step: tokens/s, GFLOP/s, MFU, peak memory")
+    p.add_argument("--preset", choices=list(PRESETS), default="basic")
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--repeats", type=at_least(1), default=5)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--compare-textbook", action="store_true", help="also time full logits + F.cross_entropy + AdamW")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--compile", action="store_true", help="torch.compile the tinylm step's blocks (as train --compile)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="FILE", nargs="?", const="-",
+                   help="the figures as JSON: to FILE (the table still prints), or alone to stdout")  # fmt: skip
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tinylm.bench import bench, format_report
+
+    report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
+                   measure_memory=not args.no_memory, compile=args.compile)  # fmt: skip
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {args.json}")
+    return 0
+
+
+def add_fetch_tokenizer(sub) -> None:
+    p = sub.add_parser("fetch-tokenizer", help="install the GPT-2 tokenizer ranks for offline use")
+    p.set_defaults(func=cmd_fetch_tokenizer)
+
+
+def cmd_fetch_tokenizer(args: argparse.Namespace) -> int:
+    from tinylm.data.tokenizer import gpt2_ranks_path
+
+    path = gpt2_ranks_path(fetch=True)
+    print(f"GPT-2 tokenizer ranks verified at {path}")
+    return 0

@@ -1,0 +1,75 @@
+"""A run's settings from the command line: preset < YAML recipe < flags, in one merge.
+
+Every layer is a nested mapping shaped like :class:`RunConfig` (:func:`tinylm.fields.nest` turns a
+flat or sectioned recipe into one and refuses unknown keys); :func:`tinylm.fields.build` reads
+and validates the merged result. A new field or a new nested section needs nothing here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from tinylm.cli.flags import given_settings
+from tinylm.config import RunConfig, preset
+from tinylm.errors import UserError
+from tinylm.fields import ConfigError, build, leaves, merge, nest
+
+BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
+DEFAULT_BUDGET = {"max_steps": 200}
+RESUMABLE = {f"train.{name}" for name in (*BUDGET_FIELDS, "device", "compile")}
+"""The settings a resumed run may change."""
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of settings")
+    return raw
+
+
+def has_budget(settings: dict[str, Any]) -> bool:
+    return any(settings.get("train", {}).get(k) is not None for k in BUDGET_FIELDS)
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Preset, then the YAML recipe (``--config``), then explicit flags; a bad value that came from
+    the recipe is reported with the recipe's name."""
+    source = getattr(args, "config", None)
+    recipe = nest(RunConfig, load_yaml(source), source) if source else {}
+    flags = given_settings(args)
+    name = getattr(args, "preset", None) or recipe.get("preset") or "basic"
+    settings = merge({"model": dataclasses.asdict(preset(name))}, recipe, flags, {"preset": name})
+    if not has_budget(settings):
+        settings = merge(settings, {"train": DEFAULT_BUDGET})
+    from_recipe = set(leaves(recipe)) - set(leaves(flags))
+    try:
+        return build(RunConfig, settings)
+    except ConfigError as e:
+        if e.path in from_recipe:
+            raise UserError(f"{source}: {e}") from None
+        raise
+
+
+def resume_config(args: argparse.Namespace) -> RunConfig:
+    """The saved settings of the run in ``--resume``, with the few flags a resumed run may change."""
+    run_dir = Path(args.resume)
+    from tinylm.rundir import CONFIG_FILE  # torch comes with it: not for --help
+
+    saved = RunConfig.load(run_dir / CONFIG_FILE)
+    flags = given_settings(args)
+    if set(leaves(flags)) - RESUMABLE or args.preset or args.config:
+        raise UserError("with --resume only --max-steps, --max-tokens, --max-time, --device and --compile may change")
+    return build(RunConfig, merge(saved.to_dict(), flags, {"train": {"out": str(run_dir)}}))
