@@ -171,7 +171,7 @@ def ablation(check: Check) -> None:
                         "--eval-tokens", str(4096 if check.smoke else 65536), "--out", str(out), "--quiet")  # fmt: skip
     if check.smoke:
         argv += ["--tokenizer", "bpe:300"]
-    result = check.run("ablation", argv, timeout=120 if check.smoke else 330, needs_cuda=not check.smoke)
+    result = check.run("ablation", argv, timeout=300 if check.smoke else 330, needs_cuda=not check.smoke)
     if result.status != "passed":
         return
     result.figures = {"preset": preset, "token_slots_per_phase": tokens, "steps_per_phase": steps}
@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: exercise every part in seconds")
     parser.add_argument("--data", help="text data for the ablation (default .device/data/tinystories-lc)")
     parser.add_argument("--only", help="comma-separated part names to run, e.g. bench-basic,tests (a rerun)")
-    parser.add_argument("--budget-s", type=float, default=450, help="stop starting parts after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=float, help="stop starting parts after this many seconds (450; 900 with --smoke)"
+    )
     args = parser.parse_args(argv)
     if args.prepare:
         prepare_device_dir(sys.executable)
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # only to know which parts can run; the parts themselves run in subprocesses
 
     check = Check(out=out, work=Path(tempfile.mkdtemp(prefix="gpu_check-")), smoke=args.smoke, data=data,
-                  cuda=torch.cuda.is_available(), deadline=started + args.budget_s,
+                  cuda=torch.cuda.is_available(), deadline=started + (args.budget_s or (900 if args.smoke else 450)),
                   only=only)  # fmt: skip
     # The most telling parts first, so a short lease still brings back the figures.
     environment(check)

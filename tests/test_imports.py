@@ -47,6 +47,10 @@ def imported_modules(path: Path, name: str, modules: set[str]) -> set[str]:
                 base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
             # "from tinylm import checkpoint" imports the submodule tinylm.checkpoint
             targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        # Importing a.b.c first runs a/__init__ and a/b/__init__: those are edges too, except
+        # into a package that holds the importing module (it is already being initialised).
+        ancestors = {".".join(t.split(".")[:i]) for t in targets for i in range(1, t.count(".") + 1)}
+        targets += [a for a in ancestors if not name.startswith(a + ".") and a != name]
         found |= {t for t in targets if t in modules and t != name}
     return found
 
@@ -96,3 +100,14 @@ def test_a_lazy_import_cycle_is_found(tmp_path):
     graph = import_graph(package)
     assert graph["tinylm.c"] == set()  # only for type checkers: never runs
     assert find_cycle(graph) == ["tinylm.a", "tinylm.b", "tinylm.a"]
+
+
+def test_a_cycle_through_a_packages_init_is_found(tmp_path):
+    package = tmp_path / "tinylm"
+    (package / "p").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "p" / "__init__.py").write_text("from tinylm.p.a import f\n")  # importing p.b runs this
+    (package / "p" / "a.py").write_text("from tinylm.x import g\n\ndef f(): ...\n")
+    (package / "p" / "b.py").write_text("def h(): ...\n")
+    (package / "x.py").write_text("from tinylm.p.b import h\n\ndef g(): ...\n")
+    assert find_cycle(import_graph(package)) == ["tinylm.p", "tinylm.p.a", "tinylm.x", "tinylm.p"]

@@ -172,3 +172,12 @@ def test_python_m_tinylm_cli_still_runs():
     done = subprocess.run([sys.executable, "-m", "tinylm.cli", "info", "--preset", "tiny"], capture_output=True,
                           text=True, cwd=Path(__file__).parent)  # fmt: skip
     assert done.returncode == 0 and "preset tiny" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("text", ["lr: {a: 1}\n", "preset: [tiny]\n", "preset: {a: 1}\n"])
+def test_a_mapping_or_list_where_a_value_belongs_is_one_line_naming_the_recipe(tmp_path, capsys, text):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(recipe) in err[0], err

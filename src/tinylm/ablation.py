@@ -40,7 +40,6 @@ PHASES: dict[str, Phase] = {
 
 # Token slots per phase when no budget is given: enough for a real result on one GPU.
 DEFAULT_TOKENS = {"tiny": 200_000, "basic": 20_000_000, "mid": 40_000_000, "quality": 80_000_000}
-ABLATION_FILE = "ablation.json"
 
 
 def parse_phases(text: str | None) -> list[Phase]:
@@ -80,8 +79,6 @@ def ablate(
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
-    plan = {"presets": presets, "phases": [p.name for p in phases], "seeds": seeds, "base": dataclasses.asdict(base)}
-    (out / ABLATION_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     run_dirs = []
     for preset_name in presets:
         for phase in phases:

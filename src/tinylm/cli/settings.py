@@ -51,6 +51,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     recipe = nest(RunConfig, load_yaml(source), source) if source else {}
     flags = given_settings(args)
     name = getattr(args, "preset", None) or recipe.get("preset") or "basic"
+    if not isinstance(name, str):
+        raise UserError(f"{source}: preset must be a preset's name, got {name!r}")
     settings = merge({"model": dataclasses.asdict(preset(name))}, recipe, flags, {"preset": name})
     if not has_budget(settings):
         settings = merge(settings, {"train": DEFAULT_BUDGET})
@@ -58,7 +60,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     try:
         return build(RunConfig, settings)
     except ConfigError as e:
-        if e.path in from_recipe:
+        if any(path == e.path or path.startswith(e.path + ".") for path in from_recipe):  # lr: {a: 1} too
             raise UserError(f"{source}: {e}") from None
         raise
 
