@@ -251,3 +251,85 @@ def test_resume_equals_uninterrupted(switch, stories, tmp_path):
     resumed = train(split, resume=True, quiet=True)
     assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
     assert resumed.summary["final_val_loss"] < resumed.summary["start_val_loss"]
+
+
+# --- export to Hugging Face ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes", [dict(LLAMA), dict(LLAMA, tie_embeddings=False), dict(LLAMA, bias=True, rope_theta=500.0)]
+)
+def test_llama_mechanics_export_to_llama_for_causal_lm_with_equal_logits(changes):
+    pytest.importorskip("transformers")
+    from tinylm.export import hf_model
+
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(preset("tiny"), **changes))
+    model.init_weights("naive", seed=0)  # logits in the tens: a wrong mapping cannot hide
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # norm gains and biases away from 1 and 0
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    hf = hf_model(model, eot=50256)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    idx = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4 * ours.abs().max().item())
+
+
+def test_exported_llama_run_generates_the_same_greedy_text(stories, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tinylm.export import export_hf
+    from tinylm.sample import SamplingOptions, generate, load_run
+
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=20, eval_every=10, tokenizer="gpt2")
+    cfg.model = dataclasses.replace(cfg.model, **LLAMA, tie_embeddings=False)
+    train(cfg, quiet=True)
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    run = load_run(tmp_path / "run")
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, run.model(idx)[0], rtol=0, atol=1e-4)
+    prompt = run.tokenizer.encode_batch(["once upon a time, tom"])[0]
+    opts = SamplingOptions(max_new_tokens=20, temperature=0.0, stop_at_eot=False)
+    ours = list(generate(run.model, prompt, opts, run.tokenizer))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=50256)
+    assert theirs[0, len(prompt) :].tolist() == ours
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        (dict(LLAMA, qk_norm=True), "qk_norm=True"),
+        (dict(LLAMA, logit_softcap=30.0), "logit_softcap=30.0"),
+        (dict(position="rope"), "norm='layernorm'"),
+        (dict(norm="rmsnorm"), "norm='rmsnorm'"),
+        (dict(mlp="swiglu"), "mlp='swiglu'"),
+        (dict(bias=False), "bias=False"),
+    ],
+)
+def test_a_mechanic_hugging_face_cannot_represent_is_a_one_line_error_naming_it(changes, named):
+    from tinylm.errors import UserError
+    from tinylm.export import hf_family
+
+    with pytest.raises(UserError, match=named) as caught:
+        hf_family(dataclasses.replace(preset("tiny"), **changes))
+    assert "\n" not in str(caught.value)
+
+
+def test_untied_gpt2_exports_its_own_output_matrix():
+    pytest.importorskip("transformers")
+    from tinylm.export import hf_model
+
+    model = model_for("untied", init="naive").eval()
+    hf = hf_model(model, eot=50256)
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    idx = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4 * ours.abs().max().item())
