@@ -153,3 +153,32 @@ def test_train_sample_and_eval_commands_run_on_cuda(stories, tmp_path):
     assert "once upon a time" in text
     tinylm("eval", run)
     assert json.loads((run / "eval.json").read_text())["loss"] > 0
+
+
+def test_every_model_switch_trains_resumes_and_samples_on_cuda(stories, tmp_path):
+    # RoPE, RMSNorm, SwiGLU, QK-norm, an untied head and a logit cap at once, under bf16 autocast.
+    import dataclasses
+
+    from tinylm.rundir import load_run
+
+    switches = dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False,
+                    logit_softcap=15.0, bias=False)  # fmt: skip
+
+    def config(out):
+        cfg = tiny_config(stories, tmp_path / out, max_steps=8, eval_every=4, device="cuda")
+        cfg.model = dataclasses.replace(cfg.model, **switches)
+        return cfg
+
+    whole = train(config("whole"), quiet=True)
+    assert whole.summary["best_val_loss"] < whole.summary["start_val_loss"]
+    split = config("split")
+    assert train(split, quiet=True, interrupt_after=4).interrupted
+    resumed = train(split, resume=True, quiet=True)
+    assert abs(resumed.summary["final_val_loss"] - whole.summary["final_val_loss"]) < 2e-3
+    run = load_run(resumed.run_dir, device=CUDA)
+    prompt = run.tokenizer.encode_batch(["once upon a time"])[0]
+    opts = SamplingOptions(max_new_tokens=16, temperature=0.0, stop_at_eot=False)
+    with exact_fp32_matmuls():
+        cached = list(generate(run.model, prompt, opts, run.tokenizer, use_cache=True))
+        uncached = list(generate(run.model, prompt, opts, run.tokenizer, use_cache=False))
+    assert cached == uncached

@@ -67,10 +67,17 @@ def kill_point(where: str, step: int) -> None:
 # --- writing ------------------------------------------------------------------------------
 
 
+def _tied_head(model: torch.nn.Module) -> bool:
+    """Whether the output matrix is the token embedding (GPT-2's tie; tinylm's default)."""
+    head, wte = getattr(model, "lm_head", None), getattr(getattr(model, "transformer", None), "wte", None)
+    return head is not None and wte is not None and head.weight is wte.weight
+
+
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the tied output matrix (it is the token embedding)."""
+    """State dict without a tied output matrix (it is the token embedding); an untied one is kept."""
     state = model.state_dict()
-    state.pop("lm_head.weight", None)
+    if _tied_head(model):
+        state.pop("lm_head.weight", None)
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -236,7 +243,7 @@ def _load_weights_from(files: Files, model: torch.nn.Module) -> dict[str, str]:
     except (SafetensorError, OSError) as e:
         raise _damaged(path, str(e)) from e
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
+    missing = [k for k in missing if k != "lm_head.weight" or not _tied_head(model)]
     if missing or unexpected:
         raise UserError(f"{path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return metadata

@@ -20,10 +20,14 @@ from tinylm.paths import write_atomic
 
 GPT2_VOCAB_SIZE = 50257
 
+Position = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+Mlp = Literal["gelu", "swiglu"]
+
 
 @dataclass
 class ModelConfig:
-    """Shape of a GPT-2 style decoder."""
+    """Shape of a decoder: GPT-2 by default, each later mechanic a switch."""
 
     n_layer: int = 4
     """Number of transformer blocks."""
@@ -38,14 +42,37 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout on attention, MLP and embeddings (0 for these short runs)."""
     bias: bool = True
-    """Biases in Linear layers and LayerNorms, as GPT-2 has."""
+    """Biases in Linear layers and LayerNorms, as GPT-2 has (Llama-style blocks have none)."""
+    position: Position = "learned"
+    """'learned': a table of block_size position vectors (GPT-2); 'rope': rotary embeddings on
+    queries and keys (no table)."""
+    rope_theta: float = 10000.0
+    """rope: base of the rotary frequencies."""
+    norm: Norm = "layernorm"
+    """'layernorm' (GPT-2) or 'rmsnorm' (no mean subtraction, no bias)."""
+    mlp: Mlp = "gelu"
+    """'gelu': 4x-wide GELU MLP (GPT-2); 'swiglu': gated SiLU MLP whose width keeps the MLP's
+    parameter count within 1% of the GELU one."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head before attention (a learnable gain over the head
+    dimension, shared by the heads)."""
+    tie_embeddings: bool = True
+    """Output layer shares the token embedding matrix (GPT-2); off: a separate output matrix."""
+    logit_softcap: float | None = None
+    """Cap on the output logits, cap * tanh(logits / cap), in training, evaluation and sampling
+    (None: no cap)."""
 
     def __post_init__(self) -> None:
         _read_fields(self)
         _require(self, ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"), lambda v: v >= 1, "at least 1")
         _require(self, ("dropout",), lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        _require(self, ("rope_theta", "logit_softcap"), lambda v: v > 0, "positive")
         if self.n_embd % self.n_head:
             raise ConfigError("n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(
+                "position", f"rope needs an even head size (n_embd / n_head = {self.n_embd // self.n_head})"
+            )
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -30,7 +30,9 @@ def validation_loss_sum(model: GPT, batches: list[Batch], device: torch.device, 
         b = batch.to(device)
         with autocast_for(device):
             hidden = model.hidden_states(b.x, b.doc_ids)
-            loss = linear_cross_entropy(hidden.flatten(0, 1), real_rows, b.y.flatten())
+            loss = linear_cross_entropy(
+                hidden.flatten(0, 1), real_rows, b.y.flatten(), softcap=model.config.logit_softcap
+            )
         total += loss.double() * b.real_tokens
         count += b.real_tokens
     model.train(was_training)

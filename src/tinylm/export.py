@@ -1,4 +1,5 @@
-"""Export a run to the Hugging Face format: a GPT2LMHeadModel and its tokenizer, built offline."""
+"""Export a run to the Hugging Face format, built offline: GPT-2 mechanics as a GPT2LMHeadModel,
+Llama mechanics (rotary positions, RMSNorm, SwiGLU) as a LlamaForCausalLM, and the tokenizer."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from tinylm.config import ModelConfig
 from tinylm.data.tokenizer import EOT_TEXT, BPETokenizer, gpt2_ranks_path
 from tinylm.errors import UserError
+from tinylm.layers import NORM_EPS, swiglu_hidden
 from tinylm.paths import check_writable_dir
 from tinylm.rundir import load_run
 
@@ -16,15 +19,93 @@ from tinylm.rundir import load_run
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+GPT2_MECHANICS = dict(position="learned", norm="layernorm", mlp="gelu", qk_norm=False, logit_softcap=None, bias=True)
+LLAMA_MECHANICS = dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False, logit_softcap=None)
+"""The switch values each Hugging Face class can represent (Llama has optional biases; neither
+has QK-norm or a logit cap; both may tie the output layer or not)."""
+
+
+def hf_family(m: ModelConfig) -> str:
+    """'gpt2' or 'llama', chosen by the position mechanic; any other switch that family cannot
+    represent is a one-line UserError naming it."""
+    family, mechanics = ("gpt2", GPT2_MECHANICS) if m.position == "learned" else ("llama", LLAMA_MECHANICS)
+    for key, needed in mechanics.items():
+        if getattr(m, key) != needed:
+            hf_class = "GPT2LMHeadModel" if family == "gpt2" else "LlamaForCausalLM"
+            raise UserError(f"cannot export {key}={getattr(m, key)!r} with position={m.position}: "
+                            f"Hugging Face's {hf_class} needs {key}={needed!r}")  # fmt: skip
+    return family
+
+
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """GPT-2 names, Conv1D layout."""
     state = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and model.config.tie_embeddings:
             continue  # tied to transformer.wte.weight
         if name.endswith(_TRANSPOSED):
             tensor = tensor.t()
         state[name] = tensor.detach().contiguous().clone()
     return state
+
+
+def llama_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Llama names: the fused q/k/v and gate/up matrices (and biases) split in Llama's order."""
+    state = model.state_dict()
+    hidden = swiglu_hidden(model.config.n_embd, model.config.bias)
+    out = {
+        "model.embed_tokens.weight": state["transformer.wte.weight"],
+        "model.norm.weight": state["transformer.ln_f.weight"],
+    }
+    if not model.config.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    kinds = ("weight", "bias") if model.config.bias else ("weight",)
+    for i in range(model.config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        out[theirs + "input_layernorm.weight"] = state[ours + "ln_1.weight"]
+        out[theirs + "post_attention_layernorm.weight"] = state[ours + "ln_2.weight"]
+        for kind in kinds:
+            q, k, v = state[f"{ours}attn.c_attn.{kind}"].chunk(3, dim=0)
+            gate, up = state[f"{ours}mlp.c_fc.{kind}"].split(hidden, dim=0)
+            out.update({f"{theirs}self_attn.q_proj.{kind}": q, f"{theirs}self_attn.k_proj.{kind}": k,
+                        f"{theirs}self_attn.v_proj.{kind}": v, f"{theirs}mlp.gate_proj.{kind}": gate,
+                        f"{theirs}mlp.up_proj.{kind}": up})  # fmt: skip
+            out[f"{theirs}self_attn.o_proj.{kind}"] = state[f"{ours}attn.c_proj.{kind}"]
+            out[f"{theirs}mlp.down_proj.{kind}"] = state[f"{ours}mlp.c_proj.{kind}"]
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def hf_model(model: torch.nn.Module, eot: int):
+    """The Hugging Face model holding ``model``'s weights (GPT2LMHeadModel or LlamaForCausalLM)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    m = model.config
+    if hf_family(m) == "gpt2":
+        config = GPT2Config(
+            vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
+            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            layer_norm_epsilon=NORM_EPS, bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=m.tie_embeddings,
+        )  # fmt: skip
+        hf, state = GPT2LMHeadModel(config), hf_state_dict(model)
+    else:
+        config = LlamaConfig(
+            vocab_size=m.vocab_size, hidden_size=m.n_embd, intermediate_size=swiglu_hidden(m.n_embd, m.bias),
+            num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.n_head,
+            head_dim=m.n_embd // m.n_head, max_position_embeddings=m.block_size, rms_norm_eps=NORM_EPS,
+            rope_theta=m.rope_theta, hidden_act="silu", attention_bias=m.bias, mlp_bias=m.bias,
+            bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=m.tie_embeddings,
+        )  # fmt: skip
+        hf, state = LlamaForCausalLM(config), llama_state_dict(model)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = ["lm_head.weight"] if m.tie_embeddings else []
+    missing = [k for k in missing if k not in tied and not k.endswith(".attn.bias")]
+    if missing or unexpected:
+        raise UserError(
+            f"weights do not map onto {type(hf).__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if m.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -85,7 +166,7 @@ def gpt2_hf_tokenizer():
 
 def export_hf(run_dir: Path, out: Path) -> Path:
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast
     except ImportError as e:
         raise UserError("export needs transformers: pip install 'tinylm[hf]'") from e
     check_writable_dir(out, "--out")
@@ -93,20 +174,9 @@ def export_hf(run_dir: Path, out: Path) -> Path:
         raise UserError(f"{out} is not empty; choose another --out")
     run = load_run(run_dir)
     m = run.cfg.model
-    eot = run.tokenizer.eot_id
-    config = GPT2Config(
-        vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True,
-    )  # fmt: skip
-    hf_model = GPT2LMHeadModel(config)
-    missing, unexpected = hf_model.load_state_dict(hf_state_dict(run.model), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith(".attn.bias")]
-    if missing or unexpected:
-        raise UserError(f"weights do not map onto GPT2LMHeadModel (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    hf_model.tie_weights()
+    hf = hf_model(run.model, run.tokenizer.eot_id)
     out.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(out, safe_serialization=True)
+    hf.save_pretrained(out, safe_serialization=True)
     if isinstance(run.tokenizer, BPETokenizer):
         backend = run.tokenizer.backend
     else:

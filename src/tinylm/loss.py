@@ -26,12 +26,19 @@ of the textbook's full logits tensor and its gradient."""
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ignoring IGNORE_INDEX.
 
-    hidden: (N, C), weight: (V, C), targets: (N,). Returns a scalar fp32 tensor.
+    hidden: (N, C), weight: (V, C), targets: (N,). Returns a scalar fp32 tensor. softcap: the
+    logits become ``softcap * tanh(logits / softcap)`` first.
     """
+    if softcap is not None:
+        return _softcapped_textbook(hidden, weight, targets, softcap)
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS.get(hidden.device.type, _CHUNK_ELEMENTS["cpu"]) // weight.shape[0])
     compute_dtype = hidden.dtype
@@ -40,6 +47,15 @@ def linear_cross_entropy(
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)
     return _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype)
+
+
+def _softcapped_textbook(hidden, weight, targets, softcap) -> torch.Tensor:
+    # Interim: the full logits tensor and autograd, correct but unchunked (the chunked path
+    # with the cap's exact gradient replaces it).
+    logits = (hidden @ weight.t()).float()  # (N, V)
+    logits = softcap * torch.tanh(logits / softcap)
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -1,7 +1,8 @@
-"""A GPT-2 style decoder: pre-LayerNorm blocks, learned positions, tied embeddings.
+"""A pre-norm decoder: GPT-2 by default (LayerNorm, learned positions, GELU MLP, tied
+embeddings), with the later mechanics as ``ModelConfig`` switches (``layers.py`` holds the parts).
 
-Parameter names follow GPT-2 (``transformer.wte``, ``h.N.attn.c_attn`` ...) so the weights
-map one to one onto Hugging Face's ``GPT2LMHeadModel``.
+Parameter names follow GPT-2 (``transformer.wte``, ``h.N.attn.c_attn`` ...) so a GPT-2 model's
+weights map one to one onto Hugging Face's ``GPT2LMHeadModel``.
 """
 
 from __future__ import annotations
@@ -13,94 +14,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinylm.config import ModelConfig
+from tinylm.layers import Block, Rotary, make_norm, rotary
 from tinylm.loss import IGNORE_INDEX, linear_cross_entropy
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:  # generation: prepend the keys and values of earlier tokens
-            k = torch.cat([cache[0], k], dim=2)  # (B, nh, past + T, hs)
-            v = torch.cat([cache[1], v], dim=2)
-        dropout = self.dropout if self.training else 0.0
-        if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        elif cache is not None and T > 1:
-            # New tokens see all cached tokens and the causal part of themselves.
-            past = k.shape[2] - T
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x, attn_mask=None, cache=None):
-        attn_out, kv = self.attn(self.ln_1(x), attn_mask, cache)
-        x = x + attn_out
-        x = x + self.mlp(self.ln_2(x))
-        return x, kv
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-            )
+        parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+        if cfg.position == "learned":
+            parts["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        parts.update(
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=make_norm(cfg),
         )
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
         self.init_weights("scaled", seed=None)
 
     @torch.no_grad()
     def init_weights(self, mode: str, seed: int | None) -> None:
-        """'scaled': GPT-2's init. 'naive': every Linear/Embedding weight from N(0, 1)."""
+        """'scaled': GPT-2's init (an untied output matrix N(0, 0.02) too). 'naive': every
+        Linear/Embedding weight from N(0, 1). Norm gains 1 and biases 0 in both."""
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
@@ -109,14 +50,14 @@ class GPT(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 # Residual output projections are scaled so the stream's variance does not
-                # grow with depth (GPT-2).
+                # grow with depth (GPT-2); SwiGLU's down projection is one of them.
                 s = residual_std if name.endswith("c_proj") else std
                 module.weight.normal_(0.0, s, generator=gen)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.weight.fill_(1.0)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
     def compile_blocks(self) -> None:
@@ -126,10 +67,22 @@ class GPT(nn.Module):
             block.compile()
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # the tied matrix counts once
+        """All parameters (a tied matrix counts once); non_embedding leaves out the token and
+        position tables and an untied output matrix, so the count compares across the switches."""
+        n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
         return n
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) final hidden states -> (..., V) logits, soft-capped if the model caps them."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(
         self,
@@ -146,16 +99,18 @@ class GPT(nn.Module):
         """
         x = self.hidden_states(idx, doc_ids)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x), None
+            return self.logits(x), None
         if full_logits:
-            logits = self.lm_head(x)  # (B, T, V)
+            logits = self.logits(x)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
             return logits, loss
-        loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        loss = linear_cross_entropy(
+            x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=self.config.logit_softcap
+        )
         return None, loss
 
     def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) tokens -> (B, T, C): the final LayerNorm's output, which lm_head turns into logits."""
+        """(B, T) tokens -> (B, T, C): the final norm's output, which ``logits`` turns into logits."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block size {self.config.block_size}")
@@ -167,10 +122,21 @@ class GPT(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             attn_mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
             pos = positions_within_documents(doc_ids)  # (B, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x, rope = self.embed(idx, pos)
+        x = self.transformer.drop(x)  # (B, T, C)
         for block in self.transformer.h:
-            x, _ = block(x, attn_mask)
+            x, _ = block(x, attn_mask, None, rope)
         return self.transformer.ln_f(x)
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, Rotary | None]:
+        """Token embeddings plus the positions' vectors (learned), or with their rotations (rope).
+
+        pos: (T,) or (B, T), each token's position within its document."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.position == "learned":
+            return x + self.transformer.wpe(pos), None
+        cfg = self.config
+        return x, rotary(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta)
 
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
@@ -178,13 +144,13 @@ class GPT(nn.Module):
         past = 0 if cache is None else cache[0][0].shape[2]
         T = idx.shape[1]
         pos = torch.arange(past, past + T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x, rope = self.embed(idx, pos)  # (B, T, C)
         new_cache: KVCache = []
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, None, None if cache is None else cache[i])
+            x, kv = block(x, None, None if cache is None else cache[i], rope)
             new_cache.append(kv)
         x = self.transformer.ln_f(x[:, -1:])  # (B, 1, C)
-        return self.lm_head(x)[:, -1], new_cache  # (B, V)
+        return self.logits(x)[:, -1], new_cache  # (B, V)
 
 
 def positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:
