@@ -2,7 +2,9 @@
 
 import json
 import math
+import re
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -106,3 +108,12 @@ def test_z_loss_is_in_the_training_loss_and_not_in_validation(stories, tmp_path)
     # At the start every log-sum-exp is about ln(V): the term is z * ln(V)^2.
     expected = 1e-2 * math.log(z.model.config.vocab_size) ** 2
     assert abs(difference - expected) < 0.1 * expected
+
+
+def test_muon_on_a_torch_without_it_is_a_one_line_error(stories, tmp_path, monkeypatch):
+    from tinylm.errors import UserError
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    cfg = tiny_config(stories, tmp_path, optimizer="muon")
+    with pytest.raises(UserError, match=re.escape(f"torch {torch.__version__}")):
+        build_optimizer(GPT(preset("tiny")), cfg.train, torch.device("cpu"))
