@@ -115,7 +115,8 @@ class TrainConfig:
     """'adamw', or 'muon': torch.optim.Muon for the 2-D weight matrices inside the blocks (attention and
     MLP), AdamW (lr, betas, weight_decay) for embeddings, the output layer, norm gains and biases."""
     muon_lr: float = 0.02
-    """Muon's peak learning rate; the schedule (warm-up, decay, the guard's cuts) scales it as it scales lr."""
+    """Muon's peak learning rate; the schedule (warm-up, decay, the guard's cuts) scales it as it scales lr.
+    0.02 (Muon's reference value) beat 0.01 and 0.05 on the basic preset (40 packed cosine steps)."""
     muon_momentum: float = 0.95
     """Muon's (Nesterov) momentum."""
     z_loss: float = 0.0
