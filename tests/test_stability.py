@@ -56,8 +56,8 @@ def test_a_nan_loss_is_skipped_without_killing_the_run(stories, tmp_path, monkey
     real_forward = GPT.forward
     calls = {"n": 0}
 
-    def forward_with_one_nan(self, idx, targets=None, doc_ids=None, full_logits=False):
-        logits, loss = real_forward(self, idx, targets, doc_ids, full_logits)
+    def forward_with_one_nan(self, idx, targets=None, doc_ids=None, **options):
+        logits, loss = real_forward(self, idx, targets, doc_ids, **options)
         if self.training:
             calls["n"] += 1
             if calls["n"] == 5:

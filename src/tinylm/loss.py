@@ -6,7 +6,9 @@ layer: the textbook ``F.cross_entropy(hidden @ W.T, targets)`` materialises a
 Here the logits of a few hundred rows exist at a time. Because the gradient of softmax
 cross-entropy is known in closed form (softmax - one_hot), the forward pass also computes
 the gradients of the hidden states and of the weight, so the backward pass is a multiply.
-Same arithmetic as the textbook, one logits chunk of memory.
+Same arithmetic as the textbook, one logits chunk of memory. A tanh soft cap on the logits and
+PaLM's z-loss are switches whose gradients are formed the same way; with both off the step is
+today's, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,32 +32,27 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     chunk_rows: int | None = None,
+    *,
     softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ignoring IGNORE_INDEX.
 
-    hidden: (N, C), weight: (V, C), targets: (N,). Returns a scalar fp32 tensor. softcap: the
-    logits become ``softcap * tanh(logits / softcap)`` first.
+    hidden: (N, C), weight: (V, C) (the tied embedding or a separate output matrix), targets: (N,).
+    Returns a scalar fp32 tensor: the loss the gradients are of.
+
+    softcap: logits become ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
+    z_loss: adds ``z_loss * mean(logsumexp(logits)^2)`` over the real targets (PaLM), which keeps
+    the softmax normaliser near 1; evaluation leaves it at 0 so its loss is the cross-entropy alone.
     """
-    if softcap is not None:
-        return _softcapped_textbook(hidden, weight, targets, softcap)
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS.get(hidden.device.type, _CHUNK_ELEMENTS["cpu"]) // weight.shape[0])
     compute_dtype = hidden.dtype
     if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
         compute_dtype = torch.get_autocast_dtype("cuda")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)
-    return _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype)
-
-
-def _softcapped_textbook(hidden, weight, targets, softcap) -> torch.Tensor:
-    # Interim: the full logits tensor and autograd, correct but unchunked (the chunked path
-    # with the cap's exact gradient replaces it).
-    logits = (hidden @ weight.t()).float()  # (N, V)
-    logits = softcap * torch.tanh(logits / softcap)
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss)
+    return _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss)
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -77,21 +74,55 @@ def _accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(compute_dtype, torch.float32)
 
 
-def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype) -> torch.Tensor:
+def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap=None, z_loss=0.0) -> torch.Tensor:
+    """The loss alone (no gradients): evaluation's path."""
     acc = _accumulation_dtype(compute_dtype)
     total = torch.zeros((), dtype=acc, device=hidden.device)
     w = weight.to(compute_dtype)
     for start in range(0, hidden.shape[0], chunk_rows):
         logits = _logits(hidden[start : start + chunk_rows].to(compute_dtype), w).to(acc)
-        total += F.cross_entropy(
-            logits, targets[start : start + chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        t = targets[start : start + chunk_rows]
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        total += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
+        if z_loss:
+            total += z_loss * (torch.logsumexp(logits, dim=1).square() * (t != IGNORE_INDEX)).sum()
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _chunk_loss_and_grad(logits, t, softcap, z_loss):
+    """Summed loss of one chunk's kept rows and d(that sum)/d(logits), before any row scale.
+
+    logits: (n, V) in the accumulation dtype, overwritten. The gradient is formed in the softmax's
+    own buffer: softmax - one_hot for the cross-entropy, the softmax scaled by 2 z lse per row for
+    the z-loss, times 1 - tanh^2 for the cap.
+    """
+    keep = t != IGNORE_INDEX
+    safe_t = torch.where(keep, t, 0)
+    tanh = None
+    if softcap is not None:
+        tanh = logits.div_(softcap).tanh_()  # kept for the cap's derivative
+        logits = tanh * softcap
+    row_max = logits.amax(dim=1)  # (n,)
+    target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (n,)
+    probs = torch.softmax(logits, dim=-1)  # (n, V)
+    del logits
+    # log-sum-exp from the softmax itself: the largest probability is 1 / sum(exp(x - max)),
+    # and it is at least 1/V, so unlike the target's probability it never underflows.
+    log_sum_exp = row_max - probs.amax(dim=1).log()
+    total = ((log_sum_exp - target_logit) * keep).sum()
+    if z_loss:
+        total = total + z_loss * (log_sum_exp.square() * keep).sum()
+        probs.mul_((1.0 + 2.0 * z_loss * log_sum_exp)[:, None])
+    probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+    if tanh is not None:
+        probs.mul_(tanh.square_().neg_().add_(1.0))
+    return total, probs, keep
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, softcap=None, z_loss=0.0):
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         grad_hidden = torch.empty_like(hidden)
         acc = _accumulation_dtype(compute_dtype)
@@ -101,21 +132,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(compute_dtype)
             for start in range(0, hidden.shape[0], chunk_rows):
                 h = hidden[start : start + chunk_rows].to(compute_dtype)  # (n, C)
-                t = targets[start : start + chunk_rows]  # (n,)
-                keep = t != IGNORE_INDEX
-                safe_t = torch.where(keep, t, 0)
                 logits = _logits(h, w).to(acc)  # (n, V)
-                row_max = logits.amax(dim=1)  # (n,)
-                target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (n,)
-                probs = torch.softmax(logits, dim=-1)  # (n, V)
+                loss_sum, probs, keep = _chunk_loss_and_grad(
+                    logits, targets[start : start + chunk_rows], softcap, z_loss
+                )
                 del logits
-                # log-sum-exp from the softmax itself: the largest probability is 1 / sum(exp(x - max)),
-                # and it is at least 1/V, so unlike the target's probability it never underflows.
-                log_sum_exp = row_max - probs.amax(dim=1).log()
-                total += ((log_sum_exp - target_logit) * keep).sum()
-                # d loss / d logits = (softmax - one_hot) / n_valid on kept rows. The row scale is
-                # applied to the (n, C) operands and results rather than to the (n, V) gradient.
-                probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+                total += loss_sum
+                # d loss / d logits is probs / n_valid on kept rows. The row scale is applied to
+                # the (n, C) operands and results rather than to the (n, V) gradient.
                 grad_logits = probs.to(compute_dtype)
                 row_scale = (keep.to(acc) / n_valid)[:, None]  # (n, 1)
                 grad_hidden[start : start + chunk_rows] = (grad_logits @ w) * row_scale
@@ -130,4 +154,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None

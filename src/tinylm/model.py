@@ -90,12 +90,14 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         full_logits: bool = False,
+        z_loss: float = 0.0,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx, targets, doc_ids: (B, T). Returns (logits, loss).
 
         With targets the loss is computed chunk by chunk and logits is None (unless
         ``full_logits``, the textbook path); without targets logits are (B, T, V).
         doc_ids, when given, keep attention inside each document and restart positions.
+        z_loss: coefficient of the log-sum-exp² term added to the loss (training only).
         """
         x = self.hidden_states(idx, doc_ids)  # (B, T, C)
         if targets is None:
@@ -105,7 +107,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
             return logits, loss
         loss = linear_cross_entropy(
-            x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=self.config.logit_softcap
+            x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=self.config.logit_softcap, z_loss=z_loss
         )
         return None, loss
 

@@ -1,21 +1,45 @@
-"""AdamW with decay / no-decay groups, and the learning-rate schedules."""
+"""The optimizers (AdamW with decay / no-decay groups, or Muon + AdamW) and the learning-rate schedules."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tinylm.config import TrainConfig
+from tinylm.errors import UserError
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """Weight decay on weight matrices only: never on biases, LayerNorms or position embeddings."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over every parameter, or Muon over the blocks' weight matrices and AdamW over the rest.
+
+    Weight decay on weight matrices only: never on biases, norm gains or position embeddings.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return _adamw(named, cfg)
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(
+            f"--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch {torch.__version__}"
+        )
+    hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    for group in muon.param_groups:
+        group[LR_RATIO] = cfg.muon_lr / cfg.lr
+    return Optimizers(_adamw([(n, p) for n, p in named if not is_hidden_matrix(n, p)], cfg), muon)
+
+
+def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
+    """A 2-D weight inside a transformer block (attention, MLP): what Muon updates. Embeddings and
+    the output layer are not: Muon's orthogonalised step suits maps between hidden spaces only."""
+    return name.startswith("transformer.h.") and param.dim() == 2
+
+
+def _adamw(named: list[tuple[str, torch.Tensor]], cfg: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for name, param in named:
         (decay if param.dim() >= 2 and "wpe" not in name else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
@@ -24,6 +48,49 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     # the fused kernel: on CPU too, about 3x faster than the multi-tensor path (measured on quality)
     fast = {"fused": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fast)
+
+
+LR_RATIO = "lr_ratio"
+"""Param-group key: the group's peak LR over ``lr`` (Muon's groups), so one schedule drives every group."""
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the scheduled LR on every group, scaled by the group's ratio to ``lr`` if it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group[LR_RATIO] if LR_RATIO in group else lr
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, stepped, cleared, saved and restored as one.
+
+    The trainer, the checkpoint and the guard's roll-back use only these methods, so they treat
+    Muon + AdamW as they treat AdamW alone (whose state_dict keeps its old layout on disk).
+    """
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("optimizers")
+        if not isinstance(saved, list) or len(saved) != len(self.optimizers):
+            raise UserError("the checkpoint's optimizer state is from another --optimizer; cannot resume")
+        for o, s in zip(self.optimizers, saved):
+            o.load_state_dict(s)
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None, time_fraction: float = 0.0) -> float:

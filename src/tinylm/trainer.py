@@ -25,7 +25,7 @@ from tinylm.distributed import Cluster
 from tinylm.evaluate import validation_loss_sum
 from tinylm.metrics import MetricsLog
 from tinylm.model import GPT
-from tinylm.optim import ScheduleSpan, describe_extension
+from tinylm.optim import ScheduleSpan, describe_extension, set_lr
 from tinylm.runtime import autocast_for
 from tinylm.stability import StabilityMonitor
 from tinylm.summary import write_summary
@@ -131,7 +131,7 @@ def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -
 
 
 def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_real: int, cluster: Cluster,
-                         device: torch.device) -> torch.Tensor:  # fmt: skip
+                         device: torch.device, z_loss: float = 0.0) -> torch.Tensor:  # fmt: skip
     """Forward and backward of this rank's micro-batches; returns their summed target losses (on the device).
 
     The step's gradient is the mean over all its real targets, whatever the split over
@@ -145,7 +145,7 @@ def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_
         last = i == len(batches) - 1
         with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
             with autocast_for(device):
-                _, loss = trainable(batch.x, batch.y, batch.doc_ids)
+                _, loss = trainable(batch.x, batch.y, batch.doc_ids, z_loss=z_loss)
             # A divisor rather than a factor: with packed rows it is this rank's number of
             # micro-batches exactly, as it always was. Every row has a real target (a document's EOT).
             (loss / (step_real / (batch.real_tokens * cluster.world))).backward()
@@ -222,10 +222,9 @@ class Trainer:
         """One optimizer step: batch, forward/backward, clip, guarded update. Returns the step's metrics."""
         t, p = self.t, self.progress
         lr = self.schedule.lr(t, p.step, p.elapsed_s) * self.monitor.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         batches, step_real = step_batches(self.data.rows, t, p.step, self.cluster)
-        loss_sum = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device)
+        loss_sum = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss)
         train_loss = self.cluster.sum([loss_sum.item()], self.device)[0] / step_real
         grad_norm = clip_gradients(self.model, t.grad_clip)
         if self.monitor.allow_update(p.step, train_loss, grad_norm):

@@ -1,0 +1,131 @@
+"""The chunked linear + cross-entropy against the textbook: soft cap, z-loss, untied weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm.loss import IGNORE_INDEX, _chunked_loss, _LinearCrossEntropy, _logits, linear_cross_entropy
+
+VARIANTS = {"softcap": (5.0, 0.0), "z_loss": (None, 1e-2), "both": (5.0, 1e-2)}
+
+
+def textbook(hidden, weight, targets, softcap=None, z_loss=0.0):
+    """Full logits, the cap, F.cross_entropy and the z-loss term over the real targets."""
+    logits = hidden @ weight.t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    keep = targets != IGNORE_INDEX
+    return loss + z_loss * torch.logsumexp(logits[keep], dim=1).square().mean()
+
+
+def case(padding: bool, rows=37, vocab=101, width=16):
+    torch.manual_seed(0)
+    hidden = (torch.randn(rows, width) * 2).requires_grad_()  # logits of a few units: the cap bites
+    weight = torch.randn(vocab, width, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,))
+    if padding:
+        targets[::3] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_softcap_and_z_loss_match_textbook_loss_and_gradients(variant, padding):
+    softcap, z = VARIANTS[variant]
+    hidden, weight, targets = case(padding)
+    ref = textbook(hidden, weight, targets, softcap, z)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=5, softcap=softcap, z_loss=z)  # 8 chunks
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation's path
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, 5, softcap=softcap, z_loss=z), ref)
+
+
+def test_z_loss_term_is_the_difference_and_evaluation_leaves_it_out():
+    hidden, weight, targets = case(padding=True)
+    with torch.no_grad():
+        ce = linear_cross_entropy(hidden, weight, targets, 5)
+        both = linear_cross_entropy(hidden, weight, targets, 5, z_loss=0.1)
+        lse = torch.logsumexp(hidden @ weight.t(), dim=1)[targets != IGNORE_INDEX]
+    torch.testing.assert_close(both - ce, 0.1 * lse.square().mean())
+    torch.testing.assert_close(ce, F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX))
+
+
+def test_softcap_bounds_the_logits_that_the_loss_sees():
+    # A confident wrong answer costs at most 2 * cap per token once the logits are capped.
+    hidden, weight, targets = case(padding=False)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden * 100, weight, targets, 5, softcap=3.0)
+    assert loss.item() <= 2 * 3.0 + torch.log(torch.tensor(101.0)).item()
+    assert linear_cross_entropy(hidden * 100, weight, targets, 5).item() > 100
+
+
+def test_untied_output_matrix_gets_its_own_gradient():
+    # The weight is an argument: a separate output matrix works like the tied embedding.
+    hidden, weight, targets = case(padding=True)
+    head = (weight.detach() * 0.5).requires_grad_()
+    loss = linear_cross_entropy(hidden, head, targets, 5, softcap=5.0, z_loss=1e-2)
+    loss.backward()
+    ref_grads = torch.autograd.grad(textbook(hidden, head, targets, 5.0, 1e-2), (hidden, head))
+    assert weight.grad is None
+    torch.testing.assert_close(head.grad, ref_grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_matmuls_with_softcap_and_z_loss_stay_close_to_fp32():
+    # The GPU path (bf16 matmuls, fp32 softmax and accumulation), run here on the CPU.
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 0.2).requires_grad_()
+    targets = torch.randint(0, 300, (64,))
+    targets[::5] = IGNORE_INDEX
+    ref = textbook(hidden, weight, targets, 5.0, 1e-2)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    loss = _LinearCrossEntropy.apply(hidden, weight, targets, 16, torch.bfloat16, 5.0, 1e-2)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.005 * ref.item()
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        assert (g - r).norm() < 0.01 * r.norm()
+    no_grad = _chunked_loss(hidden.detach(), weight.detach(), targets, 16, torch.bfloat16, 5.0, 1e-2)
+    assert abs(no_grad.item() - ref.item()) < 0.005 * ref.item()
+
+
+def _before_the_switches(hidden, weight, targets, chunk_rows):
+    """The fused forward as it was before softcap and z-loss (commit 00413b4), for bit-identity."""
+    n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+    total = torch.zeros(())
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+        keep = t != IGNORE_INDEX
+        safe_t = torch.where(keep, t, 0)
+        logits = _logits(h, weight)
+        row_max = logits.amax(dim=1)
+        target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        log_sum_exp = row_max - probs.amax(dim=1).log()
+        total += ((log_sum_exp - target_logit) * keep).sum()
+        probs[torch.arange(len(t)), safe_t] -= 1.0
+        row_scale = (keep.float() / n_valid)[:, None]
+        grad_hidden[start : start + chunk_rows] = (probs @ weight) * row_scale
+        grad_weight.addmm_(probs.t(), h * row_scale)
+    return total / n_valid, grad_hidden, grad_weight
+
+
+def test_default_path_is_bit_identical_to_the_one_before_the_switches():
+    hidden, weight, targets = case(padding=True, rows=300, vocab=2000, width=32)
+    old_loss, *old_grads = _before_the_switches(hidden.detach(), weight.detach(), targets, 64)
+    loss = linear_cross_entropy(hidden, weight, targets, 64, softcap=None, z_loss=0.0)
+    loss.backward()
+    assert torch.equal(loss, old_loss)
+    assert torch.equal(hidden.grad, old_grads[0]) and torch.equal(weight.grad, old_grads[1])
+    with torch.no_grad():  # evaluation's path was one F.cross_entropy sum per chunk
+        no_grad = linear_cross_entropy(hidden, weight, targets, 64)
+        old = sum(F.cross_entropy(_logits(h, weight), t, ignore_index=IGNORE_INDEX, reduction="sum")
+                  for h, t in zip(hidden.split(64), targets.split(64)))  # fmt: skip
+    assert torch.equal(no_grad, old / (targets != IGNORE_INDEX).sum())

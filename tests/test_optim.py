@@ -1,0 +1,119 @@
+"""Muon for the blocks' matrices, AdamW for the rest; z-loss in training only."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from tinylm.config import preset
+from tinylm.distributed import Cluster
+from tinylm.metrics import read_metrics
+from tinylm.model import GPT
+from tinylm.optim import Optimizers, build_optimizer
+from tinylm.train import build_trainer, train
+
+
+def _without_time(records):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
+
+
+def _trainer(stories, run_dir, **settings):
+    cfg = tiny_config(stories, run_dir, **settings)
+    return build_trainer(cfg, resume=False, quiet=True, cluster=Cluster(), device=torch.device("cpu"))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(stories, tmp_path):
+    cfg = tiny_config(stories, tmp_path, optimizer="muon")
+    model = GPT(preset("tiny"))
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    adamw, muon = opt.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    owner = {}
+    for o in opt.optimizers:
+        for group in o.param_groups:
+            for p in group["params"]:
+                assert id(p) not in owner, "a parameter in two optimizers"
+                owner[id(p)] = o
+    named = dict(model.named_parameters())
+    assert set(owner) == {id(p) for p in named.values()}  # every parameter, once
+    on_muon = {n for n, p in named.items() if owner[id(p)] is muon}
+    assert on_muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                       for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
+    assert "transformer.wte.weight" not in on_muon and "transformer.h.0.ln_1.weight" not in on_muon
+
+
+def test_the_schedule_scales_muon_and_adamw_alike(stories, tmp_path):
+    trainer = _trainer(stories, tmp_path / "run", optimizer="muon", lr=2e-3, muon_lr=0.05, schedule="cosine")
+    for _ in range(3):
+        record = trainer.train_step()
+        adamw, muon = trainer.optimizer.optimizers
+        assert all(g["lr"] == record["lr"] for g in adamw.param_groups)
+        assert all(abs(g["lr"] - record["lr"] * 25) < 1e-12 for g in muon.param_groups)
+    assert record["lr"] < 2e-3  # decaying: the schedule moved both
+
+
+def test_muon_run_trains(stories, tmp_path):
+    s = train(tiny_config(stories, tmp_path / "run", optimizer="muon", max_steps=20, eval_every=10), quiet=True).summary
+    assert s["completed"] and s["best_val_loss"] < s["start_val_loss"] - 1.0
+
+
+def test_muon_resume_equals_uninterrupted(stories, tmp_path):
+    whole = train(tiny_config(stories, tmp_path / "whole", optimizer="muon", schedule="cosine"), quiet=True)
+    cfg = tiny_config(stories, tmp_path / "split", optimizer="muon", schedule="cosine")
+    assert train(cfg, quiet=True, interrupt_after=6).interrupted
+    resumed = train(cfg, resume=True, quiet=True)
+    assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
+
+
+def test_an_adamw_checkpoint_from_before_the_switch_resumes(stories, tmp_path):
+    # Old runs: config.json without the new fields, trainer_state.pt holding AdamW's own state_dict.
+    whole = train(tiny_config(stories, tmp_path / "whole"), quiet=True)
+    cfg = tiny_config(stories, tmp_path / "split")
+    train(cfg, quiet=True, interrupt_after=6)
+    config = tmp_path / "split" / "config.json"
+    saved = json.loads(config.read_text())
+    for new in ("optimizer", "muon_lr", "muon_momentum", "z_loss"):
+        del saved["train"][new]
+    config.write_text(json.dumps(saved))
+    state = torch.load(tmp_path / "split" / "checkpoint-000006" / "trainer_state.pt", weights_only=False)
+    assert set(state["optimizer"]) == {"state", "param_groups"}  # AdamW's layout, as before
+    resumed = train(cfg, resume=True, quiet=True)
+    assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
+
+
+def test_the_guards_rollback_restores_both_optimizers(stories, tmp_path):
+    trainer = _trainer(stories, tmp_path / "run", optimizer="muon", guard=True)
+    trainer.train_step()
+    trainer.validate()  # keeps this state as the good one
+    kept = [{k: v.clone() for k, v in s.items()} for s in _states(trainer.optimizer)]
+    trainer.train_step()
+    assert any(not torch.equal(s[name], k[name]) for s, k in zip(_states(trainer.optimizer), kept) for name in k)
+    trainer.monitor.rollback(trainer.model, trainer.optimizer, trainer.progress.step)
+    for s, k in zip(_states(trainer.optimizer), kept):
+        assert all(torch.equal(s[name], k[name]) for name in k)
+
+
+def _states(opt: Optimizers) -> list[dict[str, torch.Tensor]]:
+    return [s for o in opt.optimizers for s in o.state.values()]
+
+
+def test_z_loss_is_in_the_training_loss_and_not_in_validation(stories, tmp_path):
+    plain = _trainer(stories, tmp_path / "plain")
+    z = _trainer(stories, tmp_path / "z", z_loss=1e-2)
+    assert plain.validate() == z.validate()  # validation: the cross-entropy alone
+    difference = z.train_step()["train_loss"] - plain.train_step()["train_loss"]
+    # At the start every log-sum-exp is about ln(V): the term is z * ln(V)^2.
+    expected = 1e-2 * math.log(z.model.config.vocab_size) ** 2
+    assert abs(difference - expected) < 0.1 * expected
+
+
+def test_muon_on_a_torch_without_it_is_a_one_line_error(stories, tmp_path, monkeypatch):
+    from tinylm.errors import UserError
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    cfg = tiny_config(stories, tmp_path, optimizer="muon")
+    with pytest.raises(UserError, match=re.escape(f"torch {torch.__version__}")):
+        build_optimizer(GPT(preset("tiny")), cfg.train, torch.device("cpu"))
