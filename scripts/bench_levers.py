@@ -45,7 +45,7 @@ def alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) ->
 
 
 def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
-    runner = StepRunner("tinylm", preset_name, 8, CPU)
+    runner = StepRunner("tinylm", preset(preset_name), 8, CPU)
     available = tinylm.loss._ONEDNN
 
     def step_with(onednn: bool) -> Callable[[], float]:
@@ -76,10 +76,11 @@ def onednn_logits_matmul(preset_name: str, repeats: int) -> tuple[float, float]:
 STEPS_IN_A_FRESH_PROCESS = """
 import resource, statistics, sys, time, torch
 from tinylm.bench import StepRunner
+from tinylm.config import preset
 from tinylm.runtime import keep_freed_memory
 if sys.argv[2] == "1":
     keep_freed_memory()
-runner = StepRunner("tinylm", sys.argv[1], 8, torch.device("cpu"))
+runner = StepRunner("tinylm", preset(sys.argv[1]), 8, torch.device("cpu"))
 runner.step()
 faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
 for _ in range(int(sys.argv[3])):
@@ -108,7 +109,7 @@ def heap(preset_name: str, repeats: int) -> tuple[float, float, float, float]:
 
 def adamw(preset_name: str, repeats: int) -> tuple[float, float, float]:
     """optimizer.step() seconds: for-loop (AdamW's CPU default), multi-tensor, fused."""
-    model = StepRunner("tinylm", preset_name, 1, CPU).model
+    model = StepRunner("tinylm", preset(preset_name), 1, CPU).model
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opts = [torch.optim.AdamW(model.parameters(), lr=1e-4, **kw) for kw in ({}, {"foreach": True}, {"fused": True})]
@@ -176,8 +177,8 @@ def batch_building(block_size: int, repeats: int) -> dict[str, float]:
 
 def compiled_blocks(preset_name: str, repeats: int) -> tuple[float, float, float]:
     """Step seconds eager vs with torch.compile on every transformer block, and the compile time."""
-    eager = StepRunner("tinylm", preset_name, 8, CPU)
-    compiled = StepRunner("tinylm", preset_name, 8, CPU)
+    eager = StepRunner("tinylm", preset(preset_name), 8, CPU)
+    compiled = StepRunner("tinylm", preset(preset_name), 8, CPU)
     for block in compiled.model.transformer.h:
         block.compile()
     start = time.perf_counter()

@@ -64,3 +64,21 @@ def test_bench_json_alone_goes_to_stdout():
     report = json.loads(done.stdout)
     assert report["preset"] == "tiny" and [r["name"] for r in report["results"]] == ["tinylm"]
     assert report["results"][0]["peak_memory_mb"] is None
+
+
+def test_bench_times_the_mechanics_it_is_given(tmp_path):
+    from tinylm.config import ModelConfig, preset
+    from tinylm.costs import model_costs
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tinylm", "bench", "--preset", "tiny", "--batch-size", "2", "--repeats", "1",
+         "--warmup", "1", "--device", "cpu", "--position", "rope", "--mlp", "swiglu", "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["model"]["position"], report["model"]["mlp"]) == ("rope", "swiglu")
+    shape = {k: v for k, v in vars(preset("tiny")).items()}
+    expected = model_costs(ModelConfig(**{**shape, "position": "rope", "mlp": "swiglu"}), 2)
+    assert report["params"] == expected.params and report["flops_per_token"] == expected.flops_per_token_train
+    assert report["results"][0]["peak_memory_mb"] > 0  # the fresh process built the same model

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tinylm.config import TrainConfig, preset
+from tinylm.config import ModelConfig, TrainConfig, preset
 from tinylm.costs import model_costs
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
@@ -60,14 +60,13 @@ class StepRunner:
     def __init__(
         self,
         variant: str,
-        preset_name: str,
+        cfg: ModelConfig,
         batch_size: int,
         device: torch.device,
         seed: int = 0,
         compile: bool = False,
     ):
         torch.manual_seed(seed)
-        cfg = preset(preset_name)
         self.model = GPT(cfg).to(device)
         self.model.init_weights("scaled", seed=seed)
         self.textbook = variant == "textbook"
@@ -94,11 +93,11 @@ class StepRunner:
         return loss.item()
 
 
-def peak_memory_mb(variant: str, preset_name: str, batch_size: int, device: torch.device, compile: bool) -> float:
+def peak_memory_mb(variant: str, cfg: ModelConfig, batch_size: int, device: torch.device, compile: bool) -> float:
     """Peak memory of a few steps of one variant, in a fresh process (RSS on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        runner = StepRunner(variant, preset_name, batch_size, device, compile=compile)
+        runner = StepRunner(variant, cfg, batch_size, device, compile=compile)
         for _ in range(2):
             runner.step()
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -107,8 +106,10 @@ def peak_memory_mb(variant: str, preset_name: str, batch_size: int, device: torc
         return peak
     code = (
         "import torch; from tinylm.bench import StepRunner, own_peak_rss_kib; "
+        "from tinylm.config import ModelConfig; "
         "from tinylm.runtime import tune_for; tune_for(torch.device('cpu')); "
-        f"r = StepRunner({variant!r}, {preset_name!r}, {batch_size}, torch.device('cpu'), compile={compile}); "
+        f"r = StepRunner({variant!r}, ModelConfig(**{asdict(cfg)!r}), {batch_size}, torch.device('cpu'), "
+        f"compile={compile}); "
         "[r.step() for _ in range(2)]; "
         "print(own_peak_rss_kib())"
     )
@@ -142,15 +143,17 @@ def bench(
     device_name: str = "auto",
     measure_memory: bool = True,
     compile: bool = False,
+    model: ModelConfig | None = None,
 ) -> dict:
+    """Time the step of ``model`` (default: the preset's shape, GPT-2 mechanics); see the module doc."""
     device = select_device(device_name)
     tune_for(device)  # the same process settings as training, for both steps
     peak = matmul_peak_gflops(device)
-    cfg = preset(preset_name)
+    cfg = model or preset(preset_name)
     flops_per_token = model_costs(cfg, batch_size).flops_per_token_train
     tokens = batch_size * cfg.block_size
     variants = ["tinylm"] + (["textbook"] if compare_textbook else [])
-    runners = {v: StepRunner(v, preset_name, batch_size, device, compile=compile) for v in variants}
+    runners = {v: StepRunner(v, cfg, batch_size, device, compile=compile) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(warmup + repeats):
         for v in variants:  # alternate, so drift on a shared machine hits both alike
@@ -164,10 +167,12 @@ def bench(
         median = statistics.median(times[v])
         tps = tokens / median
         gflops = tps * flops_per_token / 1e9
-        memory = peak_memory_mb(v, preset_name, batch_size, device, compile) if measure_memory else None
+        memory = peak_memory_mb(v, cfg, batch_size, device, compile) if measure_memory else None
         results.append(StepTiming(v, median, tps, gflops, gflops / peak, memory))
     report = {
         "preset": preset_name,
+        "model": asdict(cfg),
+        "params": model_costs(cfg, batch_size).params,
         "batch_size": batch_size,
         "block_size": cfg.block_size,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

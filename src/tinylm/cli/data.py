@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-from tinylm.cli.flags import at_least, integer
-from tinylm.config import PRESETS
+from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
+from tinylm.config import PRESETS, ModelConfig, preset
+from tinylm.fields import build, merge
 from tinylm.paths import check_writable_dir
 
 
@@ -67,14 +69,17 @@ def add_bench(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="FILE", nargs="?", const="-",
                    help="the figures as JSON: to FILE (the table still prints), or alone to stdout")  # fmt: skip
+    add_settings_flags(p, ModelConfig, "model (over the preset's shape: the mechanics to time)", "model.")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from tinylm.bench import bench, format_report
 
+    model_flags = given_settings(args).get("model", {})
+    model = build(ModelConfig, merge(dataclasses.asdict(preset(args.preset)), model_flags), "model.")
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
-                   measure_memory=not args.no_memory, compile=args.compile)  # fmt: skip
+                   measure_memory=not args.no_memory, compile=args.compile, model=model)  # fmt: skip
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0
