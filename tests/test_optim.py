@@ -117,3 +117,15 @@ def test_muon_on_a_torch_without_it_is_a_one_line_error(stories, tmp_path, monke
     cfg = tiny_config(stories, tmp_path, optimizer="muon")
     with pytest.raises(UserError, match=re.escape(f"torch {torch.__version__}")):
         build_optimizer(GPT(preset("tiny")), cfg.train, torch.device("cpu"))
+
+
+def test_muon_decays_the_weights_per_step_as_adamw_does(stories, tmp_path):
+    cfg = tiny_config(stories, tmp_path, optimizer="muon", weight_decay=0.1, lr=1e-3, muon_lr=0.02)
+    adamw, muon = build_optimizer(GPT(preset("tiny")), cfg.train, torch.device("cpu")).optimizers
+    decaying = [g for g in adamw.param_groups if g["weight_decay"] > 0][0]
+    # both shrink decoupled: p *= 1 - lr * weight_decay
+    per_step = {
+        decaying["lr"] * decaying["weight_decay"],
+        muon.param_groups[0]["lr"] * muon.param_groups[0]["weight_decay"],
+    }
+    assert len({round(x, 12) for x in per_step}) == 1

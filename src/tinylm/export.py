@@ -32,8 +32,8 @@ def hf_family(m: ModelConfig) -> str:
     for key, needed in mechanics.items():
         if getattr(m, key) != needed:
             hf_class = "GPT2LMHeadModel" if family == "gpt2" else "LlamaForCausalLM"
-            raise UserError(f"cannot export {key}={getattr(m, key)!r} with position={m.position}: "
-                            f"Hugging Face's {hf_class} needs {key}={needed!r}")  # fmt: skip
+            raise UserError(f"cannot export {key}={getattr(m, key)!r} with position={m.position}: tinylm exports "
+                            f"Hugging Face's {hf_class} for these mechanics, which needs {key}={needed!r}")  # fmt: skip
     return family
 
 

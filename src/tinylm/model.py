@@ -103,6 +103,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x), None
         if full_logits:
+            if z_loss:
+                raise ValueError("the full-logits (textbook) loss has no z-loss term")
             logits = self.logits(x)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
             return logits, loss

@@ -25,7 +25,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
             f"--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch {torch.__version__}"
         )
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    # Muon decays decoupled, p *= 1 - lr * wd, with its own lr (20x AdamW's at the defaults):
+    # scaled so that a step shrinks the weights as much as AdamW's does at the same weight_decay.
+    decay = cfg.weight_decay * cfg.lr / cfg.muon_lr
+    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=decay, momentum=cfg.muon_momentum)
     for group in muon.param_groups:
         group[LR_RATIO] = cfg.muon_lr / cfg.lr
     return Optimizers(_adamw([(n, p) for n, p in named if not is_hidden_matrix(n, p)], cfg), muon)
@@ -33,7 +36,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
     """A 2-D weight inside a transformer block (attention, MLP): what Muon updates. Embeddings and
-    the output layer are not: Muon's orthogonalised step suits maps between hidden spaces only."""
+    the output layer are not: Muon's orthogonalised step suits maps between hidden spaces only.
+    The fused matrices (c_attn: q, k, v stacked; SwiGLU's c_fc: gate and up) are orthogonalised
+    as one, and torch's Muon scales their step by sqrt(rows / cols); reference Muon code splits q, k, v."""
     return name.startswith("transformer.h.") and param.dim() == 2
 
 
