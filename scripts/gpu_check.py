@@ -128,7 +128,7 @@ def tests(check: Check) -> None:
             argv += ["-n", "8"]  # most tests are CPU-bound tiny runs; 2 threads each below
         if _importable(check.python, "pytest_timeout"):
             argv += ["--timeout", "150"]
-    result = check.run("tests", argv, timeout=60 if check.smoke else 240, env={"OMP_NUM_THREADS": "2"})
+    result = check.run("tests", argv, timeout=120 if check.smoke else 300, env={"OMP_NUM_THREADS": "2"})
     if junit.exists():
         result.figures = _junit_counts(junit)
         shutil.copy(junit, check.out / "tests.xml")
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="text data for the ablation (default .device/data/tinystories-lc)")
     parser.add_argument("--only", help="comma-separated part names to run, e.g. bench-basic,tests (a rerun)")
     parser.add_argument(
-        "--budget-s", type=float, help="stop starting parts after this many seconds (450; 900 with --smoke)"
+        "--budget-s", type=float, help="stop starting parts after this many seconds (480; 900 with --smoke)"
     )
     args = parser.parse_args(argv)
     if args.prepare:
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # only to know which parts can run; the parts themselves run in subprocesses
 
     check = Check(out=out, work=Path(tempfile.mkdtemp(prefix="gpu_check-")), smoke=args.smoke, data=data,
-                  cuda=torch.cuda.is_available(), deadline=started + (args.budget_s or (900 if args.smoke else 450)),
+                  cuda=torch.cuda.is_available(), deadline=started + (args.budget_s or (900 if args.smoke else 480)),
                   only=only)  # fmt: skip
     # The most telling parts first, so a short lease still brings back the figures.
     environment(check)
