@@ -54,6 +54,11 @@ def stories(tmp_path_factory) -> Path:
     return write_stories(tmp_path_factory.mktemp("data") / "stories.txt", 400)
 
 
+TINY_CLI_FLAGS = ["--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--eval-tokens", "512",
+                  "--tokenizer", "bpe:512", "--quiet"]  # fmt: skip
+"""The tiny model of tiny_config() as `tinylm train` flags (add --data and --out)."""
+
+
 def tiny_config(data: Path | str, out: Path, **train) -> RunConfig:
     """A tiny model; a small trained BPE keeps its steps cheap (pass tokenizer='gpt2' for GPT-2's 50257)."""
     settings = dict(

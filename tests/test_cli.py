@@ -10,19 +10,9 @@ import time
 
 import pytest
 
-TINY = [
-    "--preset",
-    "tiny",
-    "--device",
-    "cpu",
-    "--batch-size",
-    "4",
-    "--eval-tokens",
-    "512",
-    "--tokenizer",
-    "bpe:512",
-    "--quiet",
-]
+from conftest import TINY_CLI_FLAGS
+
+TINY = TINY_CLI_FLAGS
 
 
 def tinylm(*args, **kwargs):

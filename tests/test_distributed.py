@@ -160,3 +160,18 @@ def test_ranks_with_different_configs_all_stop_with_the_same_error(tmp_path):
     assert [o["same"] for o in outcomes] == ["agreed", "agreed"]
     assert outcomes[0]["different"] == outcomes[1]["different"]
     assert "ranks disagree on the config" in outcomes[0]["different"]
+
+
+def test_a_process_without_a_gpu_of_its_own_is_one_line_before_nccl_starts(monkeypatch):
+    import torch
+
+    from tinylm.distributed import init_cluster
+    from tinylm.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # two processes, one GPU: NCCL cannot share it
+    with pytest.raises(UserError, match=r"no GPU of its own \(1 here\).*--nproc-per-node 1, or --device cpu"):
+        init_cluster("auto")

@@ -10,26 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import TINY_CLI_FLAGS, tiny_config
 from tinylm.cli import main
 from tinylm.config import ModelConfig, RunConfig, TrainConfig
 from tinylm.errors import UserError
 from tinylm.metrics import read_metrics
 from tinylm.train import train
 
-TINY = [
-    "--preset",
-    "tiny",
-    "--device",
-    "cpu",
-    "--batch-size",
-    "4",
-    "--eval-tokens",
-    "512",
-    "--tokenizer",
-    "bpe:512",
-    "--quiet",
-]
+TINY = TINY_CLI_FLAGS
 
 
 @pytest.fixture(scope="module")
