@@ -1,26 +1,37 @@
-"""The seed report's ablation: four cumulative phases at equal compute, for one or more presets.
+"""Running a study (tinylm.study): its arms on one or more presets, each with its seeds and, when the
+study tunes LRs, its LR trials first. The seed report's four cumulative phases are the built-in
+``seed`` study (src/tinylm/studies/seed.yaml).
 
-Every phase of a preset trains with the same seed, the same token-slot budget
-(steps x batch x block) and the same validation stream; only init, schedule and batching
-change, one at a time. A finished phase is skipped on a rerun; an interrupted one resumes.
+Every run of a preset gets the same budget and the same validation stream; seed k of every arm
+trains with the same seed (paired). A finished run is skipped on a rerun; an interrupted one
+resumes; a rerun with other settings is refused. OUT/study.json records the study as it goes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tinylm import checkpoint
-from tinylm.config import RunConfig, TrainConfig, preset
+from tinylm.config import RunConfig, TrainConfig
 from tinylm.errors import UserError
+from tinylm.manifest import Manifest, mark_summary, study_block
 from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary
+from tinylm.study import DEFAULT_STUDY, Arm, Study, dotted, load_study
+from tinylm.studyplan import DEFAULT_TOKENS, Plan, trial_config, with_lr_factor
+
+__all__ = ["DEFAULT_TOKENS", "PHASES", "Phase", "ablate", "parse_phases", "phase_config", "pick_lr_factor",
+           "run_study", "select_arms"]  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Phase:
+    """An arm of the seed study, by the three settings its phases change (what the report groups by)."""
+
     name: str
     key_change: str
     init: str
@@ -28,41 +39,50 @@ class Phase:
     batching: str
 
 
-PHASES: dict[str, Phase] = {
-    p.name: p
-    for p in (
-        Phase("baseline", "Random init N(0, 1), fixed LR, padded", "naive", "constant", "padded"),
-        Phase("init", "Scaled (GPT-2) init", "scaled", "constant", "padded"),
-        Phase("cosine", "+ Warm-up and cosine decay", "scaled", "cosine", "padded"),
-        Phase("packed", "+ Packed sequences", "scaled", "cosine", "packed"),
-    )
-}
+def _seed_phases() -> dict[str, Phase]:
+    study = load_study(DEFAULT_STUDY)
+    phases = {}
+    for arm in study.arms:
+        train = {**study.base.get("train", {}), **arm.changes.get("train", {})}
+        phases[arm.name] = Phase(arm.name, arm.key_change, train["init"], train["schedule"], train["batching"])
+    return phases
 
-# Token slots per phase when no budget is given: enough for a real result on one GPU.
-DEFAULT_TOKENS = {"tiny": 200_000, "basic": 20_000_000, "mid": 40_000_000, "quality": 80_000_000}
+
+PHASES: dict[str, Phase] = _seed_phases()
+
+
+def select_arms(study: Study, text: str | None) -> list[Arm]:
+    """``--phases``: a subset of the study's arms, in the order given (all of them by default)."""
+    arms = {a.name: a for a in study.arms}
+    if not text:
+        return list(arms.values())
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in arms]
+    if unknown:
+        raise UserError(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(arms)}")
+    return [arms[n] for n in names]
 
 
 def parse_phases(text: str | None) -> list[Phase]:
-    if not text:
-        return list(PHASES.values())
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PHASES]
-    if unknown:
-        raise UserError(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
-    return [PHASES[n] for n in names]
+    return [PHASES[a.name] for a in select_arms(load_study(DEFAULT_STUDY), text)]
+
+
+def legacy_settings(study: Study, base: TrainConfig, model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A whole TrainConfig as flags over a study: every setting but those the study sets and the run's folder."""
+    fixed = set(dotted(study.base)) | {key for arm in study.arms for key in arm.changed} | {"train.out"}
+    train = {k: v for k, v in dataclasses.asdict(base).items() if f"train.{k}" not in fixed}
+    return {"train": train, "model": dict(model or {})}
 
 
 def phase_config(base: TrainConfig, preset_name: str, phase: Phase, seed: int, run_dir: Path) -> RunConfig:
-    train = dataclasses.replace(
-        base, init=phase.init, schedule=phase.schedule, batching=phase.batching, seed=seed, out=str(run_dir),
-        doc_mask=base.doc_mask and phase.batching == "packed",  # --doc-mask applies to the packed phase only
-    )  # fmt: skip
-    return RunConfig(model=preset(preset_name), train=train, preset=preset_name)
-
-
-def run_dir_for(out: Path, preset_name: str, phase: Phase, seed_index: int, n_seeds: int) -> Path:
-    name = phase.name if n_seeds == 1 else f"{phase.name}-seed{seed_index}"
-    return out / preset_name / name
+    """The config of one seed-study phase on a preset: ``base`` with the phase's settings."""
+    study = load_study(DEFAULT_STUDY)
+    arm = select_arms(study, phase.name)[0]
+    plan = Plan(study, [preset_name], legacy_settings(study, dataclasses.replace(base, seed=seed)), run_dir.parent,
+                [arm], seeds=1)  # fmt: skip
+    cfg = plan.config(preset_name, arm, 0)
+    cfg.train.out = str(run_dir)
+    return cfg
 
 
 def ablate(
@@ -75,29 +95,99 @@ def ablate(
     quiet: bool = False,
     nproc_per_node: int = 1,
 ) -> list[Path]:
-    """Run (or finish) every phase of every preset; returns the run directories in order."""
+    """The seed study's ``phases`` on every preset, ``base`` holding every other training setting."""
+    study = load_study(DEFAULT_STUDY)
+    arms = select_arms(study, ",".join(p.name for p in phases))
+    settings = legacy_settings(study, base, model_overrides)
+    return run_study(study, presets, settings, out, arms, seeds, quiet, nproc_per_node)
+
+
+def run_study(
+    study: Study,
+    presets: list[str],
+    settings: dict[str, Any],
+    out: Path,
+    arms: list[Arm] | None = None,
+    seeds: int | None = None,
+    quiet: bool = False,
+    nproc_per_node: int = 1,
+) -> list[Path]:
+    """Run (or finish) ``arms`` of ``study`` (all by default) on every preset, ``settings`` (the
+    flags) over its base; returns the run directories in order. Every run's config is made, and so
+    checked, before the first one trains."""
+    seeds = study.seeds if seeds is None else seeds
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
+    plan = Plan(study, presets, settings, out, arms or study.arms, seeds, nproc_per_node)
+    configs = {(p, arm.name, k): plan.config(p, arm, k) for p in presets for arm in plan.arms for k in range(seeds)}
     out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(plan)
+    for (p, name, k), cfg in configs.items():
+        arm = next(a for a in plan.arms if a.name == name)
+        manifest.set(arm, "runs", p, [manifest.relative(plan.run_dir(p, arm, i)) for i in range(seeds)])
+        manifest.set(arm, "budget", p, plan.arm_budget(cfg))
+    manifest.write()
     run_dirs = []
-    for preset_name in presets:
-        for phase in phases:
+    for p in presets:
+        for arm in plan.arms:
+            factor = _tune(plan, manifest, p, arm, configs[(p, arm.name, 0)], quiet) if study.lr_tune else None
             for k in range(seeds):
-                run_dir = run_dir_for(out, preset_name, phase, k, seeds)
-                cfg = phase_config(base, preset_name, phase, base.seed + k, run_dir)
-                for key, value in (model_overrides or {}).items():
-                    setattr(cfg.model, key, value)
-                cfg.model.__post_init__()
+                cfg = configs[(p, arm.name, k)]
+                cfg = cfg if factor is None else with_lr_factor(cfg, factor)
+                run_dir = Path(cfg.train.out)
                 run_dirs.append(run_dir)
-                _run_phase(cfg, run_dir, f"{preset_name}/{run_dir.name}", phase, quiet, nproc_per_node)
+                _run_phase(cfg, run_dir, f"{p}/{run_dir.name}", arm.key_change, quiet, nproc_per_node)
+                mark_summary(run_dir, study_block(study.name, arm, factor))
     return run_dirs
 
 
-def _run_phase(cfg: RunConfig, run_dir: Path, label: str, phase: Phase, quiet: bool, nproc_per_node: int) -> None:
-    """Train one phase's run, resume it if it was interrupted, or skip it if it finished."""
+def _tune(plan: Plan, manifest: Manifest, preset_name: str, arm: Arm, cfg: RunConfig, quiet: bool) -> float:
+    """The arm's LR trials (first seed, a share of its budget), run or found finished; returns the
+    LR factor its full runs train at and records it, its LR and the trials in study.json."""
+    study, summaries = plan.study, {}
+    for factor in study.lr_tune or []:
+        run_dir = plan.trial_dir(preset_name, arm, factor)
+        trial = trial_config(cfg, factor, study.lr_tune_share, run_dir)
+        label = f"trials/{preset_name}/{run_dir.name}"
+        _run_phase(trial, run_dir, label, f"LR trial: lr x {factor:g}", quiet, plan.nproc)
+        mark_summary(run_dir, study_block(study.name, arm, factor, trial=True))
+        summaries[factor] = read_summary(run_dir)
+        manifest.set(arm, "trials", preset_name, {**manifest.arm(arm)["trials"].get(preset_name, {}),
+                                                  f"{factor:g}": manifest.relative(run_dir)})  # fmt: skip
+    chosen = pick_lr_factor(summaries, study.rank_by, f"arm {arm.name} on {preset_name}")
+    tuned = with_lr_factor(cfg, chosen)
+    manifest.set(arm, "lr_factor", preset_name, chosen)
+    manifest.set(arm, "lr", preset_name, tuned.train.lr)
+    manifest.set(
+        arm, "trial_losses", preset_name, {f"{f:g}": _ranked_loss(s, study.rank_by) for f, s in summaries.items()}
+    )
+    manifest.write()
+    if not quiet:
+        print(f"[{preset_name}/{arm.name}] LR x {chosen:g} chosen (lr {tuned.train.lr:g})", flush=True)
+    return chosen
+
+
+def _ranked_loss(summary: dict[str, Any], rank_by: str) -> float | None:
+    """The trial's best loss by ``rank_by``; the packed best_val_loss for runs that lack it (older runs)."""
+    value = summary.get(f"best_{rank_by}")
+    return summary.get("best_val_loss") if value is None else value
+
+
+def pick_lr_factor(summaries: dict[float, dict[str, Any]], rank_by: str, what: str) -> float:
+    """The factor whose trial reached the lowest best validation loss (the first of equals)."""
+    losses = {f: _ranked_loss(s, rank_by) for f, s in summaries.items()}
+    finite = {f: v for f, v in losses.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if not finite:
+        raise UserError(f"every LR trial of {what} failed to reach a finite validation loss; lower --lr")
+    return min(finite, key=lambda f: finite[f])
+
+
+def _run_phase(cfg: RunConfig, run_dir: Path, label: str, what: str, quiet: bool, nproc_per_node: int) -> None:
+    """Train one run, resume it if it was interrupted, or skip it if it finished (with these settings)."""
     from tinylm.train import train
 
     if (run_dir / SUMMARY_FILE).exists() and read_summary(run_dir).get("completed"):
+        _check_same_recipe(run_dir / CONFIG_FILE, cfg)
         if not quiet:
             print(f"[{label}] already finished, skipped")
         return
@@ -105,7 +195,7 @@ def _run_phase(cfg: RunConfig, run_dir: Path, label: str, phase: Phase, quiet: b
     if resume:
         _check_same_recipe(run_dir / CONFIG_FILE, cfg)
     if not quiet:
-        print(f"[{label}] {'resuming' if resume else 'training'}: {phase.key_change}", flush=True)
+        print(f"[{label}] {'resuming' if resume else 'training'}: {what}", flush=True)
     if nproc_per_node > 1:
         _train_with_torchrun(cfg, resume, quiet, nproc_per_node)
         return
@@ -125,7 +215,7 @@ def _check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
 
 
 def _train_with_torchrun(cfg: RunConfig, resume: bool, quiet: bool, nproc: int) -> None:
-    """One phase as `torchrun -m tinylm train`, from a recipe file holding its exact config."""
+    """One run as `torchrun -m tinylm train`, from a recipe file holding its exact config."""
     from tinylm.distributed import relaunch_with_torchrun
 
     run_dir = Path(cfg.train.out)

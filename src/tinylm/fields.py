@@ -13,6 +13,7 @@ import dataclasses
 import math
 import typing
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 from tinylm.errors import UserError
@@ -227,3 +228,40 @@ def build(kind: type, values: dict[str, Any], prefix: str = "") -> Any:
 def from_mapping(kind: type, raw: Any, source: str = "") -> Any:
     """``kind`` from a flat or sectioned mapping (a YAML recipe, a config.json)."""
     return build(kind, nest(kind, raw, source))
+
+
+def read_settings(kind: type, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A mapping shaped like ``kind`` (see :func:`nest`) with every value read as the type its field
+    declares, without building ``kind``: for settings that are only part of a config (a study's
+    changes). A wrong type is a ConfigError whose ``path`` is the dotted setting."""
+    hints, parts = typing.get_type_hints(kind), sections(kind)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in parts:
+            out[key] = read_settings(parts[key], value, f"{prefix}{key}.")
+            continue
+        try:
+            out[key] = read_as(key, hints[key], value)
+        except ConfigError as e:
+            e.path = prefix + e.field
+            raise
+    return out
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML file holds; a missing, unreadable or unparsable file, or one that holds no
+    mapping, is a one-line UserError naming it."""
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of settings")
+    return raw

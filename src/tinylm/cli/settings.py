@@ -15,29 +15,12 @@ from typing import Any
 from tinylm.cli.flags import given_settings
 from tinylm.config import RunConfig, preset
 from tinylm.errors import UserError
-from tinylm.fields import ConfigError, build, leaves, merge, nest
+from tinylm.fields import ConfigError, build, leaves, load_yaml, merge, nest
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 DEFAULT_BUDGET = {"max_steps": 200}
 RESUMABLE = {f"train.{name}" for name in (*BUDGET_FIELDS, "device", "compile")}
 """The settings a resumed run may change."""
-
-
-def load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    file = Path(path)
-    if not file.exists():
-        raise UserError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"cannot parse {path}: {' '.join(str(e).split())}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of settings")
-    return raw
 
 
 def has_budget(settings: dict[str, Any]) -> bool:

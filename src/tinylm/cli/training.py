@@ -9,14 +9,10 @@ import os
 from pathlib import Path
 
 from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
-from tinylm.cli.settings import has_budget, resolve_config, resume_config
-from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig, preset
-from tinylm.errors import UserError
-from tinylm.fields import build, sections
+from tinylm.cli.settings import resolve_config, resume_config
+from tinylm.config import PRESETS, ModelConfig, RunConfig, preset
+from tinylm.fields import sections
 from tinylm.paths import check_writable_dir
-
-ABLATION_FIXED = ("init", "schedule", "batching", "out")
-"""Training settings each ablation phase sets itself."""
 
 
 def add_run_flags(parser: argparse.ArgumentParser, train_title: str = "training", skip=()) -> None:
@@ -116,36 +112,37 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def add_ablate(sub) -> None:
-    p = sub.add_parser("ablate", help="the four cumulative phases at equal compute, then the report")
-    p.add_argument("--preset", choices=list(PRESETS), help="one preset (default basic)")
+    p = sub.add_parser("ablate", help="a study: arms of settings at equal compute, paired seeds, then the report")
+    p.add_argument("--study", help="a study file, or the name of a shipped one (seed, modern; default seed: the "
+                   "seed report's four cumulative phases)")  # fmt: skip
+    p.add_argument("--preset", choices=list(PRESETS), help="one preset (default: the study's, else basic)")
     p.add_argument("--presets", help="several presets, comma-separated, e.g. basic,mid,quality")
-    p.add_argument("--phases", help="subset/order of baseline,init,cosine,packed")
-    p.add_argument("--seeds", type=integer, default=1, help="repeat each phase with K seeds (mean ± std)")
-    p.add_argument("--out", required=True, help="ablation directory (rerun to finish an interrupted one)")
+    p.add_argument("--phases", help="subset/order of the study's arms (seed: baseline,init,cosine,packed)")
+    p.add_argument("--seeds", type=integer, help="runs per arm, seed k of every arm the same (default: the study's)")
+    p.add_argument("--out", required=True, help="study directory (rerun the command to finish an interrupted one)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--nproc-per-node", type=at_least(1), default=1, help="data-parallel processes per phase (torchrun)")
-    add_run_flags(p, "training (passed to every phase)", skip=ABLATION_FIXED)
+    p.add_argument("--nproc-per-node", type=at_least(1), default=1, help="data-parallel processes per run (torchrun)")
+    add_run_flags(p, "training (over the study's base; a step's own settings cannot be given)", skip=("out",))
     p.set_defaults(func=cmd_ablate)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from tinylm.ablation import DEFAULT_TOKENS, ablate, parse_phases
+    from tinylm.ablation import run_study, select_arms
     from tinylm.report import write_report
+    from tinylm.study import DEFAULT_STUDY, load_study
+    from tinylm.studyplan import check_flags
 
-    names = [n.strip() for n in (args.presets or args.preset or "basic").split(",") if n.strip()]
+    study = load_study(args.study or DEFAULT_STUDY)
+    names = [n.strip() for n in (args.presets or args.preset or study.base.get("preset") or "basic").split(",")]
     for name in names:
         preset(name)  # fail early on an unknown name
-    phases = parse_phases(args.phases)
+    arms = select_arms(study, args.phases)
     flags = given_settings(args)
+    check_flags(study, flags)
     out = Path(args.out)
     check_writable_dir(out, "--out")
-    if not has_budget(flags):
-        if len(names) > 1:
-            raise UserError("give a budget (--max-tokens, --max-steps or --max-time) when ablating several presets")
-        flags.setdefault("train", {})["max_tokens"] = DEFAULT_TOKENS[names[0]]
-    base = build(TrainConfig, flags["train"])
-    ablate(names, base, out, phases, seeds=args.seeds, model_overrides=flags.get("model", {}), quiet=args.quiet,
-           nproc_per_node=args.nproc_per_node)  # fmt: skip
+    run_study(study, [n for n in names if n], flags, out, arms, seeds=args.seeds, quiet=args.quiet,
+              nproc_per_node=args.nproc_per_node)  # fmt: skip
     report = write_report([out], out / "report.md")
     print(f"report written to {report}")
     return 0
