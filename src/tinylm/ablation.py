@@ -119,26 +119,35 @@ def run_study(
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
     plan = Plan(study, presets, settings, out, arms or study.arms, seeds, nproc_per_node)
-    configs = {(p, arm.name, k): plan.config(p, arm, k) for p in presets for arm in plan.arms for k in range(seeds)}
+    configs = {(p, arm.name): [plan.config(p, arm, k) for k in range(seeds)] for p in presets for arm in plan.arms}
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(plan)
-    for (p, name, k), cfg in configs.items():
-        arm = next(a for a in plan.arms if a.name == name)
-        manifest.set(arm, "runs", p, [manifest.relative(plan.run_dir(p, arm, i)) for i in range(seeds)])
-        manifest.set(arm, "budget", p, plan.arm_budget(cfg))
-    manifest.write()
+    manifest = _start_manifest(plan, configs)
     run_dirs = []
     for p in presets:
         for arm in plan.arms:
-            factor = _tune(plan, manifest, p, arm, configs[(p, arm.name, 0)], quiet) if study.lr_tune else None
-            for k in range(seeds):
-                cfg = configs[(p, arm.name, k)]
-                cfg = cfg if factor is None else with_lr_factor(cfg, factor)
+            runs = configs[(p, arm.name)]
+            factor = _tune(plan, manifest, p, arm, runs[0], quiet) if study.lr_tune else None
+            for cfg in runs if factor is None else [with_lr_factor(c, factor) for c in runs]:
                 run_dir = Path(cfg.train.out)
                 run_dirs.append(run_dir)
                 _run_phase(cfg, run_dir, f"{p}/{run_dir.name}", arm.key_change, quiet, nproc_per_node)
                 mark_summary(run_dir, study_block(study.name, arm, factor))
     return run_dirs
+
+
+def _start_manifest(plan: Plan, configs: dict[tuple[str, str], list[RunConfig]]) -> Manifest:
+    """study.json with every planned run and its budget (and its LR, when the study tunes none)."""
+    manifest = Manifest(plan)
+    for arm in plan.arms:
+        for p in plan.presets:
+            first = configs[(p, arm.name)][0]
+            manifest.set(arm, "runs", p, [manifest.relative(Path(c.train.out)) for c in configs[(p, arm.name)]])
+            manifest.set(arm, "budget", p, plan.arm_budget(first))
+            if not plan.study.lr_tune:
+                manifest.set(arm, "lr", p, first.train.lr)
+                manifest.set(arm, "lr_factor", p, None)
+    manifest.write()
+    return manifest
 
 
 def _tune(plan: Plan, manifest: Manifest, preset_name: str, arm: Arm, cfg: RunConfig, quiet: bool) -> float:

@@ -77,7 +77,7 @@ class Budget:
         read_fields(self)
         require(self, ("tokens", "flops"), lambda v: v > 0, "positive")
         if (self.tokens is None) == (self.flops is None):
-            raise UserError("budget must hold one of tokens or flops")
+            raise UserError("give one of tokens or flops, e.g. {tokens: 2e6}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -234,6 +234,7 @@ def read_study(raw: dict[str, Any], source: str) -> Study:
     if (name := values["base"].get("preset")) is not None:
         _check_preset(name, source)
     if raw.get("budget") is not None:
+        _check_keys(Budget, raw["budget"], f"{source}: budget: ")
         values["budget"] = _build(Budget, raw["budget"], f"{source}: budget: ")
     study = _build(Study, values, f"{source}: ")
     names = [a.name for a in study.arms]

@@ -1,0 +1,398 @@
+"""Studies: the file, the arms and configs it makes, budgets, paired seeds, LR tuning, resume, study.json."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import tinylm.train
+import tinylm.trainer
+from tinylm.ablation import pick_lr_factor, run_study, select_arms
+from tinylm.config import ModelConfig
+from tinylm.costs import model_costs
+from tinylm.errors import UserError
+from tinylm.manifest import STUDY_FILE
+from tinylm.study import load_study, read_study, shipped_studies
+from tinylm.studyplan import Plan
+
+TWO_ARMS = """
+name: pair
+base: {preset: tiny, schedule: cosine}
+mode: each
+steps:
+  - {name: qk, change: {qk_norm: true}, note: normalised queries and keys}
+"""
+
+
+def write(tmp_path, text: str, name: str = "study.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def settings(stories, **train) -> dict:
+    """The flags of a tiny, quick run (a trained BPE of 512 tokens keeps its steps cheap)."""
+    values = dict(data=str(stories), tokenizer="bpe:512", batch_size=2, eval_every=2, eval_tokens=256, lr=3e-3,
+                  device="cpu", max_steps=2)  # fmt: skip
+    values.update(train)
+    return {"train": values}
+
+
+def summary(path) -> dict:
+    return json.loads((path / "summary.json").read_text())
+
+
+# --- the file ------------------------------------------------------------------------------
+
+
+def test_shipped_studies_are_found_by_name_and_read():
+    assert {"seed", "modern"} <= set(shipped_studies())
+    modern = load_study("modern")
+    assert [a.name for a in modern.arms] == ["base", "rope", "rmsnorm", "swiglu", "qknorm", "muon"]
+    assert modern.base == {"preset": "basic", "train": {"init": "scaled", "schedule": "cosine", "batching": "packed"}}
+    assert modern.budget.tokens == 2_000_000 and modern.seeds == 3 and modern.mode == "cumulative"
+    assert modern.steps[3].change == {"model": {"qk_norm": True}}  # read as the field's type
+
+
+def test_the_seed_study_is_the_four_phases_of_the_seed_report():
+    """The phases as ablation.py hard-coded them before studies: names, settings and timeline texts."""
+    before = [
+        ("baseline", "Random init N(0, 1), fixed LR, padded", "naive", "constant", "padded"),
+        ("init", "Scaled (GPT-2) init", "scaled", "constant", "padded"),
+        ("cosine", "+ Warm-up and cosine decay", "scaled", "cosine", "padded"),
+        ("packed", "+ Packed sequences", "scaled", "cosine", "packed"),
+    ]
+    seed = load_study("seed")
+    got = []
+    for arm in seed.arms:
+        train = {**seed.base["train"], **arm.changes.get("train", {})}
+        got.append((arm.name, arm.key_change, train["init"], train["schedule"], train["batching"]))
+    assert got == before
+    assert [a.compare_to for a in seed.arms] == [None, "baseline", "init", "cosine"]
+
+
+def test_a_study_round_trips_through_its_file(tmp_path):
+    text = (
+        TWO_ARMS + "seeds: 2\nbudget: {flops: 2.5e12}\nlr_tune: [0.5, 1, 2]\nlr_tune_share: 0.25\nrank_by: val_loss\n"
+    )
+    study = read_study(yaml.safe_load(text), "study.yaml")
+    again = read_study(yaml.safe_load(yaml.safe_dump(study.to_dict())), "again.yaml")
+    assert again == study
+    assert study.budget.flops == 2.5e12 and study.lr_tune == [0.5, 1.0, 2.0] and study.rank_by == "val_loss"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("colour: red", "unknown key(s) colour"),
+        ("mode: sideways", "mode must be one of 'cumulative', 'each'"),
+        ("seeds: 0", "seeds must be at least 1"),
+        ("seeds: two", "seeds must be a number"),
+        ("lr_tune: [1, -2]", "lr_tune must hold distinct positive factors"),
+        ("lr_tune: 2", "lr_tune must be a list"),
+        ("lr_tune_share: 1.5", "lr_tune_share must be in (0, 1]"),
+        ("budget: {tokens: 1e6, flops: 1e12}", "budget: give one of tokens or flops"),
+        ("budget: {minutes: 3}", "budget: unknown key(s) minutes"),
+        ("budget: {tokens: -5}", "budget: tokens must be positive"),
+        ("rank_by: accuracy", "rank_by must be one of"),
+        ("steps:\n  - {name: a, change: {posiiton: rope}}", "step 1: change: unknown setting(s): posiiton"),
+        ("steps:\n  - {name: a, change: {position: rotary}}", "step 1: change: position must be one of"),
+        ("steps:\n  - {name: a, change: {n_layer: many}}", "step 1: change: n_layer must be a number"),
+        ("steps:\n  - {name: a, change: {qk_norm: maybe}}", "step 1: change: qk_norm must be on or off"),
+        ("steps:\n  - {name: a, change: {max_steps: 10}}", "max_steps is not a study setting"),
+        ("steps:\n  - {name: a, change: {seed: 3}}", "seed is set by the study runner"),
+        ("steps:\n  - {name: a, change: {preset: mid}}", "preset is set by the study runner"),
+        ("steps:\n  - {name: a/b, change: {lr: 1}}", "name must be letters"),
+        ("steps:\n  - {change: {lr: 1}}", "step 1: missing name"),
+        ("steps:\n  - {name: base, change: {lr: 1}}", "arm names must differ"),
+        ("steps: {name: a}", "steps must be a list"),
+        ("base: {preset: huge}", "base: unknown preset 'huge'"),
+        ("base: {out: somewhere}", "out is set by the study runner"),
+        ("base: {lr: fast}", "base: lr must be a number"),
+    ],
+)
+def test_bad_keys_and_types_are_one_line_naming_the_file(tmp_path, change, message):
+    key = change.split(":", 1)[0]
+    replaced = (key + ":", "  -") if key == "steps" else (key + ":",)  # a step's lines go with steps:
+    lines = [line for line in TWO_ARMS.strip().splitlines() if not line.startswith(replaced)]
+    path = write(tmp_path, "\n".join(lines) + "\n" + change + "\n")
+    with pytest.raises(UserError) as e:
+        load_study(str(path))
+    assert message in str(e.value) and str(e.value).startswith(str(path)), str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_study_name_or_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "name: mine\nsteps: []\n", "modern")  # a stray file never shadows the shipped study
+    assert load_study("modern").name == "modern"
+    assert load_study("./modern").name == "mine"
+    with pytest.raises(UserError, match="no shipped study 'modrn'"):
+        load_study("modrn")
+    with pytest.raises(UserError, match="study file not found: other.yaml"):
+        load_study("other.yaml")
+
+
+# --- the arms and their configs --------------------------------------------------------------
+
+THREE = """
+name: three
+base: {{preset: tiny, init: scaled, batching: packed, doc_mask: true}}
+mode: {mode}
+steps:
+  - {{name: rope, change: {{position: rope}}}}
+  - {{name: padded, change: {{batching: padded}}}}
+  - {{name: wide, change: {{n_embd: 64, lr: 0.002}}}}
+"""
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "each"])
+def test_cumulative_and_each_make_the_intended_configs(stories, tmp_path, mode):
+    study = read_study(yaml.safe_load(THREE.format(mode=mode)), "three.yaml")
+    plan = Plan(study, ["tiny"], settings(stories, lr=1e-3), tmp_path, study.arms, seeds=1)
+    cfgs = {arm.name: plan.config("tiny", arm, 0) for arm in study.arms}
+    shape = {name: (c.model.position, c.train.batching, c.model.n_embd, c.train.lr) for name, c in cfgs.items()}
+    if mode == "cumulative":
+        assert shape == {"base": ("learned", "packed", 32, 1e-3), "rope": ("rope", "packed", 32, 1e-3),
+                         "padded": ("rope", "padded", 32, 1e-3), "wide": ("rope", "padded", 64, 2e-3)}  # fmt: skip
+        assert [a.compare_to for a in study.arms] == [None, "base", "rope", "padded"]
+        assert [a.key_change for a in study.arms][1:] == ["+ position rope", "+ batching padded",
+                                                          "+ n_embd 64, lr 0.002"]  # fmt: skip
+    else:
+        assert shape == {"base": ("learned", "packed", 32, 1e-3), "rope": ("rope", "packed", 32, 1e-3),
+                         "padded": ("learned", "padded", 32, 1e-3), "wide": ("learned", "packed", 64, 2e-3)}  # fmt: skip
+        assert [a.compare_to for a in study.arms] == [None, "base", "base", "base"]
+    assert {name: c.train.doc_mask for name, c in cfgs.items()} == {
+        name: c.train.batching == "packed" for name, c in cfgs.items()
+    }  # the base's doc_mask applies to the arms that pack
+    for name, cfg in cfgs.items():  # everything else as the base and the flags say
+        assert (cfg.preset, cfg.model.n_layer, cfg.train.init, cfg.train.max_steps, cfg.train.seed) == (
+            "tiny", 2, "scaled", 2, 1337)  # fmt: skip
+        assert cfg.train.out == str(tmp_path / "tiny" / name)
+
+
+def refused(capsys, argv: list, *fragments: str) -> None:
+    """The CLI in-process: exit code 2 and one stderr line holding every fragment."""
+    from tinylm.cli import main
+
+    code, err = main([str(a) for a in argv]), capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(fragment in err for fragment in fragments), err
+
+
+def test_a_flag_may_override_the_base_but_not_a_step(tmp_path, capsys):
+    study = write(tmp_path, THREE.format(mode="each"))
+    refused(capsys, ["ablate", "--study", study, "--position", "rope", "--out", tmp_path / "o"], "--position",
+            "step rope")  # fmt: skip
+    refused(capsys, ["ablate", "--study", study, "--phases", "rope,nope", "--out", tmp_path / "o"], "unknown phase")
+    refused(capsys, ["ablate", "--study", tmp_path / "none.yaml", "--out", tmp_path / "o"], "study file not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_arm_impossible_on_a_preset_is_refused_before_anything_runs(stories, tmp_path):
+    study = read_study(yaml.safe_load("name: odd\nsteps:\n  - {name: heads, change: {n_head: 3}}\n"), "odd.yaml")
+    with pytest.raises(UserError, match=r"^arm heads of study odd on preset tiny: n_embd \(32\) must be divisible"):
+        run_study(study, ["tiny"], settings("unused.txt"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- budgets -------------------------------------------------------------------------------
+
+
+def test_equal_flops_budgets_give_each_arm_the_steps_its_flops_per_token_buy(stories, tmp_path):
+    text = "name: f\nbase: {preset: tiny}\nmode: each\nbudget: {flops: 4e11}\nsteps:\n" \
+           "  - {name: deeper, change: {n_layer: 3}}\n  - {name: swiglu, change: {mlp: swiglu}}\n"  # fmt: skip
+    study = read_study(yaml.safe_load(text), "f.yaml")
+    flags = settings(stories, grad_accum=3)
+    flags["train"].pop("max_steps")
+    plan = Plan(study, ["tiny"], flags, tmp_path, study.arms, seeds=1)
+    vocab = tinylm.train.prepare_data(plan.config("tiny", study.arms[0], 0), quiet=True).meta["vocab_size"]
+    steps = {}
+    for arm in study.arms:
+        cfg = plan.config("tiny", arm, 0)
+        model = ModelConfig(n_layer=3 if arm.name == "deeper" else 2, n_head=2, n_embd=32, block_size=64,
+                            vocab_size=vocab, mlp="swiglu" if arm.name == "swiglu" else "gelu")  # fmt: skip
+        fpt = model_costs(model).flops_per_token_train
+        assert cfg.train.max_steps == math.floor(4e11 / (fpt * 2 * 3 * 64)) and cfg.train.max_tokens is None
+        budget = plan.arm_budget(cfg)
+        assert budget["tokens"] == cfg.train.max_steps * 2 * 3 * 64 and budget["flops"] <= 4e11
+        assert budget["flops_per_token"] == fpt
+        steps[arm.name] = cfg.train.max_steps
+    assert steps["deeper"] < steps["base"]  # a FLOPs budget: fewer steps for the arm that costs more per token
+
+
+def test_budget_flags_override_the_study_and_a_flops_budget_below_one_step_is_refused(stories, tmp_path):
+    study = read_study(yaml.safe_load(TWO_ARMS + "budget: {tokens: 5000}\n"), "s.yaml")
+    no_flags = settings(stories)
+    no_flags["train"].pop("max_steps")
+    assert (
+        Plan(study, ["tiny"], no_flags, tmp_path, study.arms, 1).config("tiny", study.arms[1], 0).train.max_tokens
+        == 5000
+    )
+    cfg = Plan(study, ["tiny"], settings(stories), tmp_path, study.arms, 1).config("tiny", study.arms[1], 0)
+    assert (cfg.train.max_steps, cfg.train.max_tokens) == (2, None)
+    tiny = read_study(yaml.safe_load(TWO_ARMS + "budget: {flops: 10}\n"), "s.yaml")
+    with pytest.raises(UserError, match="budget flops 10 is less than one step of arm base on tiny"):
+        Plan(tiny, ["tiny"], no_flags, tmp_path, tiny.arms, 1).config("tiny", tiny.arms[0], 0)
+
+
+# --- paired seeds ---------------------------------------------------------------------------
+
+
+def test_seed_k_of_every_arm_sees_the_same_batches_and_starts_from_the_same_weights(stories, tmp_path, monkeypatch):
+    seen: dict[tuple, list] = {}
+    real = tinylm.trainer.step_batches
+
+    def spy(rows, t, step, cluster):
+        batches, real_tokens = real(rows, t, step, cluster)
+        seen.setdefault((t.out.rsplit("/", 1)[-1], t.seed), []).append([b.x.clone() for b in batches])
+        return batches, real_tokens
+
+    monkeypatch.setattr(tinylm.trainer, "step_batches", spy)
+    study = read_study(yaml.safe_load("name: lr\nmode: each\nsteps:\n  - {name: fast, change: {lr: 0.01}}\n"), "s")
+    run_study(study, ["tiny"], settings(stories, max_steps=3, seed=40), tmp_path, seeds=2, quiet=True)
+    assert sorted(seen) == [("base-seed0", 40), ("base-seed1", 41), ("fast-seed0", 40), ("fast-seed1", 41)]
+    for k in (0, 1):
+        base, fast = seen[(f"base-seed{k}", 40 + k)], seen[(f"fast-seed{k}", 40 + k)]
+        assert len(base) == 3 and all(a[0].equal(b[0]) for a, b in zip(base, fast))
+        start = {summary(tmp_path / "tiny" / f"{arm}-seed{k}")["start_val_loss"] for arm in ("base", "fast")}
+        assert len(start) == 1  # same init: the same loss before the first step
+    assert not seen[("base-seed0", 40)][0][0].equal(seen[("base-seed1", 41)][0][0])
+
+
+# --- LR tuning ------------------------------------------------------------------------------
+
+TUNED = """
+name: tuned
+base: {preset: tiny}
+mode: cumulative
+steps:
+  - {name: muon, change: {optimizer: muon}}
+lr_tune: [0.5, 1, 2]
+lr_tune_share: 0.5
+"""
+
+PLANTED = {0.5: 3.0, 1.0: 2.5, 2.0: 2.0}
+"""best_val_loss_doc planted in each trial's summary, by LR factor: 2 is best."""
+
+
+def planted_train(real_train, planted):
+    """Real training; a trial's summary then holds the planted per-document loss of its LR factor."""
+
+    def train(cfg, resume=False, quiet=False, interrupt_after=None):
+        result = real_train(cfg, resume=resume, quiet=quiet, interrupt_after=interrupt_after)
+        if "/trials/" in cfg.train.out and not result.interrupted:
+            factor = float(cfg.train.out.rsplit("-lr", 1)[1])
+            path = result.run_dir / "summary.json"
+            path.write_text(json.dumps({**summary(result.run_dir), "best_val_loss_doc": planted[factor]}))
+        return result
+
+    return train
+
+
+def test_lr_tuning_trains_each_arm_at_the_factor_whose_trial_was_best(stories, tmp_path, monkeypatch):
+    monkeypatch.setattr(tinylm.train, "train", planted_train(tinylm.train.train, PLANTED))
+    study = read_study(yaml.safe_load(TUNED), "tuned.yaml")
+    run_study(study, ["tiny"], settings(stories, max_steps=4, lr=1e-3, muon_lr=0.01), tmp_path, quiet=True)
+    manifest = json.loads((tmp_path / STUDY_FILE).read_text())
+    for arm in manifest["arms"]:
+        name = arm["name"]
+        assert arm["trials"] == {"tiny": {f: f"trials/tiny/{name}-lr{f}" for f in ("0.5", "1", "2")}}
+        assert arm["lr_factor"] == {"tiny": 2.0} and arm["lr"] == {"tiny": 2e-3}
+        assert arm["trial_losses"] == {"tiny": {"0.5": 3.0, "1": 2.5, "2": 2.0}}
+        trial = json.loads((tmp_path / "trials" / "tiny" / f"{name}-lr0.5" / "config.json").read_text())["train"]
+        assert (trial["lr"], trial["max_steps"], trial["seed"]) == (5e-4, 2, 1337)  # half the budget, seed 0
+        assert trial["muon_lr"] == (0.005 if name == "muon" else 0.01)
+        full = json.loads((tmp_path / "tiny" / name / "config.json").read_text())["train"]
+        assert (full["lr"], full["max_steps"]) == (2e-3, 4)
+        assert full["muon_lr"] == (0.02 if name == "muon" else 0.01)  # Muon's LR moves with the factor
+        assert summary(tmp_path / "tiny" / name)["study"] == {"name": "tuned", "arm": name, "lr_factor": 2.0,
+                                                              "trial": False}  # fmt: skip
+        assert summary(tmp_path / "trials" / "tiny" / f"{name}-lr1")["study"]["trial"] is True
+
+
+def test_the_lr_pick_ranks_by_the_study_metric_and_falls_back_to_the_packed_loss():
+    doc = {0.5: {"best_val_loss": 2.0, "best_val_loss_doc": 3.0}, 1.0: {"best_val_loss": 2.5, "best_val_loss_doc": 2.9}}
+    assert pick_lr_factor(doc, "val_loss_doc", "arm a") == 1.0
+    assert pick_lr_factor(doc, "val_loss", "arm a") == 0.5
+    older = {0.5: {"best_val_loss": 2.0}, 1.0: {"best_val_loss": 1.5}, 2.0: {"best_val_loss": float("nan")}}
+    assert pick_lr_factor(older, "val_loss_doc", "arm a") == 1.0  # runs without per-document validation
+    with pytest.raises(UserError, match="every LR trial of arm a failed"):
+        pick_lr_factor({2.0: {"best_val_loss": None}, 4.0: {"best_val_loss": float("inf")}}, "val_loss", "arm a")
+
+
+# --- resume, study.json ---------------------------------------------------------------------
+
+
+def test_an_interrupted_study_resumes_and_never_reruns_a_finished_arm_or_trial(stories, tmp_path, monkeypatch):
+    real = tinylm.train.train
+    planted = planted_train(real, PLANTED)
+
+    def interrupt_muon(cfg, resume=False, quiet=False, interrupt_after=None):
+        if cfg.train.out.endswith("tiny/muon") and not resume:
+            interrupt_after = 2
+        return planted(cfg, resume=resume, quiet=quiet, interrupt_after=interrupt_after)
+
+    monkeypatch.setattr(tinylm.train, "train", interrupt_muon)
+    study = read_study(yaml.safe_load(TUNED), "tuned.yaml")
+    flags = settings(stories, max_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, ["tiny"], flags, tmp_path, quiet=True)
+    finished = sorted(p.parent for p in tmp_path.rglob("summary.json") if summary(p.parent)["completed"])
+    assert len(finished) == 7  # the base, its three trials, muon's three trials
+    stamps = {p: (p / "summary.json").stat().st_mtime_ns for p in finished}
+
+    monkeypatch.setattr(tinylm.train, "train", planted)
+    run_study(study, ["tiny"], flags, tmp_path, quiet=True)
+    assert {p: (p / "summary.json").stat().st_mtime_ns for p in finished} == stamps
+    assert summary(tmp_path / "tiny" / "muon")["completed"] and summary(tmp_path / "tiny" / "muon")["steps"] == 4
+
+    other = read_study(yaml.safe_load(TUNED.replace("[0.5, 1, 2]", "[1, 2]")), "tuned.yaml")
+    with pytest.raises(UserError, match="was started with other settings"):
+        run_study(other, ["tiny"], flags, tmp_path, quiet=True)
+    with pytest.raises(UserError, match="was started with other settings"):
+        run_study(study, ["tiny"], settings(stories, max_steps=4, lr=2e-3), tmp_path, quiet=True)
+
+
+def test_study_json_and_the_summary_block(stories, tmp_path):
+    study = read_study(yaml.safe_load(TWO_ARMS), "pair.yaml")
+    run_study(study, ["tiny"], settings(stories), tmp_path, select_arms(study, "qk"), seeds=2, quiet=True)
+    first = json.loads((tmp_path / STUDY_FILE).read_text())
+    assert [a["name"] for a in first["arms"]] == ["qk"]
+    run_study(study, ["tiny"], settings(stories), tmp_path, select_arms(study, "base"), seeds=2, quiet=True)
+    manifest = json.loads((tmp_path / STUDY_FILE).read_text())
+    assert {k: manifest[k] for k in ("study", "mode", "rank_by", "seeds", "budget", "lr_tune", "lr_tune_share",
+                                     "presets")} == {"study": "pair", "mode": "each", "rank_by": "val_loss_doc",
+                                                     "seeds": 2, "budget": {"steps": 2}, "lr_tune": None,
+                                                     "lr_tune_share": 0.2, "presets": ["tiny"]}  # fmt: skip
+    base, qk = manifest["arms"]  # in the study's order, merged across the two commands
+    assert (base["name"], base["compare_to"], base["change"]) == ("base", None, {})
+    assert (qk["name"], qk["compare_to"], qk["change"], qk["note"]) == ("qk", "base", {"qk_norm": True},
+                                                                        "normalised queries and keys")  # fmt: skip
+    assert qk["key_change"] == "qk_norm on" and qk["trials"] == {} and qk["lr"] == {"tiny": 3e-3}
+    assert qk["runs"] == {"tiny": ["tiny/qk-seed0", "tiny/qk-seed1"]}
+    assert qk["budget"]["tiny"]["steps"] == 2 and qk["budget"]["tiny"]["tokens"] == 2 * 2 * 64
+    for path in qk["runs"]["tiny"]:
+        assert summary(tmp_path / path)["study"] == {"name": "pair", "arm": "qk", "lr_factor": None, "trial": False}
+
+
+def test_ablate_study_end_to_end(stories, tmp_path):
+    from conftest import TINY_CLI_FLAGS
+
+    study = write(tmp_path, TWO_ARMS)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "tinylm", "ablate", "--study", str(study), *TINY_CLI_FLAGS,
+                           "--data", str(stories), "--max-steps", "2", "--eval-every", "2", "--seeds", "2",
+                           "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    runs = sorted(p.parent.relative_to(out).as_posix() for p in out.rglob("summary.json"))
+    assert runs == ["tiny/base-seed0", "tiny/base-seed1", "tiny/qk-seed0", "tiny/qk-seed1"]
+    configs = {r: json.loads((out / r / "config.json").read_text()) for r in runs}
+    assert [c["model"]["qk_norm"] for c in configs.values()] == [False, False, True, True]
+    assert [c["train"]["seed"] for c in configs.values()] == [1337, 1338, 1337, 1338]
+    assert {c["train"]["schedule"] for c in configs.values()} == {"cosine"}  # the study's base
+    assert json.loads((out / STUDY_FILE).read_text())["arms"][1]["runs"] == {"tiny": runs[2:]}
+    assert (out / "report.md").exists() and "report written to" in done.stdout
