@@ -125,6 +125,19 @@ def test_bad_keys_and_types_are_one_line_naming_the_file(tmp_path, change, messa
     assert len(str(e.value).splitlines()) == 1
 
 
+def test_every_shipped_study_file_is_package_data():
+    """A wheel (not only an editable install) carries the studies: pyproject's package-data names them."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tinylm"]
+    shipped = [p.relative_to(root / "src" / "tinylm").as_posix() for p in (root / "src/tinylm/studies").iterdir()]
+    assert "studies/seed.yaml" in shipped and "studies/README.md" in shipped
+    assert all(any(fnmatch.fnmatch(name, g) for g in globs) for name in shipped), (shipped, globs)
+
+
 def test_a_study_name_or_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "name: mine\nsteps: []\n", "modern")  # a stray file never shadows the shipped study
@@ -181,6 +194,27 @@ def refused(capsys, argv: list, *fragments: str) -> None:
     code, err = main([str(a) for a in argv]), capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert all(fragment in err for fragment in fragments), err
+
+
+def test_the_default_ablate_makes_the_configs_it_made_before_studies(tmp_path):
+    """`tinylm ablate --lr 2e-3 --max-steps 5 --doc-mask --seed 3 --seeds 2`, as the seed's phases made it:
+    the flags over TrainConfig's defaults, then each phase's init, schedule and batching."""
+    import dataclasses
+
+    from tinylm.config import TrainConfig, preset
+
+    flags = {"train": {"lr": 2e-3, "max_steps": 5, "doc_mask": True, "seed": 3}, "model": {"dropout": 0.1}}
+    seed = load_study("seed")
+    plan = Plan(seed, ["tiny"], flags, tmp_path, seed.arms, seeds=2)
+    for arm, (init, schedule, batching) in zip(seed.arms, [("naive", "constant", "padded"), ("scaled", "constant",
+                                               "padded"), ("scaled", "cosine", "padded"), ("scaled", "cosine", "packed")]):  # fmt: skip
+        for k in (0, 1):
+            before = dataclasses.replace(TrainConfig(**flags["train"]), init=init, schedule=schedule,
+                                         batching=batching, seed=3 + k, out=str(tmp_path / "tiny" / f"{arm.name}-seed{k}"),
+                                         doc_mask=batching == "packed")  # fmt: skip
+            cfg = plan.config("tiny", arm, k)
+            assert cfg.train == before
+            assert cfg.model == dataclasses.replace(preset("tiny"), dropout=0.1) and cfg.preset == "tiny"
 
 
 def test_a_flag_may_override_the_base_but_not_a_step(tmp_path, capsys):
@@ -354,6 +388,9 @@ def test_an_interrupted_study_resumes_and_never_reruns_a_finished_arm_or_trial(s
     with pytest.raises(UserError, match="was started with other settings"):
         run_study(other, ["tiny"], flags, tmp_path, quiet=True)
     with pytest.raises(UserError, match="was started with other settings"):
+        run_study(study, ["tiny"], settings(stories, max_steps=4, lr=2e-3), tmp_path, quiet=True)
+    (tmp_path / STUDY_FILE).unlink()  # an OUT from before study.json: its finished runs say it
+    with pytest.raises(UserError, match=r"trials/tiny/base-lr0.5 was started with other settings"):
         run_study(study, ["tiny"], settings(stories, max_steps=4, lr=2e-3), tmp_path, quiet=True)
 
 

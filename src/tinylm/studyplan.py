@@ -44,10 +44,11 @@ class Plan:
     nproc: int = 1
     budget: dict[str, Any] = field(init=False)
     """What study.json records: {"tokens": N}, {"flops": F}, or the budget flags by name."""
+    _vocab: dict[tuple, int] = field(init=False, default_factory=dict, repr=False)
+    """Vocabulary size by data options: preparing the data once per source answers every arm."""
 
     def __post_init__(self) -> None:
         self.budget = resolve_budget(self.study, self.settings, self.presets)
-        self._vocab: dict[tuple, int] = {}
 
     @property
     def base_seed(self) -> int:
