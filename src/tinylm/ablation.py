@@ -153,16 +153,16 @@ def _start_manifest(plan: Plan, configs: dict[tuple[str, str], list[RunConfig]])
 def _tune(plan: Plan, manifest: Manifest, preset_name: str, arm: Arm, cfg: RunConfig, quiet: bool) -> float:
     """The arm's LR trials (first seed, a share of its budget), run or found finished; returns the
     LR factor its full runs train at and records it, its LR and the trials in study.json."""
-    study, summaries = plan.study, {}
+    study, summaries, trials = plan.study, {}, {}
     for factor in study.lr_tune or []:
         run_dir = plan.trial_dir(preset_name, arm, factor)
         trial = trial_config(cfg, factor, study.lr_tune_share, run_dir)
         label = f"trials/{preset_name}/{run_dir.name}"
         _run_phase(trial, run_dir, label, f"LR trial: lr x {factor:g}", quiet, plan.nproc)
         mark_summary(run_dir, study_block(study.name, arm, factor, trial=True))
-        summaries[factor] = read_summary(run_dir)
-        manifest.set(arm, "trials", preset_name, {**manifest.arm(arm)["trials"].get(preset_name, {}),
-                                                  f"{factor:g}": manifest.relative(run_dir)})  # fmt: skip
+        summaries[factor], trials[f"{factor:g}"] = read_summary(run_dir), manifest.relative(run_dir)
+        manifest.set(arm, "trials", preset_name, trials)
+        manifest.write()
     chosen = pick_lr_factor(summaries, study.rank_by, f"arm {arm.name} on {preset_name}")
     tuned = with_lr_factor(cfg, chosen)
     manifest.set(arm, "lr_factor", preset_name, chosen)

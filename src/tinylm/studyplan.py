@@ -142,8 +142,9 @@ def resolve_budget(study: Study, settings: dict[str, Any], presets: list[str]) -
 
 
 def with_lr_factor(cfg: RunConfig, factor: float, **train: Any) -> RunConfig:
-    """The run at ``factor`` times its LR, and Muon's LR too when it uses Muon (both are tuned
-    together: Muon's matrices and AdamW's rest share the one schedule); ``train`` changes more."""
+    """The run at ``factor`` times its LR, and times its Muon LR too when it uses Muon: Muon moves the
+    block matrices, most of the weights, so tuning lr alone would leave a Muon arm's main LR as it
+    was. ``train`` changes more settings."""
     t = cfg.train
     muon_lr = t.muon_lr * factor if t.optimizer == "muon" else t.muon_lr
     changed = dataclasses.replace(t, lr=t.lr * factor, muon_lr=muon_lr, **train)
@@ -169,9 +170,3 @@ def check_flags(study: Study, flags: dict[str, Any]) -> None:
             flag = "--" + clash[0].rsplit(".", 1)[-1].replace("_", "-")
             raise UserError(f"{flag} is what step {step.name} of study {study.name} changes ({describe(step.change)});"
                             " edit a copy of the study instead")  # fmt: skip
-
-
-def check_presets(names: list[str]) -> list[str]:
-    for name in names:
-        preset(name)  # an unknown name is one line
-    return names
