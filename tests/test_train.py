@@ -260,8 +260,10 @@ def test_an_update_the_guard_refuses_leaves_the_weights_as_they_were(stories, tm
 
 def test_an_evaluation_is_kept_in_the_progress_and_judged_by_the_guard(stories, tmp_path):
     trainer = _trainer(stories, tmp_path / "run", guard=True)
-    val = trainer.validate()
+    losses = trainer.validate()
+    val = losses["val_loss"]
     assert trainer.progress.val_losses == [(0, val)]
+    assert trainer.progress.val_losses_doc == [(0, losses["val_loss_doc"])]
     assert trainer.monitor.state.best_val == val and trainer.monitor.state.good["step"] == 0
 
 
