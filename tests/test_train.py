@@ -57,6 +57,8 @@ def test_resume_equals_uninterrupted(stories, tmp_path, schedule):
     assert not resumed.interrupted
     assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
     assert resumed.summary["best_val_loss"] == whole.summary["best_val_loss"]
+    for key in ("start_val_loss_doc", "best_val_loss_doc", "worst_val_loss_doc", "final_val_loss_doc", "train_flops"):
+        assert resumed.summary[key] == whole.summary[key] is not None, key
 
 
 def test_resume_after_kill_drops_metrics_past_the_checkpoint(stories, tmp_path):
