@@ -29,7 +29,7 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_curves(a, b, tolerance=1e-4, keys=("train_loss", "val_loss", "grad_norm")):
+def assert_same_curves(a, b, tolerance=1e-4, keys=("train_loss", "val_loss", "val_loss_doc", "grad_norm")):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
         for key in keys:

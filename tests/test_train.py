@@ -57,6 +57,8 @@ def test_resume_equals_uninterrupted(stories, tmp_path, schedule):
     assert not resumed.interrupted
     assert _without_time(read_metrics(whole.run_dir)) == _without_time(read_metrics(resumed.run_dir))
     assert resumed.summary["best_val_loss"] == whole.summary["best_val_loss"]
+    for key in ("start_val_loss_doc", "best_val_loss_doc", "worst_val_loss_doc", "final_val_loss_doc", "train_flops"):
+        assert resumed.summary[key] == whole.summary[key] is not None, key
 
 
 def test_resume_after_kill_drops_metrics_past_the_checkpoint(stories, tmp_path):
@@ -260,8 +262,10 @@ def test_an_update_the_guard_refuses_leaves_the_weights_as_they_were(stories, tm
 
 def test_an_evaluation_is_kept_in_the_progress_and_judged_by_the_guard(stories, tmp_path):
     trainer = _trainer(stories, tmp_path / "run", guard=True)
-    val = trainer.validate()
+    losses = trainer.validate()
+    val = losses["val_loss"]
     assert trainer.progress.val_losses == [(0, val)]
+    assert trainer.progress.val_losses_doc == [(0, losses["val_loss_doc"])]
     assert trainer.monitor.state.best_val == val and trainer.monitor.state.good["step"] == 0
 
 

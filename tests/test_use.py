@@ -73,6 +73,8 @@ def test_sample_and_eval_commands(trained, tmp_path):
     assert result["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
     assert result["perplexity"] == pytest.approx(torch.tensor(result["loss"]).exp().item(), rel=1e-5)
     assert 0 < result["bits_per_byte"] < result["loss"]
+    assert result["loss_doc"] == pytest.approx(summary["final_val_loss_doc"], rel=1e-6)
+    assert "loss_doc" in done.stdout and "packed" in done.stdout  # says which loss perplexity and bpb come from
 
 
 def test_export_to_hugging_face_matches_tinylm(trained, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tinylm.data.batching import Batch, validation_batches
+from tinylm.data.batching import Batch, document_validation_batches, validation_batches
 from tinylm.data.prepare import PrepareOptions, prepare
 from tinylm.loss import linear_cross_entropy
 from tinylm.model import GPT
@@ -46,19 +46,22 @@ def validation_loss(model: GPT, batches: list[Batch], device: torch.device, voca
 
 
 def evaluate_run(run_dir, data: str | None = None, eval_tokens: int | None = None, device_name: str = "auto") -> dict:
-    """Loss, perplexity and bits per byte of a trained run on its own validation stream or other data."""
+    """Loss, perplexity and bits per byte of a trained run on its own validation stream or other data.
+
+    ``loss`` (and the perplexity and bits per byte made from it) is the packed stream's, as
+    training's val_loss; ``loss_doc`` scores the same budget document by document, as val_loss_doc.
+    """
     run_dir = Path(run_dir)
     device = select_device(device_name)
     run = load_run(run_dir, device)
     t = run.cfg.train
     prepared = prepare(PrepareOptions.from_config(t, data, tokenizer_file(run_dir)), quiet=True)
-    batches = validation_batches(
-        prepared.split("val"), run.cfg.model.block_size, t.batch_size,
-        eval_tokens if eval_tokens is not None else t.eval_tokens, prepared.meta["eot_id"], t.doc_mask,
-    )  # fmt: skip
+    split, block_size, eot = prepared.split("val"), run.cfg.model.block_size, prepared.meta["eot_id"]
+    budget = eval_tokens if eval_tokens is not None else t.eval_tokens
+    batches = validation_batches(split, block_size, t.batch_size, budget, eot, t.doc_mask)
+    doc_batches = document_validation_batches(split, block_size, t.batch_size, budget, eot)
     loss = validation_loss(run.model, batches, device, run.tokenizer.vocab_size)
     tokens = sum(b.real_tokens for b in batches)
-    eot = prepared.meta["eot_id"]
     # Bytes of the scored text; each <|endoftext|> stands for one separator byte.
     n_bytes = 0
     for b in batches:
@@ -72,4 +75,6 @@ def evaluate_run(run_dir, data: str | None = None, eval_tokens: int | None = Non
         "loss": loss,
         "perplexity": math.exp(loss) if loss < 700 else float("inf"),
         "bits_per_byte": loss * tokens / math.log(2) / max(n_bytes, 1),
+        "loss_doc": validation_loss(run.model, doc_batches, device, run.tokenizer.vocab_size),
+        "tokens_doc": sum(b.real_tokens for b in doc_batches),
     }

@@ -26,6 +26,7 @@ def write_summary(run_dir: Path, progress, context: dict[str, Any], monitor, int
         "best_step": best_step,
         "worst_val_loss": max(finite) if finite else None,
         "final_val_loss": vals[-1] if vals else None,
+        **per_document_figures(progress.val_losses_doc, progress.val_losses),
         "final_train_loss": monitor.last_train_loss,
         "train_time_s": round(progress.elapsed_s, 3),
         "steps": progress.step,
@@ -42,3 +43,20 @@ def write_summary(run_dir: Path, progress, context: dict[str, Any], monitor, int
     }
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def per_document_figures(doc_losses: list[tuple[int, float]], packed_losses: list[tuple[int, float]]) -> dict:
+    """start/best/worst/final of the per-document validation loss; None where never measured.
+
+    A run resumed from a checkpoint written before the per-document loss existed has it only
+    from then on: its start is None then, not a later evaluation passed off as the start.
+    """
+    vals = [v for _, v in doc_losses]
+    finite = [v for v in vals if math.isfinite(v)]
+    started = bool(doc_losses) and bool(packed_losses) and doc_losses[0][0] == packed_losses[0][0]
+    return {
+        "start_val_loss_doc": vals[0] if started else None,
+        "best_val_loss_doc": min(finite) if finite else None,
+        "worst_val_loss_doc": max(finite) if finite else None,
+        "final_val_loss_doc": vals[-1] if vals else None,
+    }

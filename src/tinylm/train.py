@@ -13,7 +13,7 @@ import torch
 
 from tinylm import checkpoint
 from tinylm.config import RunConfig
-from tinylm.data.batching import training_rows, validation_batches
+from tinylm.data.batching import document_validation_batches, training_rows, validation_batches
 from tinylm.data.prepare import PreparedData, PrepareOptions, prepare
 from tinylm.distributed import Cluster, init_cluster, shutdown
 from tinylm.errors import UserError
@@ -153,8 +153,11 @@ def prepare_data_on_every_rank(cfg: RunConfig, quiet: bool, cluster: Cluster, de
 def run_data(cfg: RunConfig, data: PreparedData, cluster: Cluster) -> RunData:
     t, block_size, eot = cfg.train, cfg.model.block_size, data.meta["eot_id"]
     rows = training_rows(data.split("train"), t.batching, block_size, eot, t.seed, t.doc_mask)
-    val_batches = validation_batches(data.split("val"), block_size, t.batch_size, t.eval_tokens, eot, t.doc_mask)
-    return RunData(rows, val_batches[cluster.rank :: cluster.world], data.meta)
+    val_split = data.split("val")
+    val_batches = validation_batches(val_split, block_size, t.batch_size, t.eval_tokens, eot, t.doc_mask)
+    doc_batches = document_validation_batches(val_split, block_size, t.batch_size, t.eval_tokens, eot)
+    mine = slice(cluster.rank, None, cluster.world)  # each rank a share; their loss sums add up
+    return RunData(rows, val_batches[mine], doc_batches[mine], data.meta)
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, torch.optim.Optimizer]:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from tinylm import checkpoint
 from tinylm.config import RunConfig, TrainConfig
+from tinylm.costs import model_costs
 from tinylm.data.batching import Batch, RowSource
 from tinylm.distributed import Cluster
 from tinylm.evaluate import validation_loss_sum
@@ -47,6 +48,7 @@ class Progress:
     real_tokens: int = 0  # slots holding a real (non-pad) target
     elapsed_s: float = 0.0  # training time, as RunClock counts it, at the end of the last step
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses_doc: list[tuple[int, float]] = field(default_factory=list)  # per-document; [] in older checkpoints
     stability: dict[str, Any] = field(default_factory=dict)  # StabilityMonitor.state_dict() at the checkpoint
     schedule: dict[str, Any] = field(default_factory=dict)  # the ScheduleSpan fixed at the start; {} before
 
@@ -56,7 +58,8 @@ class RunData:
     """What a run steps over, fixed before its first step."""
 
     rows: RowSource  # training rows: those of any step can be rebuilt from the step number
-    val_batches: list[Batch]  # this rank's share of the fixed validation batches
+    val_batches: list[Batch]  # this rank's share of the fixed (packed) validation batches
+    val_doc_batches: list[Batch]  # this rank's share of the per-document validation batches
     meta: dict[str, Any]  # the prepared data's: source, tokenizer, vocab_size ...
 
 
@@ -192,8 +195,7 @@ class Trainer:
         with stop.installed():
             self.clock = RunClock(self.progress.elapsed_s)  # the run's time counts from here on
             if self.progress.step == 0 and not self.progress.val_losses:
-                val = self.validate()
-                self.write({"step": 0, "tokens": 0, "val_loss": val, "elapsed_s": 0.0})
+                self.write({"step": 0, "tokens": 0, **self.validate(), "elapsed_s": 0.0})
             interrupted = self.run_steps(stop)
         self.bar.close()
         return self.finish(interrupted)
@@ -206,7 +208,7 @@ class Trainer:
             record = self.train_step()
             budget_spent, stop_asked = self.agree_to_stop(stop)
             if budget_spent or p.step % self.t.eval_every == 0:
-                record["val_loss"] = self.validate()
+                record.update(self.validate())
             if self.monitor.rollback_wanted:
                 self.monitor.rollback(self.model, self.optimizer, p.step)
             p.elapsed_s = record["elapsed_s"] = self.clock.elapsed_s()  # the step's time, evaluation included
@@ -243,18 +245,21 @@ class Trainer:
         out_of_time, stop_asked = self.cluster.any([out_of_time, stop.asked(p.step)], self.device)
         return out_of_time or (self.steps_budget is not None and p.step >= self.steps_budget), stop_asked
 
-    def validate(self) -> float:
-        """Validation loss over every rank's share; the guard judges it and may keep this state as good."""
-        p, monitor = self.progress, self.monitor
-        loss_sum, tokens = validation_loss_sum(
-            self.model, self.data.val_batches, self.device, self.data.meta["vocab_size"]
-        )
-        loss_sum, tokens = self.cluster.sum([loss_sum, tokens], self.device)
-        loss = loss_sum / max(tokens, 1)
+    def validate(self) -> dict[str, float]:
+        """Both validation losses over every rank's share: {"val_loss": packed, "val_loss_doc": per-document}.
+
+        The guard judges the packed one (as it always has) and may keep this state as good.
+        """
+        p, monitor, vocab = self.progress, self.monitor, self.data.meta["vocab_size"]
+        packed = validation_loss_sum(self.model, self.data.val_batches, self.device, vocab)
+        per_doc = validation_loss_sum(self.model, self.data.val_doc_batches, self.device, vocab)
+        loss_sum, tokens, doc_sum, doc_tokens = self.cluster.sum([*packed, *per_doc], self.device)
+        loss, loss_doc = loss_sum / max(tokens, 1), doc_sum / max(doc_tokens, 1)
         p.val_losses.append((p.step, loss))
+        p.val_losses_doc.append((p.step, loss_doc))
         monitor.observe_val(p.step, loss)
         monitor.remember_good(self.model, self.optimizer, p.step)
-        return loss
+        return {"val_loss": loss, "val_loss_doc": loss_doc}
 
     def log_step(self, record: dict[str, Any]) -> None:
         """The guard's events and the step's metrics to the log; then the progress bar (or a line per evaluation)."""
@@ -268,7 +273,11 @@ class Trainer:
         tokens_per_s = p.tokens / max(p.elapsed_s, 1e-9)
         self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         if "val_loss" in record and self.bar.disable and not self.quiet:
-            print(f"step {p.step}: train {record['train_loss']:.4f} val {record['val_loss']:.4f}", flush=True)
+            print(
+                f"step {p.step}: train {record['train_loss']:.4f} val {record['val_loss']:.4f} "
+                f"(per-document {record['val_loss_doc']:.4f})",
+                flush=True,
+            )
 
     def maybe_checkpoint(self, final: bool) -> None:
         p = self.progress
@@ -317,6 +326,7 @@ class Trainer:
     def run_facts(self) -> dict[str, Any]:
         """What the summary records about how the run was made, beside its results."""
         t = self.t
+        flops_per_token = model_costs(self.cfg.model).flops_per_token_train  # the cost model of info and bench
         facts = {
             "params": self.model.num_params(),
             "params_non_embedding": self.model.num_params(non_embedding=True),
@@ -328,6 +338,8 @@ class Trainer:
             "data": self.data.meta["source"],
             "tokenizer": self.data.meta["tokenizer"],
             "batching": t.batching,
+            "flops_per_token": flops_per_token,
+            "train_flops": flops_per_token * self.progress.tokens,  # every token slot, padding included
         }
         if t.batching == "padded":
             facts["truncated_docs"] = self.data.rows.truncated_docs

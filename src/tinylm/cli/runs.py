@@ -96,9 +96,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         check_writable_file(out, "--out")
     result = evaluate_run(Path(args.run_dir), args.data, args.eval_tokens, args.device)
-    for key in ("data", "tokens", "bytes", "loss", "perplexity", "bits_per_byte"):
+    for key in ("data", "tokens", "bytes", "loss", "perplexity", "bits_per_byte", "loss_doc", "tokens_doc"):
         value = result[key]
         print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
+    print("loss, perplexity, bits_per_byte: the packed validation stream; loss_doc: each document from its start")
     write_atomic(out, json.dumps(result, indent=2) + "\n")
     print(f"written to {out}")
     return 0

@@ -111,15 +111,26 @@ class PaddedRows(RowSource):
         self.expected_utilisation = float(np.minimum(lengths, block_size).sum() / (block_size * len(lengths)))
 
     def _rows(self, rows: np.ndarray) -> Batch:
-        T = self.block_size
-        x = np.full((len(rows), T), self.eot_id, dtype=np.int64)
-        y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
-        for i, r in enumerate(rows):
-            doc = np.concatenate([[self.eot_id], self.split.document(r)[:T]]).astype(np.int64)
-            n = len(doc) - 1
-            x[i, :n], y[i, :n] = doc[:-1], doc[1:]
-        real = int((y != IGNORE_INDEX).sum())
-        return Batch(torch.from_numpy(x), torch.from_numpy(y), None, real)
+        return padded_batch(self.split, rows, self.block_size, self.eot_id)
+
+
+def padded_batch(split: TokenSplit, docs: np.ndarray, block_size: int, eot_id: int) -> Batch:
+    """One row per document of ``docs``: <|endoftext|> first, then the document (its closing EOT
+    included) cut to the block, padded with EOT inputs and IGNORE_INDEX targets.
+
+    The only layout in which documents are presented alone, for training and for the
+    per-document validation alike. No doc_ids even under --doc-mask: a row holds one document
+    and its padding comes after it, so causal attention alone already keeps them apart.
+    """
+    T = block_size
+    x = np.full((len(docs), T), eot_id, dtype=np.int64)
+    y = np.full((len(docs), T), IGNORE_INDEX, dtype=np.int64)
+    for i, r in enumerate(docs):
+        doc = np.concatenate([[eot_id], split.document(r)[:T]]).astype(np.int64)
+        n = len(doc) - 1
+        x[i, :n], y[i, :n] = doc[:-1], doc[1:]
+    real = int((y != IGNORE_INDEX).sum())
+    return Batch(torch.from_numpy(x), torch.from_numpy(y), None, real)
 
 
 def training_rows(split: TokenSplit, batching: str, block_size: int, eot_id: int, seed: int, doc_mask: bool):
@@ -136,14 +147,7 @@ def validation_batches(
     on these exact tokens, so losses compare across runs.
     """
     T = block_size
-    n_blocks = (len(split.tokens) - 1) // T
-    if n_blocks < 1:
-        raise UserError(
-            f"the validation split has {len(split.tokens)} tokens, fewer than one block of {T + 1}; hold out "
-            "more text (raise --val-fraction, or a larger valid* file) or lower --block-size"
-        )
-    if max_tokens is not None:
-        n_blocks = max(1, min(n_blocks, -(-max_tokens // T)))
+    n_blocks = packed_validation_blocks(split, T, max_tokens)
     chunk = np.stack([split.tokens[i * T : i * T + T + 1] for i in range(n_blocks)]).astype(np.int64)
     batches = []
     for start in range(0, n_blocks, batch_size):
@@ -151,4 +155,44 @@ def validation_batches(
         x, y = part[:, :-1], part[:, 1:]
         doc_ids = torch.from_numpy(document_ids(x, eot_id)) if doc_mask else None
         batches.append(Batch(torch.from_numpy(x.copy()), torch.from_numpy(y.copy()), doc_ids, y.size))
+    return batches
+
+
+def packed_validation_blocks(split: TokenSplit, block_size: int, max_tokens: int | None) -> int:
+    """How many blocks the packed validation stream scores: all the split holds, capped by max_tokens."""
+    n_blocks = (len(split.tokens) - 1) // block_size
+    if n_blocks < 1:
+        raise UserError(
+            f"the validation split has {len(split.tokens)} tokens, fewer than one block of {block_size + 1}; hold "
+            "out more text (raise --val-fraction, or a larger valid* file) or lower --block-size"
+        )
+    if max_tokens is not None:
+        n_blocks = max(1, min(n_blocks, -(-max_tokens // block_size)))
+    return n_blocks
+
+
+def document_validation_batches(
+    split: TokenSplit, block_size: int, batch_size: int, max_tokens: int | None, eot_id: int
+) -> list[Batch]:
+    """The per-document validation: each held-out document in its own row, scored from its start.
+
+    In the packed stream most documents begin mid-row after another one, a context that
+    padded training never shows. Here every document is laid out as padded training lays it
+    out (padded_batch), so the loss favours neither batching. The documents are the split's
+    first ones, in order, until their scored targets reach the packed stream's count
+    (the same eval_tokens budget; the last document is kept whole), so every run of the
+    same data and block size is scored on the same documents.
+    """
+    budget = packed_validation_blocks(split, block_size, max_tokens) * block_size
+    targets = np.minimum(np.diff(split.offsets), block_size)  # a document's scored targets: its row's
+    n_docs = min(int(np.searchsorted(np.cumsum(targets), budget)) + 1, split.n_docs)
+    # Rows of like length share a batch, and columns holding only padding are cut: a row's
+    # scores are the same (padding comes after the document, causal attention never looks
+    # ahead) and a block far longer than the documents (basic's 512) costs no more than packed.
+    by_length = np.argsort(-targets[:n_docs], kind="stable")
+    batches = []
+    for start in range(0, n_docs, batch_size):
+        part = by_length[start : start + batch_size]
+        b, width = padded_batch(split, part, block_size, eot_id), int(targets[part].max())
+        batches.append(Batch(b.x[:, :width].contiguous(), b.y[:, :width].contiguous(), None, b.real_tokens))
     return batches
