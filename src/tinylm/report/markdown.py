@@ -4,6 +4,8 @@ sentence is a template over measured numbers."""
 
 from __future__ import annotations
 
+import math
+
 from tinylm.report.effects import best_arm, changes, seed_change, worst_loss
 from tinylm.report.findings import effects_section, effects_table, noise_floor_table
 from tinylm.report.notes import arm_notes, stability_text
@@ -151,6 +153,10 @@ def final_metrics_table(arms: list[Arm]) -> list[str]:
     return lines + [""]
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _lr_text(arm: Arm) -> str:
     lr = arm.lr if arm.lr is not None else arm.recipe.get("lr")
     factor = arm.runs[0].study_tag.get("lr_factor")
@@ -182,9 +188,10 @@ def trials_table(arms: list[Arm]) -> list[str]:
         for f in factors:
             summary = arm.trials.get(f)
             value = None if summary is None else summary.get(arm.metric.key("best_val_loss"))
-            cells.append(
-                "not run" if summary is None else "–" if not isinstance(value, (int, float)) else f"{value:.3f}"
-            )
+            if f not in arm.trials:
+                cells.append("–")
+            else:
+                cells.append("not run" if summary is None else f"{value:.3f}" if _number(value) else "diverged")
         lines.append(f"| {arm.name} | {' | '.join(cells)} | {_lr_text(arm)} |")
     return lines + [""]
 

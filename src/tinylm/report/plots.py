@@ -94,6 +94,7 @@ def plot_effects(effects: list[Effect], path: Path) -> None:
         ax.set_yticks(range(len(effects)), [f"{e.arm.name} vs {e.before.name}\n{e.verdict}" for e in effects])
         ax.invert_yaxis()  # the first step on top, as in the tables
         ax.set_xlabel(f"Δ best val loss, {effects[0].arm.metric.name} (95% CI; < 0 is better)")
+        ax.set_title(f"{effects[0].arm.preset}: effect of each step, paired by seed")
         ax.grid(axis="x", alpha=0.3)
 
 
