@@ -10,6 +10,7 @@ import pytest
 
 from tinylm.cli import main
 from tinylm.config import ModelConfig, RunConfig, TrainConfig
+from tinylm.errors import UserError
 from tinylm.report import load_studies, write_report
 from tinylm.report.stats import Interval, clear_leader, pair_by_seed, spread, t_interval, verdict
 
@@ -212,3 +213,13 @@ def test_results_gain_the_study_columns(tmp_path):
     assert len(old) == 1 and old[0]["study"] == "" and old[0]["best_val_loss_doc"] == "" and old[0]["train_flops"] == ""
     loaded = json.loads((tmp_path / "out" / "results.json").read_text())
     assert loaded[-1]["best_val_loss_doc"] is None
+
+
+def test_a_damaged_study_json_is_one_line_naming_it(tmp_path):
+    three_arms(tmp_path)
+    info = json.loads((tmp_path / "study.json").read_text())
+    (tmp_path / "study.json").write_text(json.dumps({**info, "rank_by": "val_acc"}))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
+    (tmp_path / "study.json").write_text("{")
+    with pytest.raises(UserError, match=r"study\.json is damaged \(no list of named arms\)"):
+        load_studies([tmp_path])
