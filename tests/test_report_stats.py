@@ -223,3 +223,11 @@ def test_a_damaged_study_json_is_one_line_naming_it(tmp_path):
     (tmp_path / "study.json").write_text("{")
     with pytest.raises(UserError, match=r"study\.json is damaged \(no list of named arms\)"):
         load_studies([tmp_path])
+
+
+def test_no_contributor_when_no_interval_lies_below_zero(tmp_path):
+    write_study(tmp_path, [("base", {}, None, [6.0, 6.1, 6.2], [6.3, 6.4, 6.5]),
+                           ("rope", {"position": "rope"}, "base", [5.9, 6.1, 6.2], [6.2, 6.45, 6.48])])  # fmt: skip
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    assert "| rope | base | 3 paired seeds | -0.023 ± 0.186 | within noise (±0.186) |" in report
+    assert "No step's interval lies wholly below zero: none improved the best loss beyond noise." in report

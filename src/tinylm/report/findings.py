@@ -90,17 +90,20 @@ def contributor_text(effects: list[Effect]) -> str:
     if not any(e.interval.replicated for e in effects):
         return "These effects are unreplicated: no step can be named the largest contributor (run several seeds)."
     top = clear_contributor(effects)
+    if top is not None and len(top.changes) <= 1:
+        what = top.changes[0] if top.changes else top.arm.key_change or "no setting differs"
+        return (f"The largest single contributor here was **{top.arm.name}** ({what}, {fmt_delta(top.interval)} "
+                "best val loss), clear of every other step's interval.")  # fmt: skip
     if top is not None:
-        if len(top.changes) == 1:
-            return f"The largest single contributor here was **{top.arm.name}** ({top.changes[0]}, " \
-                   f"{fmt_delta(top.interval)} best val loss), clear of every other step's interval."  # fmt: skip
-        return f"The largest clear gain here was **{top.arm.name}** against **{top.before.name}** " \
-               f"({fmt_delta(top.interval)} best val loss), which changed {len(top.changes)} settings at once: " \
-               "these runs cannot say which of them gave it."  # fmt: skip
+        return (f"The largest clear gain here was **{top.arm.name}** against **{top.before.name}** "
+                f"({fmt_delta(top.interval)} best val loss), which changed {len(top.changes)} settings at once: "
+                "these runs cannot say which of them gave it.")  # fmt: skip
     improved = [e for e in effects if e.verdict == "improvement"]
     if not improved:
         return "No step's interval lies wholly below zero: none improved the best loss beyond noise."
     lead = min(improved, key=lambda e: e.d_best)
-    overlapping = [e.arm.name for e in effects if e is not lead and not lead.interval.clear_of(e.interval)]
-    return f"No single contributor is clear: the largest gain, **{lead.arm.name}** ({fmt_delta(lead.interval)}), " \
-           f"is not clear of {', '.join(f'**{n}**' for n in overlapping)} (overlapping or unreplicated intervals)."  # fmt: skip
+    overlapping = ", ".join(
+        f"**{e.arm.name}**" for e in effects if e is not lead and not lead.interval.clear_of(e.interval)
+    )
+    return (f"No single contributor is clear: the largest gain, **{lead.arm.name}** ({fmt_delta(lead.interval)}), "
+            f"is not clear of {overlapping} (overlapping or unreplicated intervals).")  # fmt: skip
