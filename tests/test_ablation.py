@@ -86,7 +86,7 @@ def test_report_numbers_equal_the_summaries(ablation):
     assert comparison[0][0] == "**tiny**"
     assert comparison[0][1] == f"{summaries[0]['params'] / 1e6:.2f}M"
     assert float(comparison[0][2]) == round(max(s["worst_val_loss"] for s in summaries), 2)
-    assert "The largest single contributor here was" in report or "No phase lowered" in report
+    assert "These effects are unreplicated: no step can be named the largest contributor" in report  # one seed
     assert (ablation / "report-tiny-val-loss.png").stat().st_size > 1000
     assert (ablation / "report-best-loss.png").stat().st_size > 1000
 

@@ -23,13 +23,16 @@ def add_report(sub) -> None:
     p = sub.add_parser("report", help="tables, plots and CSV from finished runs or ablations")
     p.add_argument("dirs", nargs="+", help="ablation or run directories")
     p.add_argument("--out", default="report.md", help="Markdown file; plots and results.csv/json go beside it")
+    p.add_argument("--rank-by", choices=["doc", "packed"], default=None,
+                   help="the validation loss that ranks arms: per-document (default; a study's own rank_by "
+                        "otherwise) or the packed stream; runs lacking the per-document one fall back to packed")  # fmt: skip
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from tinylm.report import write_report
 
-    return _written(args.out, "report", lambda out: write_report([Path(p) for p in args.dirs], out))
+    return _written(args.out, "report", lambda out: write_report([Path(p) for p in args.dirs], out, args.rank_by))
 
 
 def add_plot(sub) -> None:

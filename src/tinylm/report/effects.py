@@ -1,10 +1,11 @@
-"""What each arm changed against the arm before it, and by how much: the report's statistics."""
+"""What each arm changed against the arm it is compared to, and by how much: paired per seed, with intervals."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tinylm.report.runs import Arm, setting_names, value_text
+from tinylm.report.stats import Interval, Pairing, clear_leader, effect_interval, verdict
 
 
 def changes(before: Arm, after: Arm) -> list[str]:
@@ -25,32 +26,60 @@ def seed_change(before: Arm, after: Arm) -> list[str]:
 
 @dataclass
 class Effect:
-    """One arm measured against the arm before it."""
+    """One arm measured against the arm it is compared to, on the ranked best validation loss."""
 
     before: Arm
     arm: Arm
     changes: list[str]
     """The settings that differ (the seeds are not a setting: see seed_change)."""
-    d_best: float
+    interval: Interval
+    """Of the per-seed differences arm − before; unreplicated with one pair, n = 0 with none."""
+    pairing: Pairing
+
+    @property
+    def d_best(self) -> float:
+        return self.interval.mean
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.interval)
 
 
 def measure_effects(arms: list[Arm]) -> list[Effect]:
-    """Each arm against the one before it (pairs without a finite best loss are left out)."""
+    """Each arm against its compare_to arm, in the arms' order (arms without a finite ranked loss are left out)."""
+    by_name = {a.name: a for a in arms}
     effects = []
-    for before, arm in zip(arms, arms[1:]):
-        a, b = before.mean("best_val_loss"), arm.mean("best_val_loss")
-        if a is not None and b is not None:
-            effects.append(Effect(before, arm, changes(before, arm), b - a))
+    for arm in arms:
+        before = by_name.get(arm.compare_to or "")
+        if before is None:
+            continue
+        measured = effect_interval(before.ranked(), arm.ranked())
+        if measured is not None:
+            effects.append(Effect(before, arm, changes(before, arm), *measured))
     return effects
 
 
+VERDICT_ORDER = ("improvement", "within noise", "unreplicated", "regression")
+
+
+def ranked_effects(effects: list[Effect]) -> list[Effect]:
+    """Improvements first, then effects within noise, unreplicated ones, regressions; by mean within each."""
+    return sorted(effects, key=lambda e: (VERDICT_ORDER.index(e.verdict.split(" (")[0]), e.d_best))
+
+
+def clear_contributor(effects: list[Effect]) -> Effect | None:
+    """The largest improvement, when its interval is clear of every other effect's (see stats.clear_leader)."""
+    lead = clear_leader([e.interval for e in effects])
+    return None if lead is None else effects[lead]
+
+
 def best_arm(arms: list[Arm]) -> Arm | None:
-    """The arm with the lowest mean best validation loss; None where no arm has a finite one."""
-    finite = [a for a in arms if a.mean("best_val_loss") is not None]
-    return min(finite, key=lambda a: a.mean("best_val_loss")) if finite else None
+    """The arm with the lowest mean ranked best loss; None where no arm has a finite one."""
+    finite = [a for a in arms if a.ranked_mean() is not None]
+    return min(finite, key=lambda a: a.ranked_mean()) if finite else None
 
 
 def worst_loss(arms: list[Arm]) -> float | None:
-    """The highest mean worst validation loss of the arms."""
-    worst = [v for a in arms if (v := a.mean("worst_val_loss")) is not None]
+    """The highest mean worst validation loss of the arms (in their ranked metric)."""
+    worst = [v for a in arms if (v := a.mean(a.metric.key("worst_val_loss"))) is not None]
     return max(worst) if worst else None

@@ -1,11 +1,19 @@
-"""The report's Markdown: per preset a timeline of the arms, its final metrics and the measured
-effects, then one comparison table across presets. Every sentence is a template over measured numbers."""
+"""The report's Markdown: per study and preset a timeline of the arms, its final metrics, the measured
+effects with their intervals and the noise floor, then one comparison table across presets. Every
+sentence is a template over measured numbers."""
 
 from __future__ import annotations
 
-from tinylm.report.effects import Effect, best_arm, changes, measure_effects, seed_change, worst_loss
+import math
+
+from tinylm.report.effects import best_arm, changes, seed_change, worst_loss
+from tinylm.report.findings import effects_section, effects_table, noise_floor_table
 from tinylm.report.notes import arm_notes, stability_text
-from tinylm.report.runs import PHASE_SETTINGS, Arm, value_text
+from tinylm.report.runs import DOC, PACKED, PHASE_SETTINGS, Arm, choose_metric, value_text
+from tinylm.report.studies import Study
+
+PlotNames = dict[tuple[str | None, str, str], str]
+"""(study name, preset or 'comparison', 'curves' | 'effects' | 'best') -> the plot's file name."""
 
 
 def fmt_loss(arm: Arm, key: str) -> str:
@@ -29,44 +37,99 @@ def fmt_params(arms: list[Arm]) -> str:
     return f"{low / 1e6:.2f}M" if low == high else f"{low / 1e6:.2f}M–{high / 1e6:.2f}M"
 
 
+def fmt_count(x: float | None) -> str:
+    """Tokens or FLOPs: 163840 -> '164k', 2e6 -> '2.00M', 1.2e15 -> '1.20e+15'."""
+    if x is None:
+        return "–"
+    if x >= 1e9:
+        return f"{x:.2e}"
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
+
+
 def _worst_text(arms: list[Arm]) -> str:
     worst = worst_loss(arms)
     return "–" if worst is None else f"{worst:.2f}"
 
 
-def render(groups: dict[str, list[Arm]], plot_names: dict[str, str]) -> str:
+def render(studies: list[Study], plot_names: PlotNames) -> str:
     lines: list[str] = ["# tinylm ablation report", ""]
     lines.append("Every number below is measured: it comes from the runs' `summary.json` and `metrics.jsonl`.")
     lines.append("")
-    for preset, arms in groups.items():
-        lines += preset_section(preset, arms, plot_names.get(preset))
-    lines += comparison_section(groups)
-    if "comparison" in plot_names:
-        lines += [f"![best validation loss per preset and phase]({plot_names['comparison']})", ""]
+    for study in studies:
+        if study.name is not None:
+            lines += study_intro(study)
+        for preset, arms in study.groups.items():
+            lines += preset_section(study, preset, arms, plot_names)
+        lines += comparison_section(study.groups)
+        if (best := plot_names.get((study.name, "comparison", "best"))) is not None:
+            lines += [f"![best validation loss per preset and phase]({best})", ""]
     return "\n".join(lines)
 
 
-def preset_section(preset: str, arms: list[Arm], plot_name: str | None) -> list[str]:
-    """One preset: its timeline, its final metrics, its plot, and what changed the result."""
+def study_intro(study: Study) -> list[str]:
+    """What the study ran, as its study.json says: mode, seeds, budget, LR tuning and the ranked metric."""
+    info = study.info
+    facts = {
+        "cumulative": "mode cumulative: each step adds its change to the arm before it and is measured against it",
+        "each": "mode each: each step changes the base alone and is measured against the base",
+    }
+    said = [facts[info["mode"]]] if info.get("mode") in facts else []
+    if info.get("seeds"):
+        said.append(f"{info['seeds']} seed(s) per arm, paired: seed k of every arm shares its initialisation "
+                    "and data order")  # fmt: skip
+    budget = info.get("budget") or {}
+    if "tokens" in budget:
+        said.append(f"budget {fmt_count(budget['tokens'])} tokens per run")
+    if "flops" in budget:
+        said.append(f"budget {budget['flops']:.3g} training FLOPs per run (arms train on the tokens it buys)")
+    if info.get("lr_tune"):
+        factors = ", ".join(f"×{f:g}" for f in info["lr_tune"])
+        share = info.get("lr_tune_share")
+        said.append(f"learning rate tuned per arm over {factors} of the base LR on one-seed trials"
+                    f"{f' of {share:.0%} of the budget' if share else ''} (trials are not arms)")  # fmt: skip
+    said.append(f"ranked by the {study.wanted.name} best validation loss")
+    lines = [f"## Study `{study.name}`", "", ". ".join(s[0].upper() + s[1:] for s in said) + ".", ""]
+    if study.unfinished:
+        lines += [f"Not finished yet, left out: {', '.join(study.unfinished)}.", ""]
+    return lines
+
+
+def preset_section(study: Study, preset: str, arms: list[Arm], plot_names: PlotNames) -> list[str]:
+    """One preset: its timeline, final metrics, plots, effects with intervals, noise floor and ranking."""
     lines = [f"## {preset.upper()} MODEL ({fmt_params(arms)} params)", ""]
-    lines += timeline_table(arms) + final_metrics_table(arms)
-    if plot_name is not None:
-        lines += [f"![validation loss, {preset}]({plot_name})", ""]
+    _, note = choose_metric(study.wanted, [r for a in arms for r in a.runs])
+    if note:
+        lines += [note, ""]
+    lines += timeline_table(arms) + final_metrics_table(arms) + arm_metrics_table(arms) + trials_table(arms)
+    if (curves := plot_names.get((study.name, preset, "curves"))) is not None:
+        lines += [f"![validation loss, {preset}]({curves})", ""]
+    lines += effects_table(arms) + noise_floor_table(arms)
+    if (effects := plot_names.get((study.name, preset, "effects"))) is not None:
+        lines += [f"![effect of each step, {preset}]({effects})", ""]
     return lines + effects_section(arms)
 
 
+def _key_change(arm: Arm, by_name: dict[str, Arm]) -> str:
+    before = by_name.get(arm.compare_to or "")
+    if arm.key_change:
+        return arm.key_change
+    if before is None:
+        return ", ".join(f"{k} {value_text(arm.recipe.get(k))}" for k in PHASE_SETTINGS)
+    return ", ".join(changes(before, arm) + seed_change(before, arm))
+
+
 def timeline_table(arms: list[Arm]) -> list[str]:
-    """Each arm with what it changed against the arm before it, its losses and its notes."""
+    """Each arm with what it changed against the arm it is compared to, its losses and its notes."""
     peers = [r for a in arms for r in a.runs]
+    by_name = {a.name: a for a in arms}
+    metric = arms[0].metric
     lines = ["### Timeline of improvements", ""]
-    lines += ["| Phase | Key change | Val loss (start → best) | Notes |", "| --- | --- | --- | --- |"]
-    for i, arm in enumerate(arms):
-        if i == 0:
-            key = ", ".join(f"{k} {value_text(arm.recipe.get(k))}" for k in PHASE_SETTINGS)
-        else:
-            key = ", ".join(changes(arms[i - 1], arm) + seed_change(arms[i - 1], arm))
-        lines.append(f"| {arm.name} | {key} | {fmt_loss(arm, 'start_val_loss')} → "
-                     f"**{fmt_loss(arm, 'best_val_loss')}** | {arm_notes(arm, peers)} |")  # fmt: skip
+    lines += [f"| Step | Key change | Val loss, {metric.name} (start → best, mean ± std over seeds) | Notes |",
+              "| --- | --- | --- | --- |"]  # fmt: skip
+    for arm in arms:
+        notes = "; ".join(n for n in (arm.note, arm_notes(arm, peers)) if n)
+        lines.append(f"| {arm.name} | {_key_change(arm, by_name)} | {fmt_loss(arm, metric.key('start_val_loss'))} → "
+                     f"**{fmt_loss(arm, metric.key('best_val_loss'))}** | {notes} |")  # fmt: skip
     return lines
 
 
@@ -75,7 +138,7 @@ def final_metrics_table(arms: list[Arm]) -> list[str]:
     times = [t for a in arms for t in a.values("train_time_s")]
     lines = ["", "### Final metrics", "", "| Metric | Value |", "| --- | --- |"]
     lines.append(f"| Worst val loss | {_worst_text(arms)} |")
-    best_text = f"**{best.mean('best_val_loss'):.2f}** ({best.name})" if best else "–"
+    best_text = f"**{best.ranked_mean():.2f}** ({best.name})" if best else "–"
     lines.append(f"| Best val loss | {best_text} |")
     if times:
         low, high = fmt_time(min(times)), fmt_time(max(times))
@@ -90,41 +153,46 @@ def final_metrics_table(arms: list[Arm]) -> list[str]:
     return lines + [""]
 
 
-def effect_text(e: Effect) -> str:
-    before, arm = e.before, e.arm
-    b0, b1 = before.mean("best_val_loss"), arm.mean("best_val_loss")
-    text = f"**{arm.name}** against **{before.name}** ({', '.join(e.changes + seed_change(before, arm))}): "
-    text += f"{'' if e.d_best < 0 else 'did not help here: '}best val loss {b0:.2f} → {b1:.2f} ({e.d_best:+.2f})"
-    s0, s1 = before.mean("start_val_loss"), arm.mean("start_val_loss")
-    if s0 is not None and s1 is not None and abs(s1 - s0) >= 0.01:
-        text += f"; start loss {s0:.2f} → {s1:.2f}"
-    u0, u1 = before.mean("utilisation"), arm.mean("utilisation")
-    if u0 and u1 and abs(u1 - u0) > 0.005:
-        text += f"; real tokens per slot {u0:.2f} → {u1:.2f} (×{u1 / u0:.2f} real tokens for the same compute)"
-    k0, k1 = before.mean("skipped_updates"), arm.mean("skipped_updates")
-    if k0 is not None and k1 is not None and k0 != k1:
-        text += f"; skipped updates {k0:.3g} → {k1:.3g}"
-    return text
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def effects_section(arms: list[Arm]) -> list[str]:
-    """Each arm's measured effect against the one before it, ranked by the gain in best loss."""
-    lines = ["### What changed the result (measured)", ""]
-    effects = measure_effects(arms)
-    for rank, effect in enumerate(sorted(effects, key=lambda e: e.d_best), 1):
-        lines.append(f"{rank}. {effect_text(effect)}")
-    helped = [e for e in effects if e.d_best < 0]
-    if not helped:
-        lines += ["", "No phase lowered the best validation loss on this data and budget."]
-        return lines + [""]
-    top = min(helped, key=lambda e: e.d_best)
-    if len(top.changes) == 1:
-        lines += ["", f"The largest single contributor here was **{top.arm.name}** ({top.changes[0]}, "
-                      f"{top.d_best:+.2f} best val loss)."]  # fmt: skip
-    else:
-        lines += ["", f"The largest gain here was **{top.arm.name}** against **{top.before.name}** "
-                      f"({top.d_best:+.2f} best val loss), which changed {len(top.changes)} settings at once: "
-                      "these runs cannot say which of them gave it."]  # fmt: skip
+def _lr_text(arm: Arm) -> str:
+    lr = arm.lr if arm.lr is not None else arm.recipe.get("lr")
+    factor = arm.runs[0].study_tag.get("lr_factor")
+    return value_text(lr) + (f" (×{factor:g})" if isinstance(factor, (int, float)) else "")
+
+
+def arm_metrics_table(arms: list[Arm]) -> list[str]:
+    """Per arm: seeds, compute spent (tokens and FLOPs), learning rate, and both validation losses."""
+    lines = ["| Arm | Seeds | Tokens | Train FLOPs | LR | Best val loss, per-document | Best val loss, packed "
+             "| Final val loss, per-document | Final val loss, packed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for a in arms:
+        losses = [fmt_loss(a, m.key(k)) for k in ("best_val_loss", "final_val_loss") for m in (DOC, PACKED)]
+        lines.append(f"| {a.name} | {len(a.runs)} | {fmt_count(a.mean('tokens'))} | {fmt_count(a.mean('train_flops'))} "
+                     f"| {_lr_text(a)} | {' | '.join(losses)} |")  # fmt: skip
+    return lines + [""]
+
+
+def trials_table(arms: list[Arm]) -> list[str]:
+    """The best loss each LR-tuning trial reached, per arm (only where a study tuned the learning rate)."""
+    factors = list(dict.fromkeys(f for a in arms for f in a.trials))
+    if not factors:
+        return []
+    lines = ["### Learning-rate trials (best val loss of each one-seed trial; the chosen LR trains the full runs)",
+             "", f"| Arm | {' | '.join(f'×{f}' for f in factors)} | Chosen LR |",
+             f"| --- | {' | '.join('---:' for _ in factors)} | ---: |"]  # fmt: skip
+    for arm in arms:
+        cells = []
+        for f in factors:
+            summary = arm.trials.get(f)
+            value = None if summary is None else summary.get(arm.metric.key("best_val_loss"))
+            if f not in arm.trials:
+                cells.append("–")
+            else:
+                cells.append("not run" if summary is None else f"{value:.3f}" if _number(value) else "diverged")
+        lines.append(f"| {arm.name} | {' | '.join(cells)} | {_lr_text(arm)} |")
     return lines + [""]
 
 
@@ -135,7 +203,7 @@ def comparison_section(groups: dict[str, list[Arm]]) -> list[str]:
     for preset, arms in groups.items():
         best = best_arm(arms)
         total = sum(t for a in arms for t in a.values("train_time_s"))
-        best_text = f"**{best.mean('best_val_loss'):.2f}**" if best else "–"
+        best_text = f"**{best.ranked_mean():.2f}**" if best else "–"
         lines.append(f"| **{preset}** | {fmt_params(arms)} | {_worst_text(arms)} | {best_text} "
                      f"| {fmt_time(total)} | {stability_text(arms)} |")  # fmt: skip
     return lines + [""]

@@ -1,13 +1,16 @@
-"""The report's plots (matplotlib, no display needed): validation curves per preset, best loss per
-preset and phase, and `tinylm plot`'s train/validation curves of any runs."""
+"""The report's plots (matplotlib, no display needed): validation curves per preset with a band over
+seeds, the effect of each step with its interval, best loss per preset and phase, and `tinylm plot`'s
+train/validation curves of any runs."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tinylm.report.effects import Effect
 from tinylm.report.runs import Arm
 from tinylm.rundir import read_metrics, read_summary
 
@@ -37,25 +40,62 @@ def wants_log_scale(lows: list[float], highs: list[float]) -> bool:
     return bool(lows) and max(highs) / max(min(lows), 1e-9) > 5
 
 
+def seed_band(arm: Arm) -> list[tuple[int, float, float, float]]:
+    """(tokens, mean, min, max) of the arm's ranked validation curve over its seeds, at every evaluation
+    all of its seeds measured (seeds of one arm share their evaluation points)."""
+    curves = [dict(run.curve(arm.metric)) for run in arm.runs]
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
+    band = []
+    for x in sorted(set.intersection(*(set(c) for c in curves))):
+        ys = [c[x] for c in curves]
+        band.append((x, statistics.fmean(ys), min(ys), max(ys)))
+    return band
+
+
 def plot_curves(arms: list[Arm], path: Path) -> None:
+    """Validation loss per arm: the mean over seeds, with a band from the lowest to the highest seed."""
+    seeds = max(len(a.runs) for a in arms)
     with figure(path) as ax:
         lows, highs = [], []
         for j, arm in enumerate(arms):
-            for i, run in enumerate(arm.runs):
-                curve = run.val_curve
-                if not curve:
-                    continue
-                xs, ys = zip(*curve)
-                ax.plot(xs, ys, marker="o", markersize=3, label=arm.name if i == 0 else None, color=f"C{j % 10}")
-                lows.append(min(ys))
-                highs.append(max(ys))
+            band = seed_band(arm)
+            if not band:
+                continue
+            xs, mean, low, high = zip(*band)
+            label = arm.name if len(arm.runs) == 1 else f"{arm.name} ({len(arm.runs)} seeds)"
+            ax.plot(xs, mean, marker="o", markersize=3, label=label, color=f"C{j % 10}")
+            if len(arm.runs) > 1:
+                ax.fill_between(xs, low, high, color=f"C{j % 10}", alpha=0.2, linewidth=0)
+            lows.append(min(low))
+            highs.append(max(high))
         if wants_log_scale(lows, highs):
             ax.set_yscale("log")
         ax.set_xlabel("token slots trained")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"{arms[0].preset}: validation loss by phase")
+        ax.set_ylabel(f"validation loss, {arms[0].metric.name}")
+        band = ": mean over seeds, band min–max" if seeds > 1 else ""
+        ax.set_title(f"{arms[0].preset}: validation loss by arm{band}")
         ax.grid(alpha=0.3)
         ax.legend()
+
+
+def plot_effects(effects: list[Effect], path: Path) -> None:
+    """One row per step: the mean paired difference and its 95% interval, a line at zero. Unreplicated
+    effects are hollow points without a bar: they have no interval."""
+    with figure(path, figsize=(FIGSIZE[0], 1.2 + 0.45 * len(effects))) as ax:
+        for row, e in enumerate(effects):
+            iv = e.interval
+            if iv.replicated:
+                ax.errorbar(iv.mean, row, xerr=iv.half_width, fmt="o", color="C0", capsize=4)
+            else:
+                ax.plot(iv.mean, row, "o", mfc="none", color="C7")
+        ax.axvline(0.0, color="black", lw=1)
+        ax.set_yticks(range(len(effects)), [f"{e.arm.name} vs {e.before.name}\n{e.verdict}" for e in effects])
+        ax.invert_yaxis()  # the first step on top, as in the tables
+        ax.set_xlabel(f"Δ best val loss, {effects[0].arm.metric.name} (95% CI; < 0 is better)")
+        ax.set_title(f"{effects[0].arm.preset}: effect of each step, paired by seed")
+        ax.grid(axis="x", alpha=0.3)
 
 
 def plot_comparison(groups: dict[str, list[Arm]], path: Path) -> None:
@@ -67,7 +107,7 @@ def plot_comparison(groups: dict[str, list[Arm]], path: Path) -> None:
             heights = []
             for preset in presets:
                 match = [a for a in groups[preset] if a.name == name]
-                heights.append((match and match[0].mean("best_val_loss")) or 0.0)
+                heights.append((match and match[0].ranked_mean()) or 0.0)
             ax.bar([i + j * width for i in range(len(presets))], heights, width, label=name, color=f"C{j % 10}")
         ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(presets))], presets)
         ax.set_ylabel("best validation loss")

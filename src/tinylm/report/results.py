@@ -6,28 +6,33 @@ import csv
 import json
 from pathlib import Path
 
-from tinylm.report.runs import Arm
+from tinylm.report.studies import Study
 
-RESULT_COLUMNS = ["preset", "arm", "phase", "seed", "params", "start_val_loss", "best_val_loss", "worst_val_loss",
-                  "final_val_loss", "train_time_s", "steps", "skipped_updates", "tokens", "real_tokens",
-                  "utilisation", "stability", "stability_reason", "run_dir"]  # fmt: skip
+RESULT_COLUMNS = ["study", "preset", "arm", "phase", "seed", "lr", "lr_factor", "params", "start_val_loss",
+                  "best_val_loss", "worst_val_loss", "final_val_loss", "best_val_loss_doc", "final_val_loss_doc",
+                  "train_time_s", "steps", "skipped_updates", "tokens", "real_tokens", "flops_per_token",
+                  "train_flops", "utilisation", "stability", "stability_reason", "run_dir"]  # fmt: skip
+"""A key a run's summary lacks (one written before it existed) is empty in the CSV and null in the JSON."""
 
 
-def result_rows(arms: list[Arm]) -> list[dict]:
+def result_rows(studies: list[Study]) -> list[dict]:
     rows = []
-    for arm in arms:
-        for r in arm.runs:
-            s = r.summary
-            row = {k: s.get(k) for k in RESULT_COLUMNS}
-            row.update(preset=r.preset, arm=arm.name, phase=r.phase, seed=r.seed, stability=s["stability"]["label"],
-                       stability_reason=s["stability"]["reason"], run_dir=str(r.run_dir))  # fmt: skip
-            rows.append(row)
+    for study in studies:
+        for arm in (arm for arms in study.groups.values() for arm in arms):
+            for r in arm.runs:
+                s = r.summary
+                row = {k: s.get(k) for k in RESULT_COLUMNS}
+                row.update(study=study.name or r.study_tag.get("name"), preset=r.preset, arm=arm.name, phase=r.phase,
+                           seed=r.seed, lr=r.recipe.get("lr"), lr_factor=r.study_tag.get("lr_factor"),
+                           stability=s["stability"]["label"], stability_reason=s["stability"]["reason"],
+                           run_dir=str(r.run_dir))  # fmt: skip
+                rows.append(row)
     return rows
 
 
-def write_results(arms: list[Arm], folder: Path) -> None:
+def write_results(studies: list[Study], folder: Path) -> None:
     """results.json and results.csv in folder."""
-    rows = result_rows(arms)
+    rows = result_rows(studies)
     (folder / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     with open(folder / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)

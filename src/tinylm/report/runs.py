@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,26 @@ def value_text(x: Any) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+@dataclass(frozen=True)
+class Metric:
+    """Which validation loss ranks arms: the per-document one or the packed stream's."""
+
+    name: str
+    """How the report names it."""
+    suffix: str
+    """What it adds to a summary key: best_val_loss -> best_val_loss_doc."""
+
+    def key(self, base: str) -> str:
+        """The summary.json (or metrics.jsonl) key of this metric's version of base ('best_val_loss')."""
+        return base + self.suffix
+
+
+DOC = Metric("per-document", "_doc")
+PACKED = Metric("packed", "")
+RANK_BY = {"doc": DOC, "packed": PACKED, "val_loss_doc": DOC, "val_loss": PACKED}
+"""`tinylm report --rank-by` values and study.json's rank_by values."""
+
+
 def rank(label: str) -> int:
     """A stability label's place from most to least stable (an unknown label is last)."""
     return LABELS.index(label) if label in LABELS else len(LABELS)
@@ -77,9 +98,18 @@ class Run:
 
     @property
     def val_curve(self) -> list[tuple[int, float]]:
-        return [
-            (r["tokens"], r["val_loss"]) for r in self.metrics if "val_loss" in r and isinstance(r["val_loss"], float)
-        ]
+        return self.curve(PACKED)
+
+    def curve(self, metric: Metric) -> list[tuple[int, float]]:
+        """(tokens, loss) of every evaluation that measured a finite value of the metric."""
+        key = metric.key("val_loss")
+        return [(r["tokens"], r[key]) for r in self.metrics if isinstance(r.get(key), float) and math.isfinite(r[key])]
+
+    @property
+    def study_tag(self) -> dict[str, Any]:
+        """summary.json's {"name", "arm", "lr_factor"} as a study runner wrote it; {} for other runs."""
+        tag = self.summary.get("study")
+        return tag if isinstance(tag, dict) else {}
 
 
 @dataclass
@@ -90,7 +120,19 @@ class Arm:
     recipe: dict[str, Any]
     runs: list[Run] = field(default_factory=list)
     name: str = ""
-    """The phase, plus the settings that tell this arm from other arms of the same phase."""
+    """The study's name for the arm; for runs grouped by recipe, the phase plus the settings that tell
+    this arm from other arms of the same phase."""
+    compare_to: str | None = None
+    """The name of the arm this one's effect is measured against (None: the first arm)."""
+    metric: Metric = PACKED
+    """The validation loss that ranks this arm (chosen per preset: see choose_metric)."""
+    note: str = ""
+    key_change: str = ""
+    """The study's words for what this arm changes; empty: the report lists the settings that differ."""
+    lr: float | None = None
+    """The learning rate a study chose for the arm's full runs (None: not from a study)."""
+    trials: dict[str, dict | None] = field(default_factory=dict)
+    """LR factor -> the summary of its trial run (None: not finished), where a study tuned the learning rate."""
 
     @property
     def phase(self) -> str:
@@ -101,7 +143,8 @@ class Arm:
         return sorted(r.seed for r in self.runs)
 
     def values(self, key: str) -> list[float]:
-        return [r.summary[key] for r in self.runs if r.summary.get(key) is not None]
+        """The key's finite numbers over the arm's runs (absent, None and NaN are left out)."""
+        return [v for r in self.runs if _finite(v := r.summary.get(key))]
 
     def mean(self, key: str) -> float | None:
         vals = self.values(key)
@@ -111,25 +154,45 @@ class Arm:
         vals = self.values(key)
         return statistics.stdev(vals) if len(vals) > 1 else None
 
+    def ranked(self) -> dict[int, float]:
+        """seed -> the ranked best loss, over the runs that have a finite one (seeds run twice: their mean)."""
+        by_seed: dict[int, list[float]] = {}
+        for r in self.runs:
+            value = r.summary.get(self.metric.key("best_val_loss"))
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                by_seed.setdefault(r.seed, []).append(float(value))
+        return {seed: statistics.fmean(values) for seed, values in sorted(by_seed.items())}
+
+    def ranked_mean(self) -> float | None:
+        return self.mean(self.metric.key("best_val_loss"))
+
     @property
     def stability(self) -> dict:
         # the least stable seed speaks for the arm
         return max((r.summary["stability"] for r in self.runs), key=lambda s: rank(s["label"]))
 
 
-def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run directory (one holding summary.json) at or under the given paths."""
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def find_runs(paths: list[Path], outside: list[Path] = ()) -> list[Run]:
+    """Every run directory (one holding summary.json) at or under the given paths, but not under a
+    folder of `outside` (a study's folder: its runs are read through its study.json)."""
     runs = []
     for root in paths:
         if not root.exists():
             raise UserError(f"no such directory: {root}")
-        runs += [_load_run(summary_path.parent) for summary_path in sorted(root.rglob(SUMMARY_FILE))]
-    if not runs:
+        for summary_path in sorted(root.rglob(SUMMARY_FILE)):
+            if not any(summary_path.is_relative_to(folder) for folder in outside):
+                runs.append(load_run(summary_path.parent))
+    if not runs and not outside:
         raise UserError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
     return runs
 
 
-def _load_run(run_dir: Path) -> Run:
+def load_run(run_dir: Path) -> Run:
+    """One finished run: its config (validated), summary (checked for the keys the report reads) and metrics."""
     config = RunConfig.load(run_dir / CONFIG_FILE).to_dict()  # validated: a damaged file is one line
     train = config.get("train") or {}
     return Run(
@@ -153,8 +216,24 @@ def _complete_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def group(runs: list[Run]) -> dict[str, list[Arm]]:
-    """preset -> its arms in ablation order; runs are seeds of one arm only if their recipes are equal."""
+def choose_metric(wanted: Metric, runs: list[Run]) -> tuple[Metric, str | None]:
+    """The metric to rank these runs by, and a note when it is not the one wanted: runs from before the
+    per-document validation lack it, and one metric ranks them all (a paired difference of a per-document
+    loss and a packed one would measure the evaluation, not the arm)."""
+    if wanted == PACKED:
+        return PACKED, None
+    lacking = [r for r in runs if DOC.key("best_val_loss") not in r.summary]
+    if not lacking:
+        return DOC, None
+    return PACKED, (
+        f"Ranked by the packed validation loss: {len(lacking)} of {len(runs)} runs lack the per-document one "
+        "(written before tinylm measured it)."
+    )
+
+
+def group(runs: list[Run], wanted: Metric = DOC) -> dict[str, list[Arm]]:
+    """preset -> its arms in ablation order, each compared to the arm before it; runs are seeds of one arm
+    only if their recipes are equal. Each preset is ranked by the wanted metric where all its runs have it."""
     by_preset: dict[str, dict[str, Arm]] = {}
     for run in runs:
         arms = by_preset.setdefault(run.preset, {})
@@ -163,8 +242,11 @@ def group(runs: list[Run]) -> dict[str, list[Arm]]:
     groups = {}
     for preset in sorted(by_preset, key=lambda p: _index(list(PRESETS), p)):
         arms = sorted(by_preset[preset].values(), key=lambda a: _index(list(PHASES), a.phase))
-        for arm in arms:
+        metric, _ = choose_metric(wanted, [r for a in arms for r in a.runs])
+        for i, arm in enumerate(arms):
             arm.name = _arm_name(arm, [a for a in arms if a.phase == arm.phase])
+            arm.compare_to = arms[i - 1].name if i else None
+            arm.metric = metric
         groups[preset] = arms
     return groups
 

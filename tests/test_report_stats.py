@@ -1,0 +1,233 @@
+"""The report's statistics (paired differences, intervals, verdicts, noise floor, contributor) and its
+reading of study.json, checked by hand-computed numbers on fixture run directories (no training)."""
+
+import csv
+import dataclasses
+import json
+import math
+
+import pytest
+
+from tinylm.cli import main
+from tinylm.config import ModelConfig, RunConfig, TrainConfig
+from tinylm.errors import UserError
+from tinylm.report import load_studies, write_report
+from tinylm.report.stats import Interval, clear_leader, pair_by_seed, spread, t_interval, verdict
+
+STABLE = {"label": "very stable", "reason": "no divergence, tight train/val gap", "train_val_gap": 0.02}
+
+
+def fixture_run(out, rel, seed, best, doc=None, lr=1e-3, study=None, **model):
+    """A finished run as a study leaves it under OUT: config.json, summary.json (with the per-document keys
+    when doc is given), metrics.jsonl with both validation curves."""
+    run_dir = out / rel
+    run_dir.mkdir(parents=True)
+    train = TrainConfig(max_steps=40, lr=lr, seed=seed, init="scaled", schedule="cosine", batching="packed")
+    RunConfig(model=dataclasses.replace(ModelConfig(), **model), train=train, preset="basic").save(
+        run_dir / "config.json"
+    )
+    summary = {
+        "params": 7291776, "start_val_loss": 10.8, "best_val_loss": best, "best_step": 40, "worst_val_loss": 10.8,
+        "final_val_loss": best, "train_time_s": 60.0, "steps": 40, "tokens": 163840, "real_tokens": 163840,
+        "utilisation": 1.0, "stability": STABLE, "events": [], "skipped_updates": 0,
+    }  # fmt: skip
+    if doc is not None:
+        summary.update(start_val_loss_doc=11.0, best_val_loss_doc=doc, worst_val_loss_doc=11.0, final_val_loss_doc=doc,
+                       flops_per_token=4.4e7, train_flops=4.4e7 * 163840)  # fmt: skip
+    if study is not None:
+        summary["study"] = study
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    records = [{"step": s, "tokens": s * 4096, "val_loss": v, **({"val_loss_doc": v + 0.2} if doc else {})}
+               for s, v in ((0, 10.8), (20, (10.8 + best) / 2), (40, best))]  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def write_study(out, arms, mode="cumulative", rank_by="val_loss_doc", seeds=3):
+    """OUT/study.json as the study runner writes it, for arms given as (name, change, compare_to, bests,
+    doc bests); runs are OUT/basic/<arm>-seed<k> with train seed 1337 + k, their model changed by change."""
+    entries = []
+    for name, change, compare_to, bests, docs in arms:
+        runs = []
+        for k, best in enumerate(bests):
+            rel = f"basic/{name}-seed{k}"
+            tag = {"name": "demo", "arm": name, "lr_factor": None}
+            fixture_run(out, rel, 1337 + k, best, docs[k] if docs else None, study=tag, **change)
+            runs.append(rel)
+        entries.append({"name": name, "note": f"note of {name}", "key_change": f"key {name}", "change": change,
+                        "compare_to": compare_to, "runs": {"basic": runs}, "lr": {"basic": 0.001}, "trials": {}})  # fmt: skip
+    info = {"study": "demo", "mode": mode, "rank_by": rank_by, "seeds": seeds, "budget": {"tokens": 163840},
+            "lr_tune": None, "lr_tune_share": 0.2, "presets": ["basic"], "arms": entries}  # fmt: skip
+    (out / "study.json").write_text(json.dumps(info))
+    return info
+
+
+# --- the arithmetic ---------------------------------------------------------------------------------------
+
+
+def test_the_interval_matches_a_hand_computed_example():
+    iv = t_interval([-0.10, -0.12, -0.08])
+    # mean -0.10, sd 0.02, t(0.975, 2) = 4.3027: half-width 4.3027 * 0.02 / sqrt(3) = 0.04968
+    assert iv.mean == pytest.approx(-0.10)
+    assert iv.half_width == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-6)
+    assert iv.half_width == pytest.approx(0.0497, abs=5e-5)
+    assert (iv.low, iv.high, iv.n) == (pytest.approx(-0.1497, abs=5e-5), pytest.approx(-0.0503, abs=5e-5), 3)
+
+
+def test_the_verdict_follows_the_interval():
+    assert verdict(t_interval([-0.10, -0.12, -0.08])) == "improvement"
+    assert verdict(t_interval([0.10, 0.12, 0.08])) == "regression"
+    assert verdict(t_interval([-0.10, 0.05, -0.02])) == "within noise (±0.186)"  # sd 0.0751 · 4.3027 / √3
+    assert verdict(Interval(-0.5, 0.5, 3)) == "within noise (±0.500)"  # touching zero is not excluding it
+    assert verdict(t_interval([-0.3])) == "unreplicated"
+    assert verdict(Interval(-0.3, None, 0)) == "unreplicated"
+
+
+def test_pairing_by_seed_leaves_out_unpaired_seeds():
+    pairing = pair_by_seed({1337: 6.0, 1338: 6.2, 1339: 6.1}, {1338: 6.0, 1339: 5.8, 1340: 1.0})
+    assert pairing.diffs == {1338: pytest.approx(-0.2), 1339: pytest.approx(-0.3)}
+    assert pairing.unpaired == [1337, 1340]
+
+
+def test_the_noise_floor_is_the_spread_across_seeds():
+    s = spread([5.5, 5.7, 5.6])
+    assert (s.n, s.mean, s.std, s.low, s.high) == (3, pytest.approx(5.6), pytest.approx(0.1), 5.5, 5.7)
+    assert spread([5.5]).std is None
+    assert spread([]) is None
+
+
+def test_a_contributor_is_named_only_when_clear_of_every_other_effect():
+    big, small = Interval(-0.5, 0.1, 3), Interval(-0.1, 0.05, 3)
+    assert clear_leader([small, big]) == 1
+    assert clear_leader([small, Interval(-0.5, 0.45, 3)]) is None  # overlaps the smaller effect
+    assert clear_leader([big, Interval(-0.1, None, 1)]) is None  # an unreplicated effect cannot be cleared
+    assert clear_leader([Interval(-0.5, 0.6, 3), small]) is None  # the largest is not itself beyond noise
+    assert clear_leader([]) is None
+
+
+# --- study.json and the report -------------------------------------------------------------------------------
+
+
+def three_arms(out, mode="cumulative", **study):
+    """base; rope (-0.10 ± 0.05 per-document against base); swiglu (+0.04 ± 0.025 against rope, -0.06 ± 0.066
+    against base)."""
+    base, rope, swiglu = "base", "rope", "swiglu"
+    return write_study(out, [
+        (base, {}, None, [6.0, 6.1, 6.2], [6.30, 6.40, 6.50]),
+        (rope, {"position": "rope"}, base, [5.9, 6.0, 6.1], [6.20, 6.28, 6.42]),
+        (swiglu, {"position": "rope", "mlp": "swiglu"}, rope if mode == "cumulative" else base,
+         [5.95, 5.95, 6.15], [6.25, 6.31, 6.46]),
+    ], mode=mode, **study)  # fmt: skip
+
+
+def test_study_json_names_and_orders_the_arms_and_trials_are_not_arms(tmp_path):
+    three_arms(tmp_path)
+    info = json.loads((tmp_path / "study.json").read_text())
+    info["arms"] = [info["arms"][0], info["arms"][2], info["arms"][1]]  # the study's order, not the recipes'
+    info["arms"][0]["trials"] = {"basic": {"0.5": "trials/basic/base-lr0.5", "2": "trials/basic/base-lr2"}}
+    (tmp_path / "study.json").write_text(json.dumps(info))
+    fixture_run(tmp_path, "trials/basic/base-lr0.5", 1337, 7.5, 7.7, lr=5e-4)  # "2" is not finished yet
+
+    (study,) = load_studies([tmp_path])
+    arms = study.groups["basic"]
+    assert [(a.name, a.compare_to, len(a.runs)) for a in arms] == [("base", None, 3), ("swiglu", "rope", 3),
+                                                                   ("rope", "base", 3)]  # fmt: skip
+    report = write_report([tmp_path], tmp_path / "out" / "report.md").read_text()
+    assert "## Study `demo`" in report
+    assert "| swiglu | key swiglu |" in report and "note of swiglu" in report
+    assert "| base | 7.700 | not run | 0.001 |" in report  # the trial's loss, in its own table
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert len(rows) == 9 and not any("trials" in r["run_dir"] for r in rows)
+    assert {r["study"] for r in rows} == {"demo"}
+
+
+def test_effects_intervals_verdicts_and_noise_floor_in_the_report(tmp_path):
+    three_arms(tmp_path)
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    assert "Ranked by the per-document best validation loss" in report
+    # rope - base, per-document: -0.10, -0.12, -0.08 -> -0.100 ± 0.050
+    assert "| rope | base | 3 paired seeds | -0.100 ± 0.050 | improvement |" in report
+    # swiglu - rope: +0.05, +0.03, +0.04 -> +0.040 ± 0.025 (sd 0.01)
+    assert "| swiglu | rope | 3 paired seeds | +0.040 ± 0.025 | regression |" in report
+    assert "| base | 3 | 6.400 | 0.100 | 6.300–6.500 |" in report  # the noise floor
+    assert "The largest single contributor here was **rope** (position learned→rope, -0.100 ± 0.050" in report
+    assert (tmp_path / "report-demo-basic-effects.png").stat().st_size > 0
+    assert (tmp_path / "report-demo-basic-val-loss.png").stat().st_size > 0
+
+
+def test_mode_each_compares_every_step_to_the_base(tmp_path):
+    three_arms(tmp_path, mode="each")
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    # swiglu - base: -0.05, -0.09, -0.04 -> -0.060 ± 0.066 (sd 0.0265): overlaps rope's interval
+    assert "| swiglu | base | 3 paired seeds | -0.060 ± 0.066 | within noise (±0.066) |" in report
+    assert "No single contributor is clear: the largest gain, **rope** (-0.100 ± 0.050), is not clear of **swiglu**" \
+        in report  # fmt: skip
+
+
+def test_rank_by_packed_and_the_fallback_for_runs_without_per_document_losses(tmp_path):
+    three_arms(tmp_path, rank_by="val_loss")
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    assert "Ranked by the packed best validation loss." in report
+    assert "| rope | base | 3 paired seeds | -0.100 ± 0.000 | improvement |" in report  # 5.9-6.0, 6.0-6.1, 6.1-6.2
+
+    # the flag overrides the study's own rank_by
+    report = write_report([tmp_path], tmp_path / "doc.md", rank_by="doc").read_text()
+    assert "| rope | base | 3 paired seeds | -0.100 ± 0.050 | improvement |" in report
+
+    old = tmp_path / "basic" / "base-seed0" / "summary.json"  # one run from before per-document validation
+    summary = json.loads(old.read_text())
+    for key in ("start_val_loss_doc", "best_val_loss_doc", "worst_val_loss_doc", "final_val_loss_doc"):
+        del summary[key]
+    old.write_text(json.dumps(summary))
+    report = write_report([tmp_path], tmp_path / "fallback.md", rank_by="doc").read_text()
+    assert "Ranked by the packed validation loss: 1 of 9 runs lack the per-document one" in report
+    assert "### Effects (packed best val loss" in report
+
+
+def test_one_seed_is_unreplicated_and_carries_no_verdict_words(tmp_path):
+    write_study(tmp_path, [("base", {}, None, [6.0], [6.3]), ("rope", {"position": "rope"}, "base", [5.0], [5.3])],
+                seeds=1)  # fmt: skip
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    assert "| rope | base | 1 paired seed | -1.000 | unreplicated |" in report
+    effects = report.split("### Effects")[1]
+    for word in ("improvement", "regression", "within noise", "single contributor"):
+        assert word not in effects
+    assert "These effects are unreplicated: no step can be named the largest contributor" in report
+
+
+def test_results_gain_the_study_columns(tmp_path):
+    (tmp_path / "study").mkdir()
+    three_arms(tmp_path / "study")
+    fixture_run(tmp_path / "loose", "basic/packed", 1337, 6.5)  # an old run: no per-document loss, no FLOPs
+    paths = [str(tmp_path / "study"), str(tmp_path / "loose")]
+    assert main(["report", *paths, "--out", str(tmp_path / "out" / "report.md"), "--rank-by", "doc"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    for column in ("study", "arm", "lr", "lr_factor", "flops_per_token", "train_flops", "best_val_loss_doc",
+                   "final_val_loss_doc", "best_val_loss", "final_val_loss"):  # fmt: skip
+        assert column in rows[0]
+    first = rows[0]
+    assert (first["study"], first["arm"], first["lr"], first["lr_factor"]) == ("demo", "base", "0.001", "")
+    assert float(first["train_flops"]) == pytest.approx(4.4e7 * 163840)
+    assert (first["best_val_loss_doc"], first["final_val_loss_doc"]) == ("6.3", "6.3")
+    old = [r for r in rows if "loose" in r["run_dir"]]
+    assert len(old) == 1 and old[0]["study"] == "" and old[0]["best_val_loss_doc"] == "" and old[0]["train_flops"] == ""
+    loaded = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert loaded[-1]["best_val_loss_doc"] is None
+
+
+def test_a_damaged_study_json_is_one_line_naming_it(tmp_path):
+    three_arms(tmp_path)
+    info = json.loads((tmp_path / "study.json").read_text())
+    (tmp_path / "study.json").write_text(json.dumps({**info, "rank_by": "val_acc"}))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
+    (tmp_path / "study.json").write_text("{")
+    with pytest.raises(UserError, match=r"study\.json is damaged \(no list of named arms\)"):
+        load_studies([tmp_path])
+
+
+def test_no_contributor_when_no_interval_lies_below_zero(tmp_path):
+    write_study(tmp_path, [("base", {}, None, [6.0, 6.1, 6.2], [6.3, 6.4, 6.5]),
+                           ("rope", {"position": "rope"}, "base", [5.9, 6.1, 6.2], [6.2, 6.45, 6.48])])  # fmt: skip
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    assert "| rope | base | 3 paired seeds | -0.023 ± 0.186 | within noise (±0.186) |" in report
+    assert "No step's interval lies wholly below zero: none improved the best loss beyond noise." in report
