@@ -231,6 +231,32 @@ def test_bf16_autocast_forward_and_backward_stay_close_to_fp32(switch, text_batc
     assert torch.isfinite(last).all()
 
 
+@pytest.mark.parametrize("switch", ["rmsnorm", "qk_norm", "all"])
+def test_rmsnorms_under_bf16_autocast_take_the_fused_kernel_with_fp32_numbers(switch, text_batch, recwarn):
+    # torch warns of an input/gain dtype mismatch (once per process unless warn_always) and falls
+    # back to a slow path; QK-norm's bf16 queries and keys met the fp32 gain that way.
+    x, _ = text_batch
+    model = model_for(switch)
+    ref = model(x)[0]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)[0]
+            inputs = torch.randn(2, 5, norms[-1].normalized_shape[0])
+            for norm in norms:
+                n = norm.normalized_shape[0]
+                out = norm(inputs[..., :n].bfloat16())
+                assert out.dtype == torch.bfloat16
+                fp32 = torch.nn.functional.rms_norm(inputs[..., :n].bfloat16().float(), (n,), norm.weight, norm.eps)
+                torch.testing.assert_close(out.float(), fp32, rtol=1e-2, atol=1e-2)  # bf16's rounding
+    finally:
+        torch.set_warn_always(warn_always)
+    assert not [w for w in recwarn if "Mismatch dtype" in str(w.message)]
+    assert (logits.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 # --- training ------------------------------------------------------------------------------------
 
 
