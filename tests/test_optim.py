@@ -1,5 +1,6 @@
 """Muon for the blocks' matrices, AdamW for the rest; z-loss in training only."""
 
+import dataclasses
 import json
 import math
 import re
@@ -9,10 +10,11 @@ import torch
 
 from conftest import tiny_config
 from tinylm.config import preset
+from tinylm.costs import model_costs
 from tinylm.distributed import Cluster
 from tinylm.metrics import read_metrics
 from tinylm.model import GPT
-from tinylm.optim import Optimizers, build_optimizer
+from tinylm.optim import Optimizers, build_optimizer, is_hidden_matrix
 from tinylm.train import build_trainer, train
 from tinylm.trainer import accumulate_gradients, step_batches
 
@@ -152,3 +154,34 @@ def test_muon_decays_the_weights_per_step_as_adamw_does(stories, tmp_path):
         muon.param_groups[0]["lr"] * muon.param_groups[0]["weight_decay"],
     }
     assert len({round(x, 12) for x in per_step}) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("switches", [{}, dict(mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False)])
+def test_memory_estimate_counts_the_optimizers_own_state(stories, tmp_path, optimizer, switches):
+    cfg = tiny_config(stories, tmp_path, optimizer=optimizer)
+    model_cfg = dataclasses.replace(preset("tiny"), **switches)
+    model = GPT(model_cfg)
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    x = torch.randint(0, model_cfg.vocab_size, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    optimizers = opt.optimizers if isinstance(opt, Optimizers) else [opt]
+    state = [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    estimate = model_costs(model_cfg, optimizer=optimizer).memory_bytes["optimizer"]
+    assert estimate == nbytes(t for t in state if t.dim() > 0)  # moments and momentum buffers, exactly
+    assert nbytes(state) - estimate < 1e-3 * estimate  # AdamW's step counts, left out
+    if optimizer == "muon":  # one buffer instead of two moments for the blocks' matrices
+        saved = model_costs(model_cfg).memory_bytes["optimizer"] - estimate
+        assert saved == 4 * sum(p.numel() for n, p in model.named_parameters() if is_hidden_matrix(n, p))
+
+
+def test_info_estimates_memory_for_the_optimizer_given(capsys):
+    from tinylm.cli import main
+
+    optimizer_mib = {}
+    for optimizer in ("adamw", "muon"):
+        assert main(["info", "--preset", "basic", "--json", "--optimizer", optimizer]) == 0
+        optimizer_mib[optimizer] = json.loads(capsys.readouterr().out)["memory_bytes"]["optimizer"]
+    assert optimizer_mib["muon"] < optimizer_mib["adamw"]
