@@ -49,6 +49,25 @@ def test_two_processes_train_the_same_model_as_one(stories, tmp_path):
     assert summary["world_size"] == 2
 
 
+def test_two_processes_train_the_same_model_as_one_with_the_mechanics_switched_on(stories, tmp_path):
+    # Muon's momentum and orthogonalised step, the untied head and the z-loss's extra output all
+    # pass through DDP's gradient average as AdamW and the GPT-2 model do.
+    switches = ["--position", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--qk-norm", "on", "--bias", "off",
+                "--tie-embeddings", "off", "--optimizer", "muon", "--z-loss", "1e-3"]  # fmt: skip
+    common = [*ARGS, *switches, "--data", stories, "--max-steps", 4, "--eval-every", 2]
+    two = torchrun("train", *common, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = tinylm("train", *common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    one_metrics = metrics(tmp_path / "one")
+    assert_same_curves(
+        one_metrics, metrics(tmp_path / "two"), keys=("train_loss", "train_z_loss", "val_loss", "grad_norm")
+    )
+    assert one_metrics[-1]["val_loss"] < one_metrics[0]["val_loss"]  # it trained
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["model"]["qk_norm"] and config["train"]["optimizer"] == "muon"
+
+
 def test_padded_two_processes_train_the_same_model_as_one_with_their_whole_batch(stories, tmp_path):
     # Each rank's padded rows hold their own number of real targets; the step's loss and gradient
     # are still the mean over all of the step's real targets, as one process with all rows has it.

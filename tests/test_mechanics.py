@@ -231,6 +231,32 @@ def test_bf16_autocast_forward_and_backward_stay_close_to_fp32(switch, text_batc
     assert torch.isfinite(last).all()
 
 
+@pytest.mark.parametrize("switch", ["rmsnorm", "qk_norm", "all"])
+def test_rmsnorms_under_bf16_autocast_take_the_fused_kernel_with_fp32_numbers(switch, text_batch, recwarn):
+    # torch warns of an input/gain dtype mismatch (once per process unless warn_always) and falls
+    # back to a slow path; QK-norm's bf16 queries and keys met the fp32 gain that way.
+    x, _ = text_batch
+    model = model_for(switch)
+    ref = model(x)[0]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)[0]
+            inputs = torch.randn(2, 5, norms[-1].normalized_shape[0])
+            for norm in norms:
+                n = norm.normalized_shape[0]
+                out = norm(inputs[..., :n].bfloat16())
+                assert out.dtype == torch.bfloat16
+                fp32 = torch.nn.functional.rms_norm(inputs[..., :n].bfloat16().float(), (n,), norm.weight, norm.eps)
+                torch.testing.assert_close(out.float(), fp32, rtol=1e-2, atol=1e-2)  # bf16's rounding
+    finally:
+        torch.set_warn_always(warn_always)
+    assert not [w for w in recwarn if "Mismatch dtype" in str(w.message)]
+    assert (logits.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 # --- training ------------------------------------------------------------------------------------
 
 
@@ -256,10 +282,21 @@ def test_resume_equals_uninterrupted(switch, stories, tmp_path):
 # --- export to Hugging Face ----------------------------------------------------------------------
 
 
+QWEN3 = dict(LLAMA, qk_norm=True)
+HF_CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 @pytest.mark.parametrize(
-    "changes", [dict(LLAMA), dict(LLAMA, tie_embeddings=False), dict(LLAMA, bias=True, rope_theta=500.0)]
+    "changes, family",
+    [
+        (dict(LLAMA), "llama"),
+        (dict(LLAMA, tie_embeddings=False), "llama"),
+        (dict(LLAMA, bias=True, rope_theta=500.0), "llama"),
+        (dict(QWEN3), "qwen3"),
+        (dict(QWEN3, tie_embeddings=False, rope_theta=500.0), "qwen3"),
+    ],
 )
-def test_llama_mechanics_export_to_llama_for_causal_lm_with_equal_logits(changes):
+def test_rotary_mechanics_export_to_llama_or_qwen3_with_equal_logits(changes, family):
     pytest.importorskip("transformers")
     from tinylm.export import hf_model
 
@@ -272,24 +309,25 @@ def test_llama_mechanics_export_to_llama_for_causal_lm_with_equal_logits(changes
                 p.add_(0.1 * torch.randn_like(p))
     model.eval()
     hf = hf_model(model, eot=50256)
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == HF_CLASS[family]
     idx = torch.randint(0, 50257, (2, 64))
     with torch.no_grad():
         ours, theirs = model(idx)[0], hf(idx).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4 * ours.abs().max().item())
 
 
-def test_exported_llama_run_generates_the_same_greedy_text(stories, tmp_path):
+@pytest.mark.parametrize("family, changes", [("llama", dict(LLAMA, tie_embeddings=False)), ("qwen3", QWEN3)])
+def test_exported_rotary_run_generates_the_same_greedy_text(stories, tmp_path, family, changes):
     transformers = pytest.importorskip("transformers")
     from tinylm.export import export_hf
     from tinylm.sample import SamplingOptions, generate, load_run
 
     cfg = tiny_config(stories, tmp_path / "run", max_steps=20, eval_every=10, tokenizer="gpt2")
-    cfg.model = dataclasses.replace(cfg.model, **LLAMA, tie_embeddings=False)
+    cfg.model = dataclasses.replace(cfg.model, **changes)
     train(cfg, quiet=True)
     out = export_hf(tmp_path / "run", tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == HF_CLASS[family]
     run = load_run(tmp_path / "run")
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -305,7 +343,10 @@ def test_exported_llama_run_generates_the_same_greedy_text(stories, tmp_path):
 @pytest.mark.parametrize(
     "changes, named",
     [
-        (dict(LLAMA, qk_norm=True), "qk_norm=True"),
+        (dict(qk_norm=True), "qk_norm=True"),
+        (dict(QWEN3, bias=True), "bias=True"),
+        (dict(QWEN3, logit_softcap=30.0), "logit_softcap=30.0"),
+        (dict(position="rope", qk_norm=True), "norm='layernorm'"),
         (dict(LLAMA, logit_softcap=30.0), "logit_softcap=30.0"),
         (dict(position="rope"), "norm='layernorm'"),
         (dict(norm="rmsnorm"), "norm='rmsnorm'"),

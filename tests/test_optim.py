@@ -1,5 +1,6 @@
 """Muon for the blocks' matrices, AdamW for the rest; z-loss in training only."""
 
+import dataclasses
 import json
 import math
 import re
@@ -9,11 +10,13 @@ import torch
 
 from conftest import tiny_config
 from tinylm.config import preset
+from tinylm.costs import model_costs
 from tinylm.distributed import Cluster
 from tinylm.metrics import read_metrics
 from tinylm.model import GPT
-from tinylm.optim import Optimizers, build_optimizer
+from tinylm.optim import Optimizers, build_optimizer, is_hidden_matrix
 from tinylm.train import build_trainer, train
+from tinylm.trainer import accumulate_gradients, step_batches
 
 
 def _without_time(records):
@@ -100,14 +103,36 @@ def _states(opt: Optimizers) -> list[dict[str, torch.Tensor]]:
     return [s for o in opt.optimizers for s in o.state.values()]
 
 
-def test_z_loss_is_in_the_training_loss_and_not_in_validation(stories, tmp_path):
+def test_z_loss_is_backpropagated_but_train_and_val_loss_are_the_cross_entropy(stories, tmp_path):
     plain = _trainer(stories, tmp_path / "plain")
     z = _trainer(stories, tmp_path / "z", z_loss=1e-2)
     assert plain.validate() == z.validate()  # validation: the cross-entropy alone
-    difference = z.train_step()["train_loss"] - plain.train_step()["train_loss"]
-    # At the start every log-sum-exp is about ln(V): the term is z * ln(V)^2.
+    batches, step_real = step_batches(z.data.rows, z.t, 0, z.cluster)
+    grads = {}
+    for name, trainer in (("plain", plain), ("z", z)):
+        accumulate_gradients(trainer.model, batches, step_real, trainer.cluster, trainer.device, trainer.t.z_loss)
+        grads[name] = trainer.model.lm_head.weight.grad.clone()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    plain_record, z_record = plain.train_step(), z.train_step()
+    # the same weights and batch: the logged loss (and what the guard judges) is the cross-entropy ...
+    assert z_record["train_loss"] == pytest.approx(plain_record["train_loss"], abs=1e-6)
+    assert z.monitor.last_train_loss == z_record["train_loss"]
+    assert "train_z_loss" not in plain_record
+    # ... and the term, logged beside it, is z * ln(V)^2 at the start, when every log-sum-exp is about ln(V)
     expected = 1e-2 * math.log(z.model.config.vocab_size) ** 2
-    assert abs(difference - expected) < 0.1 * expected
+    assert abs(z_record["train_z_loss"] - expected) < 0.1 * expected
+    # the gradients are still of the cross-entropy plus the term
+    assert not torch.allclose(grads["z"], grads["plain"], rtol=1e-3, atol=0)
+
+
+def test_a_z_loss_runs_logs_and_summary_hold_the_cross_entropy(stories, tmp_path):
+    runs = {z: train(tiny_config(stories, tmp_path / f"z{z}", z_loss=z, max_steps=2, eval_every=2), quiet=True)
+            for z in (0.0, 1e-2)}  # fmt: skip
+    first = {z: read_metrics(r.run_dir)[1] for z, r in runs.items()}
+    assert first[1e-2]["step"] == 1 and first[1e-2]["train_loss"] == pytest.approx(first[0.0]["train_loss"], abs=1e-6)
+    assert first[1e-2]["train_z_loss"] > 0
+    last = read_metrics(runs[1e-2].run_dir)[-1]
+    assert runs[1e-2].summary["final_train_loss"] == last["train_loss"]
 
 
 def test_muon_on_a_torch_without_it_is_a_one_line_error(stories, tmp_path, monkeypatch):
@@ -129,3 +154,34 @@ def test_muon_decays_the_weights_per_step_as_adamw_does(stories, tmp_path):
         muon.param_groups[0]["lr"] * muon.param_groups[0]["weight_decay"],
     }
     assert len({round(x, 12) for x in per_step}) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("switches", [{}, dict(mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False)])
+def test_memory_estimate_counts_the_optimizers_own_state(stories, tmp_path, optimizer, switches):
+    cfg = tiny_config(stories, tmp_path, optimizer=optimizer)
+    model_cfg = dataclasses.replace(preset("tiny"), **switches)
+    model = GPT(model_cfg)
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    x = torch.randint(0, model_cfg.vocab_size, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    optimizers = opt.optimizers if isinstance(opt, Optimizers) else [opt]
+    state = [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    estimate = model_costs(model_cfg, optimizer=optimizer).memory_bytes["optimizer"]
+    assert estimate == nbytes(t for t in state if t.dim() > 0)  # moments and momentum buffers, exactly
+    assert nbytes(state) - estimate < 1e-3 * estimate  # AdamW's step counts, left out
+    if optimizer == "muon":  # one buffer instead of two moments for the blocks' matrices
+        saved = model_costs(model_cfg).memory_bytes["optimizer"] - estimate
+        assert saved == 4 * sum(p.numel() for n, p in model.named_parameters() if is_hidden_matrix(n, p))
+
+
+def test_info_estimates_memory_for_the_optimizer_given(capsys):
+    from tinylm.cli import main
+
+    optimizer_mib = {}
+    for optimizer in ("adamw", "muon"):
+        assert main(["info", "--preset", "basic", "--json", "--optimizer", optimizer]) == 0
+        optimizer_mib[optimizer] = json.loads(capsys.readouterr().out)["memory_bytes"]["optimizer"]
+    assert optimizer_mib["muon"] < optimizer_mib["adamw"]

@@ -148,8 +148,8 @@ class TrainConfig:
     """Muon's (Nesterov) momentum."""
     z_loss: float = 0.0
     """Coefficient of PaLM's auxiliary loss z_loss * logsumexp(logits)^2 (0: off; PaLM used 1e-4).
-    train_loss includes it (it is what the gradients are of), and so does the train/val gap the
-    stability label reads; val_loss is the cross-entropy alone: compare z-loss arms by val_loss."""
+    The gradients are of the cross-entropy plus the term; the term is logged apart (train_z_loss), and
+    train_loss, val_loss and the train/val gap the stability label reads are the cross-entropy alone."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 turns clipping off)."""
     batch_size: int = 8

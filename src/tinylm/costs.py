@@ -25,8 +25,9 @@ class ModelCosts:
 
 
 def model_costs(
-    cfg: ModelConfig, batch_size: int = 8, bytes_per_value: int = 4, device_type: str = "cpu"
+    cfg: ModelConfig, batch_size: int = 8, bytes_per_value: int = 4, device_type: str = "cpu", optimizer: str = "adamw"
 ) -> ModelCosts:
+    """optimizer: 'adamw' or 'muon' (TrainConfig.optimizer), whose state the memory estimate counts."""
     C, L, T, V = cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.vocab_size
     matrices = block_matrices(cfg)
     embeddings = V * C + (T * C if cfg.position == "learned" else 0) + (0 if cfg.tie_embeddings else V * C)
@@ -37,7 +38,7 @@ def model_costs(
     head = 2 * V * C
     forward = L * (block_matmul + attention) + head
     # Rotary angles, norms, soft-capping are elementwise: left out, like GELU and the softmax.
-    # Memory: weights, gradients and two AdamW moments; activations kept for backward, about
+    # Memory: weights, gradients and the optimizer's state; activations kept for backward, about
     # 16 C values per token and layer (LayerNorm outputs, q/k/v, attention output, the 4C MLP
     # hidden before and after GELU; SDPA keeps no T x T matrix), and one chunk of logits.
     tokens = batch_size * T
@@ -45,7 +46,7 @@ def model_costs(
     memory = {
         "weights": params * bytes_per_value,
         "gradients": params * bytes_per_value,
-        "optimizer": 2 * params * 4,
+        "optimizer": optimizer_state_values(cfg, params, optimizer) * 4,
         "activations": activations * bytes_per_value,
         "logits_chunk": 2 * min(_CHUNK_ELEMENTS[device_type], tokens * V) * 4,
     }
@@ -58,6 +59,16 @@ def model_costs(
         output_layer_flop_share=head / forward,
         memory_bytes=memory,
     )
+
+
+def optimizer_state_values(cfg: ModelConfig, params: int, optimizer: str = "adamw") -> int:
+    """fp32 values the optimizer keeps: AdamW two moments per parameter; Muon one momentum buffer per
+    block matrix (optim.is_hidden_matrix), with AdamW's two moments for everything else. AdamW's
+    one-value step count per parameter tensor is left out (a few hundred bytes)."""
+    if optimizer == "adamw":
+        return 2 * params
+    on_muon = cfg.n_layer * block_matrices(cfg)
+    return on_muon + 2 * (params - on_muon)
 
 
 def block_matrices(cfg: ModelConfig) -> int:

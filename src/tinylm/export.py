@@ -1,5 +1,6 @@
 """Export a run to the Hugging Face format, built offline: GPT-2 mechanics as a GPT2LMHeadModel,
-Llama mechanics (rotary positions, RMSNorm, SwiGLU) as a LlamaForCausalLM, and the tokenizer."""
+Llama mechanics (rotary positions, RMSNorm, SwiGLU) as a LlamaForCausalLM, with QK-norm and no
+biases as a Qwen3ForCausalLM, and the tokenizer."""
 
 from __future__ import annotations
 
@@ -21,19 +22,27 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 
 GPT2_MECHANICS = dict(position="learned", norm="layernorm", mlp="gelu", qk_norm=False, logit_softcap=None, bias=True)
 LLAMA_MECHANICS = dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False, logit_softcap=None)
-"""The switch values each Hugging Face class can represent (Llama has optional biases; neither
-has QK-norm or a logit cap; both may tie the output layer or not)."""
+QWEN3_MECHANICS = dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, logit_softcap=None, bias=False)
+"""The switch values each Hugging Face class can represent (Llama has optional biases; Qwen3 has
+QK-norm, per head with one gain for all heads as tinylm's, applied before the rotation as tinylm
+does, but no MLP biases; none has a logit cap; all may tie the output layer or not)."""
+
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_family(m: ModelConfig) -> str:
-    """'gpt2' or 'llama', chosen by the position mechanic; any other switch that family cannot
-    represent is a one-line UserError naming it."""
-    family, mechanics = ("gpt2", GPT2_MECHANICS) if m.position == "learned" else ("llama", LLAMA_MECHANICS)
+    """'gpt2', 'llama' or 'qwen3', chosen by the position and QK-norm mechanics; any other switch
+    that family cannot represent is a one-line UserError naming it."""
+    if m.position == "learned":
+        family, mechanics, chosen_by = "gpt2", GPT2_MECHANICS, f"position={m.position!r}"
+    elif m.qk_norm:
+        family, mechanics, chosen_by = "qwen3", QWEN3_MECHANICS, f"position={m.position!r} and qk_norm=True"
+    else:
+        family, mechanics, chosen_by = "llama", LLAMA_MECHANICS, f"position={m.position!r}"
     for key, needed in mechanics.items():
         if getattr(m, key) != needed:
-            hf_class = "GPT2LMHeadModel" if family == "gpt2" else "LlamaForCausalLM"
-            raise UserError(f"cannot export {key}={getattr(m, key)!r} with position={m.position}: tinylm exports "
-                            f"Hugging Face's {hf_class} for these mechanics, which needs {key}={needed!r}")  # fmt: skip
+            raise UserError(f"cannot export {key}={getattr(m, key)!r} with {chosen_by}: tinylm exports Hugging "
+                            f"Face's {HF_CLASSES[family]} for these mechanics, which needs {key}={needed!r}")  # fmt: skip
     return family
 
 
@@ -72,15 +81,19 @@ def llama_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                         f"{theirs}mlp.up_proj.{kind}": up})  # fmt: skip
             out[f"{theirs}self_attn.o_proj.{kind}"] = state[f"{ours}attn.c_proj.{kind}"]
             out[f"{theirs}mlp.down_proj.{kind}"] = state[f"{ours}mlp.c_proj.{kind}"]
+        if model.config.qk_norm:  # Qwen3's names
+            out[theirs + "self_attn.q_norm.weight"] = state[ours + "attn.q_norm.weight"]
+            out[theirs + "self_attn.k_norm.weight"] = state[ours + "attn.k_norm.weight"]
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
 def hf_model(model: torch.nn.Module, eot: int):
-    """The Hugging Face model holding ``model``'s weights (GPT2LMHeadModel or LlamaForCausalLM)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """The Hugging Face model holding ``model``'s weights (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     m = model.config
-    if hf_family(m) == "gpt2":
+    family = hf_family(m)
+    if family == "gpt2":
         config = GPT2Config(
             vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
             activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -88,14 +101,7 @@ def hf_model(model: torch.nn.Module, eot: int):
         )  # fmt: skip
         hf, state = GPT2LMHeadModel(config), hf_state_dict(model)
     else:
-        config = LlamaConfig(
-            vocab_size=m.vocab_size, hidden_size=m.n_embd, intermediate_size=swiglu_hidden(m.n_embd, m.bias),
-            num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.n_head,
-            head_dim=m.n_embd // m.n_head, max_position_embeddings=m.block_size, rms_norm_eps=NORM_EPS,
-            rope_theta=m.rope_theta, hidden_act="silu", attention_bias=m.bias, mlp_bias=m.bias,
-            bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=m.tie_embeddings,
-        )  # fmt: skip
-        hf, state = LlamaForCausalLM(config), llama_state_dict(model)
+        hf, state = _rotary_hf_model(m, family, eot), llama_state_dict(model)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     tied = ["lm_head.weight"] if m.tie_embeddings else []
     missing = [k for k in missing if k not in tied and not k.endswith(".attn.bias")]
@@ -106,6 +112,23 @@ def hf_model(model: torch.nn.Module, eot: int):
     if m.tie_embeddings:
         hf.tie_weights()
     return hf.eval()
+
+
+def _rotary_hf_model(m: ModelConfig, family: str, eot: int):
+    """An empty LlamaForCausalLM or Qwen3ForCausalLM of ``m``'s shape (the same config fields; Qwen3
+    adds the QK-norm gains and has no MLP biases, which hf_family has checked are off)."""
+    import transformers
+
+    shape = dict(
+        vocab_size=m.vocab_size, hidden_size=m.n_embd, intermediate_size=swiglu_hidden(m.n_embd, m.bias),
+        num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.n_head,
+        head_dim=m.n_embd // m.n_head, max_position_embeddings=m.block_size, rms_norm_eps=NORM_EPS,
+        rope_theta=m.rope_theta, hidden_act="silu", attention_bias=m.bias,
+        bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=m.tie_embeddings,
+    )  # fmt: skip
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, mlp_bias=m.bias))
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, use_sliding_window=False))
 
 
 def _byte_to_unicode() -> dict[int, str]:

@@ -22,10 +22,22 @@ Rotary = tuple[torch.Tensor, torch.Tensor]
 """cos and sin of every position's rotation angles: (T, hs) or (B, 1, T, hs)."""
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm computed in its gain's dtype (fp32) and returned in the input's.
+
+    Under bf16 autocast QK-norm gets bf16 queries and keys while its gain stays fp32; given the two
+    dtypes torch's kernel warns and falls back to a slow composite path (which normalises in fp32
+    too). Casting the input up first takes the fused kernel; an fp32 input is computed as before.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+
+
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = cfg.n_embd if dim is None else dim
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=NORM_EPS)
+        return RMSNorm(dim, eps=NORM_EPS)
     return nn.LayerNorm(dim, eps=NORM_EPS, bias=cfg.bias)
 
 
@@ -80,8 +92,8 @@ class CausalSelfAttention(nn.Module):
             # RMSNorm over each head's channels with a learnable gain (shared by the heads, as in
             # Qwen3): without a gain, q.k / sqrt(hs) could never exceed sqrt(hs) and attention
             # could not sharpen beyond that.
-            self.q_norm = nn.RMSNorm(cfg.n_embd // cfg.n_head, eps=NORM_EPS)
-            self.k_norm = nn.RMSNorm(cfg.n_embd // cfg.n_head, eps=NORM_EPS)
+            self.q_norm = RMSNorm(cfg.n_embd // cfg.n_head, eps=NORM_EPS)
+            self.k_norm = RMSNorm(cfg.n_embd // cfg.n_head, eps=NORM_EPS)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -102,7 +114,7 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # cached keys keep their rotation: each is rotated once, at its own position
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        # the norm's fp32 gain or fp32 angles may promote q and k under autocast; SDPA wants one dtype
+        # SDPA wants one dtype: keep q and k in v's whatever the norm and the angles computed in
         q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:  # generation: prepend the keys and values of earlier tokens
             k = torch.cat([cache[0], k], dim=2)  # (B, nh, past + T, hs)

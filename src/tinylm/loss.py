@@ -35,7 +35,8 @@ def linear_cross_entropy(
     *,
     softcap: float | None = None,
     z_loss: float = 0.0,
-) -> torch.Tensor:
+    return_cross_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ignoring IGNORE_INDEX.
 
     hidden: (N, C), weight: (V, C) (the tied embedding or a separate output matrix), targets: (N,).
@@ -44,6 +45,8 @@ def linear_cross_entropy(
     softcap: logits become ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
     z_loss: adds ``z_loss * mean(logsumexp(logits)^2)`` over the real targets (PaLM), which keeps
     the softmax normaliser near 1; evaluation leaves it at 0 so its loss is the cross-entropy alone.
+    return_cross_entropy: return (loss, cross-entropy): the second is the loss without the z-loss
+    term, detached (what training logs); with z_loss 0 the two are equal.
     """
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS.get(hidden.device.type, _CHUNK_ELEMENTS["cpu"]) // weight.shape[0])
@@ -51,8 +54,12 @@ def linear_cross_entropy(
     if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
         compute_dtype = torch.get_autocast_dtype("cuda")
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss)
-    return _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss)
+        loss, cross_entropy = _LinearCrossEntropy.apply(
+            hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss
+        )
+    else:
+        loss, cross_entropy = _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss)
+    return (loss, cross_entropy) if return_cross_entropy else loss
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -74,10 +81,11 @@ def _accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(compute_dtype, torch.float32)
 
 
-def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap=None, z_loss=0.0) -> torch.Tensor:
-    """The loss alone (no gradients): evaluation's path."""
+def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap=None, z_loss=0.0):
+    """The loss and its cross-entropy part alone (no gradients): evaluation's path."""
     acc = _accumulation_dtype(compute_dtype)
     total = torch.zeros((), dtype=acc, device=hidden.device)
+    z_total = torch.zeros((), dtype=acc, device=hidden.device)
     w = weight.to(compute_dtype)
     for start in range(0, hidden.shape[0], chunk_rows):
         logits = _logits(hidden[start : start + chunk_rows].to(compute_dtype), w).to(acc)
@@ -86,12 +94,14 @@ def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap=No
             logits = softcap * torch.tanh(logits / softcap)
         total += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
         if z_loss:
-            total += z_loss * (torch.logsumexp(logits, dim=1).square() * (t != IGNORE_INDEX)).sum()
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            z_total += z_loss * (torch.logsumexp(logits, dim=1).square() * (t != IGNORE_INDEX)).sum()
+    n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return (total + z_total) / n_valid if z_loss else total / n_valid, total / n_valid
 
 
 def _chunk_loss_and_grad(logits, t, softcap, z_loss):
-    """Summed loss of one chunk's kept rows and d(that sum)/d(logits), before any row scale.
+    """Summed loss of one chunk's kept rows, its cross-entropy part, and d(loss sum)/d(logits),
+    before any row scale.
 
     logits: (n, V) in the accumulation dtype, overwritten. The gradient is formed in the softmax's
     own buffer: softmax - one_hot for the cross-entropy, the softmax scaled by 2 z lse per row for
@@ -110,14 +120,14 @@ def _chunk_loss_and_grad(logits, t, softcap, z_loss):
     # log-sum-exp from the softmax itself: the largest probability is 1 / sum(exp(x - max)),
     # and it is at least 1/V, so unlike the target's probability it never underflows.
     log_sum_exp = row_max - probs.amax(dim=1).log()
-    total = ((log_sum_exp - target_logit) * keep).sum()
+    total = cross_entropy = ((log_sum_exp - target_logit) * keep).sum()
     if z_loss:
-        total = total + z_loss * (log_sum_exp.square() * keep).sum()
+        total = cross_entropy + z_loss * (log_sum_exp.square() * keep).sum()
         probs.mul_((1.0 + 2.0 * z_loss * log_sum_exp)[:, None])
     probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
     if tanh is not None:
         probs.mul_(tanh.square_().neg_().add_(1.0))
-    return total, probs, keep
+    return total, cross_entropy, probs, keep
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -128,16 +138,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = _accumulation_dtype(compute_dtype)
         grad_weight = torch.zeros_like(weight, dtype=acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        cross_entropy = torch.zeros((), dtype=acc, device=hidden.device)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             for start in range(0, hidden.shape[0], chunk_rows):
                 h = hidden[start : start + chunk_rows].to(compute_dtype)  # (n, C)
                 logits = _logits(h, w).to(acc)  # (n, V)
-                loss_sum, probs, keep = _chunk_loss_and_grad(
+                loss_sum, ce_sum, probs, keep = _chunk_loss_and_grad(
                     logits, targets[start : start + chunk_rows], softcap, z_loss
                 )
                 del logits
                 total += loss_sum
+                cross_entropy += ce_sum
                 # d loss / d logits is probs / n_valid on kept rows. The row scale is applied to
                 # the (n, C) operands and results rather than to the (n, V) gradient.
                 grad_logits = probs.to(compute_dtype)
@@ -149,9 +161,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_weight += (grad_logits.t() @ h_scaled).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / n_valid
+        cross_entropy = cross_entropy / n_valid
+        ctx.mark_non_differentiable(cross_entropy)  # logged only; the gradients are of the loss
+        return total / n_valid, cross_entropy
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_cross_entropy):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None

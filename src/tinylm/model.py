@@ -91,13 +91,16 @@ class GPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
         full_logits: bool = False,
         z_loss: float = 0.0,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return_cross_entropy: bool = False,
+    ) -> tuple[torch.Tensor | None, ...]:
         """idx, targets, doc_ids: (B, T). Returns (logits, loss).
 
         With targets the loss is computed chunk by chunk and logits is None (unless
         ``full_logits``, the textbook path); without targets logits are (B, T, V).
         doc_ids, when given, keep attention inside each document and restart positions.
         z_loss: coefficient of the log-sum-exp² term added to the loss (training only).
+        return_cross_entropy: return (logits, loss, cross-entropy), the last the loss without the
+        z-loss term, detached: what training logs (the loss is what it backpropagates).
         """
         x = self.hidden_states(idx, doc_ids)  # (B, T, C)
         if targets is None:
@@ -107,11 +110,12 @@ class GPT(nn.Module):
                 raise ValueError("the full-logits (textbook) loss has no z-loss term")
             logits = self.logits(x)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-            return logits, loss
-        loss = linear_cross_entropy(
-            x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=self.config.logit_softcap, z_loss=z_loss
-        )
-        return None, loss
+            return (logits, loss, loss.detach()) if return_cross_entropy else (logits, loss)
+        loss, cross_entropy = linear_cross_entropy(
+            x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=self.config.logit_softcap, z_loss=z_loss,
+            return_cross_entropy=True,
+        )  # fmt: skip
+        return (None, loss, cross_entropy) if return_cross_entropy else (None, loss)
 
     def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, C): the final norm's output, which ``logits`` turns into logits."""

@@ -135,25 +135,29 @@ def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -
 
 def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_real: int, cluster: Cluster,
                          device: torch.device, z_loss: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """Forward and backward of this rank's micro-batches; returns their summed target losses (on the device).
+    """Forward and backward of this rank's micro-batches; returns (summed target cross-entropies, summed
+    z-loss terms) on the device. The gradients are of their sum; the cross-entropy alone is what is logged
+    and judged as train_loss, so a z-loss arm's train loss and train/val gap compare with any other's.
 
     The step's gradient is the mean over all its real targets, whatever the split over
     micro-batches and ranks: the model's loss is a mean over one micro-batch's real targets,
     so each is weighted by its share of the step's, times the world size that DDP's gradient
     average divides by. (A mean of micro-batch means would weight padded rows unevenly.)
     """
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one sync per step
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: one sync per step
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         last = i == len(batches) - 1
         with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
             with autocast_for(device):
-                _, loss = trainable(batch.x, batch.y, batch.doc_ids, z_loss=z_loss)
+                _, loss, cross_entropy = trainable(batch.x, batch.y, batch.doc_ids, z_loss=z_loss,
+                                                   return_cross_entropy=True)  # fmt: skip
             # A divisor rather than a factor: with packed rows it is this rank's number of
             # micro-batches exactly, as it always was. Every row has a real target (a document's EOT).
             (loss / (step_real / (batch.real_tokens * cluster.world))).backward()
-        loss_sum += loss.detach().double() * batch.real_tokens
-    return loss_sum
+        cross_entropy = cross_entropy.double()
+        sums += torch.stack([cross_entropy, loss.detach().double() - cross_entropy]) * batch.real_tokens
+    return sums
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
@@ -226,8 +230,8 @@ class Trainer:
         lr = self.schedule.lr(t, p.step, p.elapsed_s) * self.monitor.lr_scale
         set_lr(self.optimizer, lr)
         batches, step_real = step_batches(self.data.rows, t, p.step, self.cluster)
-        loss_sum = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss)
-        train_loss = self.cluster.sum([loss_sum.item()], self.device)[0] / step_real
+        sums = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss)
+        train_loss, z_term = (s / step_real for s in self.cluster.sum(sums.tolist(), self.device))
         grad_norm = clip_gradients(self.model, t.grad_clip)
         if self.monitor.allow_update(p.step, train_loss, grad_norm):
             self.optimizer.step()
@@ -235,8 +239,11 @@ class Trainer:
         p.step += 1
         p.tokens += t.grad_accum * t.batch_size * self.cfg.model.block_size
         p.real_tokens += step_real
-        return {"step": p.step, "tokens": p.tokens, "real_tokens": p.real_tokens, "lr": lr,
-                "train_loss": train_loss, "grad_norm": grad_norm}  # fmt: skip
+        record = {"step": p.step, "tokens": p.tokens, "real_tokens": p.real_tokens, "lr": lr,
+                  "train_loss": train_loss, "grad_norm": grad_norm}  # fmt: skip
+        if t.z_loss:
+            record["train_z_loss"] = z_term  # the term backpropagated beside train_loss
+        return record
 
     def agree_to_stop(self, stop: StopFlag) -> tuple[bool, bool]:
         """(budget spent, stop asked), the same on every rank: one stopping alone would hang the next all-reduce."""

@@ -7,10 +7,11 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import get_args
 
 from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
 from tinylm.cli.settings import resolve_config, resume_config
-from tinylm.config import PRESETS, ModelConfig, RunConfig, preset
+from tinylm.config import PRESETS, ModelConfig, Optimizer, RunConfig, preset
 from tinylm.fields import sections
 from tinylm.paths import check_writable_dir
 
@@ -87,6 +88,10 @@ def add_info(sub) -> None:
     p.add_argument(
         "--batch-size", type=integer, default=argparse.SUPPRESS, dest="train.batch_size", metavar="BATCH_SIZE"
     )
+    p.add_argument(
+        "--optimizer", choices=get_args(Optimizer), default=argparse.SUPPRESS, dest="train.optimizer",
+        help="whose state the memory estimate counts (default adamw)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_info)
 
 
@@ -94,7 +99,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from tinylm.costs import model_costs
 
     cfg = resolve_config(args)
-    costs = model_costs(cfg.model, batch_size=cfg.train.batch_size)
+    costs = model_costs(cfg.model, batch_size=cfg.train.batch_size, optimizer=cfg.train.optimizer)
     if args.json:
         print(json.dumps({"preset": cfg.preset, "model": dataclasses.asdict(cfg.model), **costs.to_dict()}, indent=2))
         return 0
@@ -106,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"({100 * costs.output_layer_flop_share:.0f}% in the output layer)")  # fmt: skip
     mem = costs.memory_bytes
     print(f"  memory, batch {cfg.train.batch_size}      ~{mem['total'] / 2**20:,.0f} MiB "
-          f"(weights+grads+AdamW {(mem['weights'] + mem['gradients'] + mem['optimizer']) / 2**20:,.0f}, "
+          f"(weights+grads+{cfg.train.optimizer} {(mem['weights'] + mem['gradients'] + mem['optimizer']) / 2**20:,.0f}, "
           f"activations {mem['activations'] / 2**20:,.0f}, logits chunk {mem['logits_chunk'] / 2**20:,.0f})")  # fmt: skip
     return 0
 
