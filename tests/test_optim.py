@@ -183,7 +183,9 @@ def test_info_estimates_memory_for_the_optimizer_given(capsys):
     optimizer_mib = {}
     for optimizer in ("adamw", "muon"):
         assert main(["info", "--preset", "basic", "--json", "--optimizer", optimizer]) == 0
-        optimizer_mib[optimizer] = json.loads(capsys.readouterr().out)["memory_bytes"]["optimizer"]
+        info = json.loads(capsys.readouterr().out)
+        assert info["optimizer"] == optimizer  # the JSON says whose state its memory estimate counts
+        optimizer_mib[optimizer] = info["memory_bytes"]["optimizer"]
     assert optimizer_mib["muon"] < optimizer_mib["adamw"]
 
 
