@@ -45,6 +45,22 @@ def test_softcap_and_z_loss_match_textbook_loss_and_gradients(variant, padding):
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, 5, softcap=softcap, z_loss=z), ref)
 
 
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_cross_entropy_returned_beside_the_loss_is_the_textbooks_without_the_z_term(variant, padding):
+    # What training logs as train_loss: the capped model's cross-entropy over the same real targets.
+    softcap, z = VARIANTS[variant]
+    hidden, weight, targets = case(padding)
+    ref = textbook(hidden.detach(), weight.detach(), targets, softcap)
+    loss, ce = linear_cross_entropy(hidden, weight, targets, 5, softcap=softcap, z_loss=z, return_cross_entropy=True)
+    assert not ce.requires_grad and loss.requires_grad
+    torch.testing.assert_close(ce, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, textbook(hidden, weight, targets, softcap, z), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the path without gradients returns the same pair
+        pair = linear_cross_entropy(hidden, weight, targets, 5, softcap=softcap, z_loss=z, return_cross_entropy=True)
+    torch.testing.assert_close(pair, (loss.detach(), ce))
+
+
 def test_z_loss_term_is_the_difference_and_evaluation_leaves_it_out():
     hidden, weight, targets = case(padding=True)
     with torch.no_grad():

@@ -2,6 +2,7 @@
 bias), each alone and all together, on the tiny preset."""
 
 import dataclasses
+import itertools
 import math
 import random
 
@@ -292,6 +293,7 @@ HF_CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
         (dict(LLAMA), "llama"),
         (dict(LLAMA, tie_embeddings=False), "llama"),
         (dict(LLAMA, bias=True, rope_theta=500.0), "llama"),
+        (dict(LLAMA, bias=True, tie_embeddings=False), "llama"),
         (dict(QWEN3), "qwen3"),
         (dict(QWEN3, tie_embeddings=False, rope_theta=500.0), "qwen3"),
     ],
@@ -361,6 +363,41 @@ def test_a_mechanic_hugging_face_cannot_represent_is_a_one_line_error_naming_it(
     with pytest.raises(UserError, match=named) as caught:
         hf_family(dataclasses.replace(preset("tiny"), **changes))
     assert "\n" not in str(caught.value)
+
+
+def _expected_family(c: ModelConfig) -> str | None:
+    """The one Hugging Face class that represents these switches exactly, if any."""
+    if c.logit_softcap is not None:
+        return None
+    if (c.position, c.norm, c.mlp, c.qk_norm, c.bias) == ("learned", "layernorm", "gelu", False, True):
+        return "gpt2"
+    if (c.position, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu"):
+        return "qwen3" if c.qk_norm and not c.bias else None if c.qk_norm else "llama"
+    return None
+
+
+def test_every_combination_of_switches_exports_or_is_one_line_naming_a_mechanic_it_sets():
+    from tinylm.errors import UserError
+    from tinylm.export import hf_family
+
+    axes = dict(position=["learned", "rope"], norm=["layernorm", "rmsnorm"], mlp=["gelu", "swiglu"],
+                qk_norm=[False, True], bias=[False, True], logit_softcap=[None, 30.0], tie_embeddings=[True, False])  # fmt: skip
+    exported = 0
+    for values in itertools.product(*axes.values()):
+        cfg = dataclasses.replace(preset("tiny"), **dict(zip(axes, values)))
+        expected = _expected_family(cfg)
+        if expected is None:
+            with pytest.raises(UserError) as caught:
+                hf_family(cfg)
+            message = str(caught.value)
+            assert "\n" not in message
+            named = message.removeprefix("cannot export ").split(" ", 1)[0]  # "key=value"
+            key = named.split("=")[0]
+            assert named == f"{key}={getattr(cfg, key)!r}", message
+        else:
+            assert hf_family(cfg) == expected
+            exported += 1
+    assert exported == 8  # GPT-2, Llama with or without biases, Qwen3; each tied or not
 
 
 def test_untied_gpt2_exports_its_own_output_matrix():

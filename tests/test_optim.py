@@ -183,5 +183,18 @@ def test_info_estimates_memory_for_the_optimizer_given(capsys):
     optimizer_mib = {}
     for optimizer in ("adamw", "muon"):
         assert main(["info", "--preset", "basic", "--json", "--optimizer", optimizer]) == 0
-        optimizer_mib[optimizer] = json.loads(capsys.readouterr().out)["memory_bytes"]["optimizer"]
+        info = json.loads(capsys.readouterr().out)
+        assert info["optimizer"] == optimizer  # the JSON says whose state its memory estimate counts
+        optimizer_mib[optimizer] = info["memory_bytes"]["optimizer"]
     assert optimizer_mib["muon"] < optimizer_mib["adamw"]
+
+
+def test_z_loss_resume_equals_uninterrupted(stories, tmp_path):
+    # train_loss and train_z_loss are written from the restored state as from the uninterrupted one
+    whole = train(tiny_config(stories, tmp_path / "whole", z_loss=1e-2, schedule="cosine"), quiet=True)
+    cfg = tiny_config(stories, tmp_path / "split", z_loss=1e-2, schedule="cosine")
+    assert train(cfg, quiet=True, interrupt_after=6).interrupted
+    resumed = train(cfg, resume=True, quiet=True)
+    records = _without_time(read_metrics(resumed.run_dir))
+    assert _without_time(read_metrics(whole.run_dir)) == records
+    assert all("train_z_loss" in r for r in records if "train_loss" in r)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tinylm.config import ModelConfig
+from tinylm.config import ModelConfig, Optimizer
 from tinylm.layers import swiglu_hidden
 from tinylm.loss import _CHUNK_ELEMENTS
 
@@ -25,7 +25,11 @@ class ModelCosts:
 
 
 def model_costs(
-    cfg: ModelConfig, batch_size: int = 8, bytes_per_value: int = 4, device_type: str = "cpu", optimizer: str = "adamw"
+    cfg: ModelConfig,
+    batch_size: int = 8,
+    bytes_per_value: int = 4,
+    device_type: str = "cpu",
+    optimizer: Optimizer = "adamw",
 ) -> ModelCosts:
     """optimizer: 'adamw' or 'muon' (TrainConfig.optimizer), whose state the memory estimate counts."""
     C, L, T, V = cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.vocab_size
@@ -61,7 +65,7 @@ def model_costs(
     )
 
 
-def optimizer_state_values(cfg: ModelConfig, params: int, optimizer: str = "adamw") -> int:
+def optimizer_state_values(cfg: ModelConfig, params: int, optimizer: Optimizer = "adamw") -> int:
     """fp32 values the optimizer keeps: AdamW two moments per parameter; Muon one momentum buffer per
     block matrix (optim.is_hidden_matrix), with AdamW's two moments for everything else. AdamW's
     one-value step count per parameter tensor is left out (a few hundred bytes)."""

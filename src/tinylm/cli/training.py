@@ -101,7 +101,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     costs = model_costs(cfg.model, batch_size=cfg.train.batch_size, optimizer=cfg.train.optimizer)
     if args.json:
-        print(json.dumps({"preset": cfg.preset, "model": dataclasses.asdict(cfg.model), **costs.to_dict()}, indent=2))
+        info = {"preset": cfg.preset, "model": dataclasses.asdict(cfg.model), "optimizer": cfg.train.optimizer}
+        print(json.dumps({**info, **costs.to_dict()}, indent=2))
         return 0
     m = cfg.model
     print(f"preset {cfg.preset}: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, block {m.block_size}, "
