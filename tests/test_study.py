@@ -149,6 +149,14 @@ def test_a_study_name_or_a_path(tmp_path, monkeypatch):
         load_study("other.yaml")
 
 
+def test_the_base_arm_text_leaves_out_the_preset_that_flags_override():
+    """`--preset tiny` over `base: {preset: basic}` trains tiny: the timeline must not say basic."""
+    modern = load_study("modern")
+    assert modern.arms[0].key_change == "Base: init scaled, schedule cosine, batching packed"
+    only_preset = read_study(yaml.safe_load("name: p\nbase: {preset: basic}\nsteps: []\n"), "p.yaml")
+    assert only_preset.arms[0].key_change == "Base settings"
+
+
 # --- the arms and their configs --------------------------------------------------------------
 
 THREE = """

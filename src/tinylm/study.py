@@ -158,7 +158,9 @@ class Arm:
 def arms_of(study: Study) -> list[Arm]:
     """Arm 0 is the base; cumulative: arm i adds step i to arm i-1; each: arm i is the base plus step i."""
     b = study.base_arm
-    base_text = b.key_change or ("Base: " + describe(study.base) if study.base else "Base settings")
+    # The base's preset is left out: --preset/--presets override it, so the text would misname the runs.
+    shown = {k: v for k, v in study.base.items() if k != "preset"}
+    base_text = b.key_change or ("Base: " + describe(shown) if shown else "Base settings")
     arms = [Arm(b.name, b.note, base_text, {}, {}, None)]
     for step in study.steps:
         before = arms[-1] if study.mode == "cumulative" else arms[0]
