@@ -141,6 +141,22 @@ def test_study_json_names_and_orders_the_arms_and_trials_are_not_arms(tmp_path):
     assert {r["study"] for r in rows} == {"demo"}
 
 
+def test_an_interrupted_run_of_a_study_is_left_out_as_unfinished(tmp_path):
+    """Ctrl-C writes a summary too; a partial run's best loss must not enter the paired effects."""
+    three_arms(tmp_path)
+    summary_path = tmp_path / "basic" / "rope-seed2" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary.update(interrupted=True, completed=False, best_val_loss_doc=1.0)  # far off: would swamp the effect
+    summary_path.write_text(json.dumps(summary))
+
+    (study,) = load_studies([tmp_path])
+    rope = study.groups["basic"][1]
+    assert rope.seeds == [1337, 1338] and study.unfinished == ["basic/rope-seed2"]
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    assert "Not finished yet, left out: basic/rope-seed2." in report
+    assert "| rope | base | 2 paired seeds (unpaired: seed 1339) | -0.110 ± 0.127 | within noise (±0.127) |" in report
+
+
 def test_effects_intervals_verdicts_and_noise_floor_in_the_report(tmp_path):
     three_arms(tmp_path)
     report = write_report([tmp_path], tmp_path / "report.md").read_text()
