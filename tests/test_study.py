@@ -424,6 +424,29 @@ def test_study_json_and_the_summary_block(stories, tmp_path):
         assert summary(tmp_path / path)["study"] == {"name": "pair", "arm": "qk", "lr_factor": None, "trial": False}
 
 
+def test_two_commands_writing_one_study_json_at_once_keep_each_others_arms_and_presets(tmp_path):
+    """`--phases base` and `--phases qk` (or two presets) started together into one OUT: each writes
+    study.json as it goes, and neither write may drop what the other recorded."""
+    from tinylm.manifest import Manifest, read_manifest
+
+    study = read_study(yaml.safe_load(TWO_ARMS), "pair.yaml")
+    base, qk = study.arms
+    flags = {"train": {"max_steps": 2}}
+    plans = [Plan(study, presets, flags, tmp_path, arms, seeds=1)
+             for presets, arms in ((["tiny"], [base]), (["tiny"], [qk]), (["basic"], [qk]))]  # fmt: skip
+    manifests = [Manifest(plan) for plan in plans]  # all started before any wrote
+    for manifest, plan in zip(manifests, plans):
+        arm, preset_name = plan.arms[0], plan.presets[0]
+        manifest.set(arm, "runs", preset_name, [manifest.relative(plan.run_dir(preset_name, arm, 0))])
+        manifest.write()
+    manifests[0].set(base, "lr", "tiny", 1e-3)
+    manifests[0].write()  # the first writes again, last
+    data = read_manifest(tmp_path)
+    runs = {a["name"]: a["runs"] for a in data["arms"]}
+    assert runs == {"base": {"tiny": ["tiny/base"]}, "qk": {"tiny": ["tiny/qk"], "basic": ["basic/qk"]}}
+    assert data["presets"] == ["tiny", "basic"] and data["arms"][0]["lr"] == {"tiny": 1e-3}
+
+
 def test_ablate_study_end_to_end(stories, tmp_path):
     from conftest import TINY_CLI_FLAGS
 
