@@ -171,6 +171,19 @@ def test_effects_intervals_verdicts_and_noise_floor_in_the_report(tmp_path):
     assert (tmp_path / "report-demo-basic-val-loss.png").stat().st_size > 0
 
 
+def test_two_folders_of_one_study_name_keep_their_own_plots(tmp_path):
+    """`tinylm report runs/modern-a runs/modern-b`: both studies are named demo; each section must show its
+    own plots, not the second's written over the first's."""
+    three_arms(tmp_path / "a")
+    three_arms(tmp_path / "b", mode="each")
+    report = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report.md").read_text()
+    effect_plots = [line for line in report.splitlines() if line.startswith("![effect of each step")]
+    assert effect_plots == ["![effect of each step, basic](report-demo-basic-effects.png)",
+                            "![effect of each step, basic](report-demo-2-basic-effects.png)"]  # fmt: skip
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("report-demo-basic-effects.png",
+                                                                "report-demo-2-basic-effects.png"))  # fmt: skip
+
+
 def test_mode_each_compares_every_step_to_the_base(tmp_path):
     three_arms(tmp_path, mode="each")
     report = write_report([tmp_path], tmp_path / "report.md").read_text()
