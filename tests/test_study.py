@@ -234,6 +234,19 @@ def test_a_flag_may_override_the_base_but_not_a_step(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_trailing_comma_in_presets_names_no_extra_preset(tmp_path, monkeypatch):
+    """`--presets tiny,` ran tiny before studies; it must not become an unknown preset ''."""
+    import tinylm.ablation
+    import tinylm.report
+    from tinylm.cli import main
+
+    asked = []
+    monkeypatch.setattr(tinylm.ablation, "run_study", lambda study, presets, *a, **k: asked.append(presets))
+    monkeypatch.setattr(tinylm.report, "write_report", lambda paths, out: out)
+    assert main(["ablate", "--presets", "tiny,", "--max-steps", "1", "--out", str(tmp_path / "out")]) == 0
+    assert asked == [["tiny"]]
+
+
 def test_an_arm_impossible_on_a_preset_is_refused_before_anything_runs(stories, tmp_path):
     study = read_study(yaml.safe_load("name: odd\nsteps:\n  - {name: heads, change: {n_head: 3}}\n"), "odd.yaml")
     with pytest.raises(UserError, match=r"^arm heads of study odd on preset tiny: n_embd \(32\) must be divisible"):
