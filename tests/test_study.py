@@ -92,6 +92,7 @@ def test_a_study_round_trips_through_its_file(tmp_path):
         ("seeds: 0", "seeds must be at least 1"),
         ("seeds: two", "seeds must be a number"),
         ("lr_tune: [1, -2]", "lr_tune must hold distinct positive factors"),
+        ("lr_tune: [1, 1.0000001]", "lr_tune must hold distinct positive factors"),  # one trial folder, lr1
         ("lr_tune: 2", "lr_tune must be a list"),
         ("lr_tune_share: 1.5", "lr_tune_share must be in (0, 1]"),
         ("budget: {tokens: 1e6, flops: 1e12}", "budget: give one of tokens or flops"),

@@ -130,7 +130,8 @@ def _factors(values: Any) -> list[float]:
     if not isinstance(values, list) or not values:
         raise ConfigError("lr_tune", f"must be a list of factors (e.g. [0.5, 1, 2]) or null, got {values!r}")
     factors = [read_as(f"lr_tune[{i}]", float, v) for i, v in enumerate(values)]
-    if any(f <= 0 for f in factors) or len(set(factors)) < len(factors):
+    # Distinct as written too: a trial's folder is named by f"{factor:g}" (1 and 1.0000001 would share one).
+    if any(f <= 0 for f in factors) or len({f"{f:g}" for f in factors}) < len(factors):
         raise ConfigError("lr_tune", f"must hold distinct positive factors, got {values!r}")
     return factors
 
