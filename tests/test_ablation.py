@@ -76,19 +76,19 @@ def test_report_numbers_equal_the_summaries(ablation):
     for row in timeline:
         start, best = re.match(r"([\d.]+) → \*\*([\d.]+)\*\*", row[2]).groups()
         s = _summary(ablation, row[0])
-        assert float(start) == round(s["start_val_loss"], 2)
-        assert float(best) == round(s["best_val_loss"], 2)
+        assert float(start) == round(s["start_val_loss_doc"], 2)  # ranked by the per-document loss (default)
+        assert float(best) == round(s["best_val_loss_doc"], 2)
     metrics = dict((r[0], r[1]) for r in _table(report, "### Final metrics"))
     summaries = [_summary(ablation, name) for name in PHASES]
-    assert float(metrics["Worst val loss"]) == round(max(s["worst_val_loss"] for s in summaries), 2)
-    assert float(metrics["Best val loss"].split("**")[1]) == round(min(s["best_val_loss"] for s in summaries), 2)
+    assert float(metrics["Worst val loss"]) == round(max(s["worst_val_loss_doc"] for s in summaries), 2)
+    assert float(metrics["Best val loss"].split("**")[1]) == round(min(s["best_val_loss_doc"] for s in summaries), 2)
     comparison = _table(report, "## Final comparison table")
     assert comparison[0][0] == "**tiny**"
     assert comparison[0][1] == f"{summaries[0]['params'] / 1e6:.2f}M"
-    assert float(comparison[0][2]) == round(max(s["worst_val_loss"] for s in summaries), 2)
+    assert float(comparison[0][2]) == round(max(s["worst_val_loss_doc"] for s in summaries), 2)
     assert "These effects are unreplicated: no step can be named the largest contributor" in report  # one seed
-    assert (ablation / "report-tiny-val-loss.png").stat().st_size > 1000
-    assert (ablation / "report-best-loss.png").stat().st_size > 1000
+    assert (ablation / "report-seed-tiny-val-loss.png").stat().st_size > 1000  # named by the study
+    assert (ablation / "report-seed-best-loss.png").stat().st_size > 1000
 
 
 def test_results_csv_and_json_have_a_row_per_run(ablation):
@@ -146,7 +146,7 @@ def test_several_seeds_are_reported_as_mean_and_std(stories, tmp_path):
     ablate(["tiny"], settings, tmp_path, parse_phases("init"), seeds=2, quiet=True)
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["init-seed0", "init-seed1"]
     report = write_report([tmp_path], tmp_path / "report.md").read_text()
-    best = [json.loads((tmp_path / "tiny" / f"init-seed{k}" / "summary.json").read_text())["best_val_loss"]
+    best = [json.loads((tmp_path / "tiny" / f"init-seed{k}" / "summary.json").read_text())["best_val_loss_doc"]
             for k in range(2)]  # fmt: skip
     import statistics
 

@@ -141,6 +141,22 @@ def test_study_json_names_and_orders_the_arms_and_trials_are_not_arms(tmp_path):
     assert {r["study"] for r in rows} == {"demo"}
 
 
+def test_an_interrupted_run_of_a_study_is_left_out_as_unfinished(tmp_path):
+    """Ctrl-C writes a summary too; a partial run's best loss must not enter the paired effects."""
+    three_arms(tmp_path)
+    summary_path = tmp_path / "basic" / "rope-seed2" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary.update(interrupted=True, completed=False, best_val_loss_doc=1.0)  # far off: would swamp the effect
+    summary_path.write_text(json.dumps(summary))
+
+    (study,) = load_studies([tmp_path])
+    rope = study.groups["basic"][1]
+    assert rope.seeds == [1337, 1338] and study.unfinished == ["basic/rope-seed2"]
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    assert "Not finished yet, left out: basic/rope-seed2." in report
+    assert "| rope | base | 2 paired seeds (unpaired: seed 1339) | -0.110 ± 0.127 | within noise (±0.127) |" in report
+
+
 def test_effects_intervals_verdicts_and_noise_floor_in_the_report(tmp_path):
     three_arms(tmp_path)
     report = write_report([tmp_path], tmp_path / "report.md").read_text()
@@ -153,6 +169,19 @@ def test_effects_intervals_verdicts_and_noise_floor_in_the_report(tmp_path):
     assert "The largest single contributor here was **rope** (position learned→rope, -0.100 ± 0.050" in report
     assert (tmp_path / "report-demo-basic-effects.png").stat().st_size > 0
     assert (tmp_path / "report-demo-basic-val-loss.png").stat().st_size > 0
+
+
+def test_two_folders_of_one_study_name_keep_their_own_plots(tmp_path):
+    """`tinylm report runs/modern-a runs/modern-b`: both studies are named demo; each section must show its
+    own plots, not the second's written over the first's."""
+    three_arms(tmp_path / "a")
+    three_arms(tmp_path / "b", mode="each")
+    report = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report.md").read_text()
+    effect_plots = [line for line in report.splitlines() if line.startswith("![effect of each step")]
+    assert effect_plots == ["![effect of each step, basic](report-demo-basic-effects.png)",
+                            "![effect of each step, basic](report-demo-2-basic-effects.png)"]  # fmt: skip
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("report-demo-basic-effects.png",
+                                                                "report-demo-2-basic-effects.png"))  # fmt: skip
 
 
 def test_mode_each_compares_every_step_to_the_base(tmp_path):

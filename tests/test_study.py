@@ -92,6 +92,7 @@ def test_a_study_round_trips_through_its_file(tmp_path):
         ("seeds: 0", "seeds must be at least 1"),
         ("seeds: two", "seeds must be a number"),
         ("lr_tune: [1, -2]", "lr_tune must hold distinct positive factors"),
+        ("lr_tune: [1, 1.0000001]", "lr_tune must hold distinct positive factors"),  # one trial folder, lr1
         ("lr_tune: 2", "lr_tune must be a list"),
         ("lr_tune_share: 1.5", "lr_tune_share must be in (0, 1]"),
         ("budget: {tokens: 1e6, flops: 1e12}", "budget: give one of tokens or flops"),
@@ -147,6 +148,14 @@ def test_a_study_name_or_a_path(tmp_path, monkeypatch):
         load_study("modrn")
     with pytest.raises(UserError, match="study file not found: other.yaml"):
         load_study("other.yaml")
+
+
+def test_the_base_arm_text_leaves_out_the_preset_that_flags_override():
+    """`--preset tiny` over `base: {preset: basic}` trains tiny: the timeline must not say basic."""
+    modern = load_study("modern")
+    assert modern.arms[0].key_change == "Base: init scaled, schedule cosine, batching packed"
+    only_preset = read_study(yaml.safe_load("name: p\nbase: {preset: basic}\nsteps: []\n"), "p.yaml")
+    assert only_preset.arms[0].key_change == "Base settings"
 
 
 # --- the arms and their configs --------------------------------------------------------------
@@ -224,6 +233,19 @@ def test_a_flag_may_override_the_base_but_not_a_step(tmp_path, capsys):
     refused(capsys, ["ablate", "--study", study, "--phases", "rope,nope", "--out", tmp_path / "o"], "unknown phase")
     refused(capsys, ["ablate", "--study", tmp_path / "none.yaml", "--out", tmp_path / "o"], "study file not found")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_trailing_comma_in_presets_names_no_extra_preset(tmp_path, monkeypatch):
+    """`--presets tiny,` ran tiny before studies; it must not become an unknown preset ''."""
+    import tinylm.ablation
+    import tinylm.report
+    from tinylm.cli import main
+
+    asked = []
+    monkeypatch.setattr(tinylm.ablation, "run_study", lambda study, presets, *a, **k: asked.append(presets))
+    monkeypatch.setattr(tinylm.report, "write_report", lambda paths, out: out)
+    assert main(["ablate", "--presets", "tiny,", "--max-steps", "1", "--out", str(tmp_path / "out")]) == 0
+    assert asked == [["tiny"]]
 
 
 def test_an_arm_impossible_on_a_preset_is_refused_before_anything_runs(stories, tmp_path):
@@ -414,6 +436,29 @@ def test_study_json_and_the_summary_block(stories, tmp_path):
     assert qk["budget"]["tiny"]["steps"] == 2 and qk["budget"]["tiny"]["tokens"] == 2 * 2 * 64
     for path in qk["runs"]["tiny"]:
         assert summary(tmp_path / path)["study"] == {"name": "pair", "arm": "qk", "lr_factor": None, "trial": False}
+
+
+def test_two_commands_writing_one_study_json_at_once_keep_each_others_arms_and_presets(tmp_path):
+    """`--phases base` and `--phases qk` (or two presets) started together into one OUT: each writes
+    study.json as it goes, and neither write may drop what the other recorded."""
+    from tinylm.manifest import Manifest, read_manifest
+
+    study = read_study(yaml.safe_load(TWO_ARMS), "pair.yaml")
+    base, qk = study.arms
+    flags = {"train": {"max_steps": 2}}
+    plans = [Plan(study, presets, flags, tmp_path, arms, seeds=1)
+             for presets, arms in ((["tiny"], [base]), (["tiny"], [qk]), (["basic"], [qk]))]  # fmt: skip
+    manifests = [Manifest(plan) for plan in plans]  # all started before any wrote
+    for manifest, plan in zip(manifests, plans):
+        arm, preset_name = plan.arms[0], plan.presets[0]
+        manifest.set(arm, "runs", preset_name, [manifest.relative(plan.run_dir(preset_name, arm, 0))])
+        manifest.write()
+    manifests[0].set(base, "lr", "tiny", 1e-3)
+    manifests[0].write()  # the first writes again, last
+    data = read_manifest(tmp_path)
+    runs = {a["name"]: a["runs"] for a in data["arms"]}
+    assert runs == {"base": {"tiny": ["tiny/base"]}, "qk": {"tiny": ["tiny/qk"], "basic": ["basic/qk"]}}
+    assert data["presets"] == ["tiny", "basic"] and data["arms"][0]["lr"] == {"tiny": 1e-3}
 
 
 def test_ablate_study_end_to_end(stories, tmp_path):

@@ -65,6 +65,7 @@ class Manifest:
         return path.relative_to(self.plan.out).as_posix()
 
     def write(self) -> None:
+        self._merge_disk()
         study, plan = self.plan.study, self.plan
         order = [a.name for a in study.arms]
         arms = sorted(self.arms.values(), key=lambda a: order.index(a["name"]) if a["name"] in order else len(order))
@@ -74,6 +75,28 @@ class Manifest:
             "presets": self.presets, "arms": arms, "definition": self.definition,
         }  # fmt: skip
         write_atomic(self.path, json.dumps(data, indent=2) + "\n")
+
+    def _merge_disk(self) -> None:
+        """Take what another command wrote since this one started: `--phases a` and `--phases b` (or two
+        presets) running at once into one OUT would otherwise each write only their own arms, and the
+        last writer would drop the other's. What this plan runs is its own; the rest is the file's."""
+        disk = read_manifest(self.plan.out) or {}
+        if not disk:
+            return
+        if disk.get("definition") != self.definition:
+            raise_changed(self.plan.out)
+        self.presets = list(dict.fromkeys([*self.presets, *disk.get("presets", [])]))
+        mine = {a.name for a in self.plan.arms}
+        for entry in disk["arms"]:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if name is None:
+                continue
+            if name not in mine or name not in self.arms:
+                self.arms[name] = entry
+                continue
+            for key in PER_PRESET:  # an arm this plan runs: its other presets' values are the file's
+                theirs = {p: v for p, v in (entry.get(key) or {}).items() if p not in self.plan.presets}
+                self.arms[name][key] = {**theirs, **self.arms[name].get(key, {})}
 
 
 def raise_changed(out: Path) -> None:

@@ -130,7 +130,8 @@ def _factors(values: Any) -> list[float]:
     if not isinstance(values, list) or not values:
         raise ConfigError("lr_tune", f"must be a list of factors (e.g. [0.5, 1, 2]) or null, got {values!r}")
     factors = [read_as(f"lr_tune[{i}]", float, v) for i, v in enumerate(values)]
-    if any(f <= 0 for f in factors) or len(set(factors)) < len(factors):
+    # Distinct as written too: a trial's folder is named by f"{factor:g}" (1 and 1.0000001 would share one).
+    if any(f <= 0 for f in factors) or len({f"{f:g}" for f in factors}) < len(factors):
         raise ConfigError("lr_tune", f"must hold distinct positive factors, got {values!r}")
     return factors
 
@@ -158,7 +159,9 @@ class Arm:
 def arms_of(study: Study) -> list[Arm]:
     """Arm 0 is the base; cumulative: arm i adds step i to arm i-1; each: arm i is the base plus step i."""
     b = study.base_arm
-    base_text = b.key_change or ("Base: " + describe(study.base) if study.base else "Base settings")
+    # The base's preset is left out: --preset/--presets override it, so the text would misname the runs.
+    shown = {k: v for k, v in study.base.items() if k != "preset"}
+    base_text = b.key_change or ("Base: " + describe(shown) if shown else "Base settings")
     arms = [Arm(b.name, b.note, base_text, {}, {}, None)]
     for step in study.steps:
         before = arms[-1] if study.mode == "cumulative" else arms[0]

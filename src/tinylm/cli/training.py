@@ -139,7 +139,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from tinylm.studyplan import check_flags
 
     study = load_study(args.study or DEFAULT_STUDY)
-    names = [n.strip() for n in (args.presets or args.preset or study.base.get("preset") or "basic").split(",")]
+    given = args.presets or args.preset or study.base.get("preset") or "basic"
+    names = [n.strip() for n in given.split(",") if n.strip()]  # "basic,mid," is two presets
     for name in names:
         preset(name)  # fail early on an unknown name
     arms = select_arms(study, args.phases)
@@ -147,7 +148,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     check_flags(study, flags)
     out = Path(args.out)
     check_writable_dir(out, "--out")
-    run_study(study, [n for n in names if n], flags, out, arms, seeds=args.seeds, quiet=args.quiet,
+    run_study(study, names, flags, out, arms, seeds=args.seeds, quiet=args.quiet,
               nproc_per_node=args.nproc_per_node)  # fmt: skip
     report = write_report([out], out / "report.md")
     print(f"report written to {report}")

@@ -39,24 +39,32 @@ def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None) 
     studies = load_studies(paths, rank_by)
     folder = out_file.parent
     folder.mkdir(parents=True, exist_ok=True)
-    plot_names: PlotNames = {}
+    plot_names: list[PlotNames] = []
+    stems: set[str] = set()
     for study in studies:
-        stem = _plot_stem(out_file, study)
+        stem = _plot_stem(out_file, study, stems)
+        plots: PlotNames = {}
         for preset, arms in study.groups.items():
-            plot_names[(study.name, preset, "curves")] = f"{stem}-{preset}-val-loss.png"
-            plot_curves(arms, folder / plot_names[(study.name, preset, "curves")])
+            plots[(preset, "curves")] = f"{stem}-{preset}-val-loss.png"
+            plot_curves(arms, folder / plots[(preset, "curves")])
             if effects := measure_effects(arms):
-                plot_names[(study.name, preset, "effects")] = f"{stem}-{preset}-effects.png"
-                plot_effects(effects, folder / plot_names[(study.name, preset, "effects")])
-        plot_names[(study.name, "comparison", "best")] = f"{stem}-best-loss.png"
-        plot_comparison(study.groups, folder / f"{stem}-best-loss.png")
+                plots[(preset, "effects")] = f"{stem}-{preset}-effects.png"
+                plot_effects(effects, folder / plots[(preset, "effects")])
+        plots[("comparison", "best")] = f"{stem}-best-loss.png"
+        plot_comparison(study.groups, folder / plots[("comparison", "best")])
+        plot_names.append(plots)
     out_file.write_text(render(studies, plot_names))
     write_results(studies, folder)
     return out_file
 
 
-def _plot_stem(out_file: Path, study: Study) -> str:
-    """Runs outside a study keep the plot names they always had; a study's name tells its plots apart."""
-    if study.name is None:
-        return out_file.stem
-    return f"{out_file.stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', study.name)}"
+def _plot_stem(out_file: Path, study: Study, taken: set[str]) -> str:
+    """Runs outside a study keep the plot names they always had; a study's name tells its plots apart,
+    numbered when two reported folders hold studies of one name (their plots would overwrite each other)."""
+    stem = out_file.stem if study.name is None else f"{out_file.stem}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', study.name)}"
+    unique, n = stem, 1
+    while unique in taken:
+        n += 1
+        unique = f"{stem}-{n}"
+    taken.add(unique)
+    return unique

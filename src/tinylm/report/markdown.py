@@ -12,8 +12,8 @@ from tinylm.report.notes import arm_notes, stability_text
 from tinylm.report.runs import DOC, PACKED, PHASE_SETTINGS, Arm, choose_metric, value_text
 from tinylm.report.studies import Study
 
-PlotNames = dict[tuple[str | None, str, str], str]
-"""(study name, preset or 'comparison', 'curves' | 'effects' | 'best') -> the plot's file name."""
+PlotNames = dict[tuple[str, str], str]
+"""One study's plots: (preset or 'comparison', 'curves' | 'effects' | 'best') -> the plot's file name."""
 
 
 def fmt_loss(arm: Arm, key: str) -> str:
@@ -51,17 +51,18 @@ def _worst_text(arms: list[Arm]) -> str:
     return "–" if worst is None else f"{worst:.2f}"
 
 
-def render(studies: list[Study], plot_names: PlotNames) -> str:
+def render(studies: list[Study], plot_names: list[PlotNames]) -> str:
+    """The report; plot_names[i] names the plots of studies[i]."""
     lines: list[str] = ["# tinylm ablation report", ""]
     lines.append("Every number below is measured: it comes from the runs' `summary.json` and `metrics.jsonl`.")
     lines.append("")
-    for study in studies:
+    for study, plots in zip(studies, plot_names, strict=True):
         if study.name is not None:
             lines += study_intro(study)
         for preset, arms in study.groups.items():
-            lines += preset_section(study, preset, arms, plot_names)
+            lines += preset_section(study, preset, arms, plots)
         lines += comparison_section(study.groups)
-        if (best := plot_names.get((study.name, "comparison", "best"))) is not None:
+        if (best := plots.get(("comparison", "best"))) is not None:
             lines += [f"![best validation loss per preset and phase]({best})", ""]
     return "\n".join(lines)
 
@@ -94,17 +95,17 @@ def study_intro(study: Study) -> list[str]:
     return lines
 
 
-def preset_section(study: Study, preset: str, arms: list[Arm], plot_names: PlotNames) -> list[str]:
+def preset_section(study: Study, preset: str, arms: list[Arm], plots: PlotNames) -> list[str]:
     """One preset: its timeline, final metrics, plots, effects with intervals, noise floor and ranking."""
     lines = [f"## {preset.upper()} MODEL ({fmt_params(arms)} params)", ""]
     _, note = choose_metric(study.wanted, [r for a in arms for r in a.runs])
     if note:
         lines += [note, ""]
     lines += timeline_table(arms) + final_metrics_table(arms) + arm_metrics_table(arms) + trials_table(arms)
-    if (curves := plot_names.get((study.name, preset, "curves"))) is not None:
+    if (curves := plots.get((preset, "curves"))) is not None:
         lines += [f"![validation loss, {preset}]({curves})", ""]
     lines += effects_table(arms) + noise_floor_table(arms)
-    if (effects := plot_names.get((study.name, preset, "effects"))) is not None:
+    if (effects := plots.get((preset, "effects"))) is not None:
         lines += [f"![effect of each step, {preset}]({effects})", ""]
     return lines + effects_section(arms)
 

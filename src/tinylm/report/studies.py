@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.errors import UserError, damaged
+from tinylm.manifest import STUDY_FILE
 from tinylm.report.runs import DOC, RANK_BY, Arm, Metric, choose_metric, find_runs, group, load_run
 from tinylm.rundir import SUMMARY_FILE, read_summary
 
-STUDY_FILE = "study.json"
 ADVICE = "rerun the study (finished arms are kept) or leave its folder out"
 
 
@@ -92,7 +92,8 @@ def _arm(folder: Path, preset: str, entry: dict[str, Any], study: Study) -> Arm 
     """The arm's finished runs of one preset (None when it has none yet); unfinished ones are noted."""
     runs = []
     for rel in (entry.get("runs") or {}).get(preset) or []:
-        if (folder / rel / SUMMARY_FILE).exists():
+        # An interrupted run writes its summary too, but its best loss is a partial run's: not a seed yet.
+        if (folder / rel / SUMMARY_FILE).exists() and not read_summary(folder / rel).get("interrupted"):
             runs.append(load_run(folder / rel))
         else:
             study.unfinished.append(rel)
