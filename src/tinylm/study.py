@@ -45,6 +45,10 @@ BUDGET_SETTINGS = {"train.max_steps", "train.max_tokens", "train.max_time"}
 """Set with the study's ``budget`` (or budget flags): equal for every arm by construction."""
 NOT_CHANGEABLE = {"preset", "train.seed"}
 """A step may not change them: every arm of a preset shares its shape's preset and its seeds (pairing)."""
+SCORING_SETTINGS = {"train.data", "train.tokenizer", "train.val_fraction", "train.text_field", "train.doc_sep",
+                    "train.eval_tokens", "model.vocab_size"}  # fmt: skip
+"""A step may not change them either: they decide the held-out tokens every arm is scored on, and
+losses measured on other tokens (or per token of another tokenizer) do not compare."""
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -259,7 +263,7 @@ def _step(raw: Any, where: str, base: bool = False) -> Step:
         raise UserError(f"{where}the base arm changes nothing: put its settings under base")
     values = dict(raw)
     name = str(raw.get("name"))
-    values["change"] = _settings(raw.get("change") or {}, f"{where}change", NOT_CHANGEABLE)
+    values["change"] = _settings(raw.get("change") or {}, f"{where}change", NOT_CHANGEABLE | SCORING_SETTINGS)
     step = _build(Step, values, where)
     if not NAME.fullmatch(name):
         raise UserError(f"{where}name must be letters, digits, '_', '.' or '-', got {name!r}")
@@ -273,6 +277,9 @@ def _settings(raw: Any, where: str, refused: set[str]) -> dict[str, Any]:
     except ConfigError as e:
         raise UserError(f"{where}: {e}") from None
     for key in dotted(typed):
+        if key in refused & SCORING_SETTINGS:
+            raise UserError(f"{where}: {key.rsplit('.', 1)[-1]} changes the validation data every arm is scored on; "
+                            "set it in base or with a flag")  # fmt: skip
         if key in RUNNER_SET | refused:
             raise UserError(f"{where}: {key.rsplit('.', 1)[-1]} is set by the study runner, not in a study file")
         if key in BUDGET_SETTINGS:
