@@ -90,6 +90,11 @@ def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap=No
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+_TINY_PROB = 1e-30
+"""Below this a target's probability may be subnormal (fp32's normal range ends at 1.2e-38) and its
+log imprecise or -inf; such rows take the log-sum-exp from the row maxima instead."""
+
+
 def _chunk_loss_and_grad(logits, t, softcap, z_loss):
     """Summed loss of one chunk's kept rows and d(that sum)/d(logits), before any row scale.
 
@@ -99,25 +104,35 @@ def _chunk_loss_and_grad(logits, t, softcap, z_loss):
     """
     keep = t != IGNORE_INDEX
     safe_t = torch.where(keep, t, 0)
+    rows = torch.arange(len(t), device=t.device)
     tanh = None
     if softcap is not None:
         tanh = logits.div_(softcap).tanh_()  # kept for the cap's derivative
         logits = tanh * softcap
-    row_max = logits.amax(dim=1)  # (n,)
-    target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (n,)
     probs = torch.softmax(logits, dim=-1)  # (n, V)
-    del logits
-    # log-sum-exp from the softmax itself: the largest probability is 1 / sum(exp(x - max)),
-    # and it is at least 1/V, so unlike the target's probability it never underflows.
-    log_sum_exp = row_max - probs.amax(dim=1).log()
-    total = ((log_sum_exp - target_logit) * keep).sum()
+    # The cross-entropy is -log(p_target), read from the softmax: no pass over the logits for their
+    # row maxima. That cost two of the chunk's four passes (softmax, two maxima, the matmuls' reads).
+    target_prob = probs[rows, safe_t]  # (n,)
+    row_loss = target_prob.log().neg_().masked_fill_(~keep, 0.0)  # padding rows: 0, never inf
+    tiny = (target_prob < _TINY_PROB) & keep
+    if tiny.any():  # rare: a target far below its row's best logit (untrained or naive-init models)
+        row_loss[tiny] = _log_sum_exp(logits[tiny], probs[tiny]) - logits[tiny, safe_t[tiny]]
+    total = row_loss.sum()
     if z_loss:
+        log_sum_exp = row_loss + logits[rows, safe_t]
         total = total + z_loss * (log_sum_exp.square() * keep).sum()
         probs.mul_((1.0 + 2.0 * z_loss * log_sum_exp)[:, None])
-    probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+    del logits
+    probs[rows, safe_t] -= 1.0
     if tanh is not None:
         probs.mul_(tanh.square_().neg_().add_(1.0))
     return total, probs, keep
+
+
+def _log_sum_exp(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Per row, from the softmax itself: the largest probability is 1 / sum(exp(x - max)), and it is
+    at least 1/V, so unlike a target's probability it never underflows."""
+    return logits.amax(dim=1) - probs.amax(dim=1).log()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
