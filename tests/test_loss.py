@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.loss import IGNORE_INDEX, _chunked_loss, _LinearCrossEntropy, _logits, linear_cross_entropy
+from tinylm.loss import IGNORE_INDEX, _chunked_loss, _LinearCrossEntropy, _logits, _row_losses, linear_cross_entropy
 
 VARIANTS = {"softcap": (5.0, 0.0), "z_loss": (None, 1e-2), "both": (5.0, 1e-2)}
 
@@ -155,3 +155,20 @@ def test_underflowing_target_probabilities_and_padding_match_textbook(variant):
         # logits and log-sum-exps of hundreds: fp32 rounding alone (the code before the target-
         # probability loss) differs from the fp32 textbook by up to 4e-5 here under the z-loss
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("may_sync", [True, False])
+def test_row_losses_from_target_probability_or_row_maxima_match_textbook(may_sync):
+    # may_sync=True is the CPU's way (the target's probability, the maxima only for tiny ones);
+    # False is the accelerators' (the maxima for every row, no host sync). Both are the textbook's.
+    hidden, weight, targets = case(padding=True)
+    logits = hidden.detach() @ weight.detach().t()
+    logits[::4] *= 40  # some rows' target probabilities underflow
+    keep = targets != IGNORE_INDEX
+    safe_t = torch.where(keep, targets, 0)
+    rows = torch.arange(len(targets))
+    probs = torch.softmax(logits, dim=1)
+    assert (probs[rows, safe_t][keep] == 0).any()
+    got = _row_losses(logits, probs, logits[rows, safe_t], rows, safe_t, keep, may_sync=may_sync)
+    ref = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
