@@ -20,8 +20,11 @@ IGNORE_INDEX = -1
 """Target value for positions the loss skips (padding)."""
 
 _CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 28}
-"""Logit elements per chunk, by device. CPU: 32 MB in fp32, big enough for efficient matmuls and
-small enough for cache and memory. CUDA: 1 GiB in fp32, because each chunk costs a dozen kernel
+"""Logit elements per chunk, by device. CPU: 32 MB in fp32 (166 rows of GPT-2's vocabulary), big
+enough for efficient matmuls and small enough for cache and memory. On the 2-core Zen 4 (1 MB L2 per
+core, 32 MB L3) half and twice the rows made the basic step slower (scripts/bench_levers.py), and the
+oneDNN logits matmul ran fastest at these rows; a size from the cache sizes would be the same 32 MB
+there, so none is derived. CUDA: 1 GiB in fp32, because each chunk costs a dozen kernel
 launches: with the CPU's size a batch of 32 x 512 took 99 chunks and the step ran at a third of
 the textbook's speed on an H200 (scripts/gpu_check.sh); a few large chunks still hold a fraction
 of the textbook's full logits tensor and its gradient."""
