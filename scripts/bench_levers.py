@@ -118,6 +118,69 @@ def adamw(preset_name: str, repeats: int) -> tuple[float, float, float]:
     return loop, foreach, fused
 
 
+def _loss_from_row_maxima(logits, t, softcap, z_loss):
+    """The loss chunk before the target-probability loss (default switches only): two passes for row maxima."""
+    keep = t != tinylm.loss.IGNORE_INDEX
+    safe_t = torch.where(keep, t, 0)
+    row_max = logits.amax(dim=1)
+    target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+    probs = torch.softmax(logits, dim=-1)
+    log_sum_exp = row_max - probs.amax(dim=1).log()
+    total = ((log_sum_exp - target_logit) * keep).sum()
+    probs[torch.arange(len(t)), safe_t] -= 1.0
+    return total, probs, keep
+
+
+def step_with_chunk_function(preset_name: str, repeats: int, other: Callable) -> tuple[float, float]:
+    """Training step seconds with ``other`` as the loss chunk's function, then with tinylm's."""
+    runner = StepRunner("tinylm", preset(preset_name), 8, CPU)
+    own = tinylm.loss._chunk_loss_and_grad
+
+    def step_with(chunk_function: Callable) -> Callable[[], float]:
+        def step() -> float:
+            tinylm.loss._chunk_loss_and_grad = chunk_function
+            return runner.step()
+
+        return step
+
+    try:
+        return alternate(step_with(other), step_with(own), repeats)
+    finally:
+        tinylm.loss._chunk_loss_and_grad = own
+
+
+def compiled_loss_chunk(preset_name: str, repeats: int) -> tuple[float, float, float]:
+    """Step seconds with the loss chunk's elementwise work compiled (inductor) vs eager; compile seconds."""
+    compiled = torch.compile(tinylm.loss._chunk_loss_and_grad, dynamic=False)
+    runner = StepRunner("tinylm", preset(preset_name), 8, CPU)
+    own = tinylm.loss._chunk_loss_and_grad
+    tinylm.loss._chunk_loss_and_grad = compiled
+    start = time.perf_counter()
+    runner.step()  # compiles: one graph for the full chunks, one for the last
+    compile_s = time.perf_counter() - start
+    tinylm.loss._chunk_loss_and_grad = own
+    compiled_s, eager_s = step_with_chunk_function(preset_name, repeats, compiled)
+    return eager_s, compiled_s, compile_s
+
+
+def chunk_size(preset_name: str, repeats: int, factor: float) -> tuple[float, float]:
+    """Training step seconds with the CPU loss chunk scaled by ``factor``, then at the default size."""
+    runner = StepRunner("tinylm", preset(preset_name), 8, CPU)
+    default = tinylm.loss._CHUNK_ELEMENTS["cpu"]
+
+    def step_with(elements: int) -> Callable[[], float]:
+        def step() -> float:
+            tinylm.loss._CHUNK_ELEMENTS["cpu"] = elements
+            return runner.step()
+
+        return step
+
+    try:
+        return alternate(step_with(int(default * factor)), step_with(default), repeats)
+    finally:
+        tinylm.loss._CHUNK_ELEMENTS["cpu"] = default
+
+
 def softmax_passes(preset_name: str, repeats: int) -> tuple[float, float]:
     """One loss chunk: log_softmax then exp (two exponentials per logit) vs max + softmax + max."""
     cfg = preset(preset_name)
@@ -211,6 +274,10 @@ def main() -> None:
     row("oneDNN for the logits", "one chunk's logits matmul", *onednn_logits_matmul(p, n))
     row("oneDNN for the logits", "training step", *onednn_logits(p, n))
     row("softmax + maxima", "one loss chunk", *softmax_passes(p, n), "vs log_softmax + exp")
+    row("loss from target probability", "training step", *step_with_chunk_function(p, n, _loss_from_row_maxima),
+        "vs log-sum-exp from two row maxima")  # fmt: skip
+    for factor in (0.5, 2.0):
+        row("loss chunk rows (default)", "training step", *chunk_size(p, n, factor), f"vs {factor:g}x the rows")
     loop, foreach, fused = adamw(p, n)
     row("multi-tensor AdamW", "optimizer step", loop, foreach, "vs the for-loop default")
     row("fused AdamW", "optimizer step", foreach, fused, "vs multi-tensor")
@@ -220,6 +287,8 @@ def main() -> None:
         row(
             "torch.compile on blocks", "training step", eager_s, compiled_s, f"first step (compiling) {compile_s:.0f} s"
         )
+        eager_s, compiled_s, compile_s = compiled_loss_chunk(p, n)
+        row("torch.compile, loss chunk", "training step", eager_s, compiled_s, f"compiling {compile_s:.0f} s")
     build_ms = batch_building(preset(p).block_size, n)
     print(f"building one batch of 8 rows from memory-mapped tokens: packed {build_ms['packed']:.3f} ms, "
           f"padded {build_ms['padded']:.3f} ms")  # fmt: skip

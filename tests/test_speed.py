@@ -82,3 +82,18 @@ def test_bench_times_the_mechanics_it_is_given(tmp_path):
     expected = model_costs(ModelConfig(**{**shape, "position": "rope", "mlp": "swiglu"}), 2)
     assert report["params"] == expected.params and report["flops_per_token"] == expected.flops_per_token_train
     assert report["results"][0]["peak_memory_mb"] > 0  # the fresh process built the same model
+
+
+def test_bench_on_cpu_time_says_so():
+    done = subprocess.run(
+        [sys.executable, "-m", "tinylm", "bench", "--preset", "tiny", "--batch-size", "2", "--repeats", "1",
+         "--warmup", "1", "--no-memory", "--device", "cpu", "--clock", "cpu", "--compare-textbook", "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["clock"] == "cpu" and report["matmul_peak_gflops"] > 0
+    assert all(r["median_s"] > 0 and r["mfu"] > 0 for r in report["results"])
+    from tinylm.bench import format_report
+
+    assert "CPU time" in format_report(report)

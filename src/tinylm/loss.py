@@ -20,8 +20,11 @@ IGNORE_INDEX = -1
 """Target value for positions the loss skips (padding)."""
 
 _CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 28}
-"""Logit elements per chunk, by device. CPU: 32 MB in fp32, big enough for efficient matmuls and
-small enough for cache and memory. CUDA: 1 GiB in fp32, because each chunk costs a dozen kernel
+"""Logit elements per chunk, by device. CPU: 32 MB in fp32 (166 rows of GPT-2's vocabulary), big
+enough for efficient matmuls and small enough for cache and memory. On the 2-core Zen 4 (1 MB L2 per
+core, 32 MB L3) half and twice the rows made the basic step slower (scripts/bench_levers.py), and the
+oneDNN logits matmul ran fastest at these rows; a size from the cache sizes would be the same 32 MB
+there, so none is derived. CUDA: 1 GiB in fp32, because each chunk costs a dozen kernel
 launches: with the CPU's size a batch of 32 x 512 took 99 chunks and the step ran at a third of
 the textbook's speed on an H200 (scripts/gpu_check.sh); a few large chunks still hold a fraction
 of the textbook's full logits tensor and its gradient."""
@@ -99,6 +102,11 @@ def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap=No
     return (total + z_total) / n_valid if z_loss else total / n_valid, total / n_valid
 
 
+_TINY_PROB = 1e-30
+"""Below this a target's probability may be subnormal (fp32's normal range ends at 1.2e-38) and its
+log imprecise or -inf; such rows take the log-sum-exp from the row maxima instead."""
+
+
 def _chunk_loss_and_grad(logits, t, softcap, z_loss):
     """Summed loss of one chunk's kept rows, its cross-entropy part, and d(loss sum)/d(logits),
     before any row scale.
@@ -109,25 +117,49 @@ def _chunk_loss_and_grad(logits, t, softcap, z_loss):
     """
     keep = t != IGNORE_INDEX
     safe_t = torch.where(keep, t, 0)
+    rows = torch.arange(len(t), device=t.device)
     tanh = None
     if softcap is not None:
         tanh = logits.div_(softcap).tanh_()  # kept for the cap's derivative
         logits = tanh * softcap
-    row_max = logits.amax(dim=1)  # (n,)
-    target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (n,)
     probs = torch.softmax(logits, dim=-1)  # (n, V)
-    del logits
-    # log-sum-exp from the softmax itself: the largest probability is 1 / sum(exp(x - max)),
-    # and it is at least 1/V, so unlike the target's probability it never underflows.
-    log_sum_exp = row_max - probs.amax(dim=1).log()
-    total = cross_entropy = ((log_sum_exp - target_logit) * keep).sum()
+    target_logit = logits[rows, safe_t]  # (n,)
+    row_loss = _row_losses(logits, probs, target_logit, rows, safe_t, keep, may_sync=logits.device.type == "cpu")
+    total = cross_entropy = row_loss.sum()
     if z_loss:
+        log_sum_exp = row_loss + target_logit
         total = cross_entropy + z_loss * (log_sum_exp.square() * keep).sum()
         probs.mul_((1.0 + 2.0 * z_loss * log_sum_exp)[:, None])
-    probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+    del logits
+    probs[rows, safe_t] -= 1.0
     if tanh is not None:
         probs.mul_(tanh.square_().neg_().add_(1.0))
     return total, cross_entropy, probs, keep
+
+
+def _row_losses(logits, probs, target_logit, rows, safe_t, keep, may_sync: bool) -> torch.Tensor:
+    """Per-row cross-entropy, 0 on padding rows.
+
+    On the CPU it is -log(p_target), read from the softmax, so the logits get no passes for their
+    row maxima: that saved two of the four passes over each chunk besides the matmuls and ran the
+    basic step about 4% faster (scripts/bench_levers.py). Rows whose target probability is tiny
+    take the log-sum-exp from the maxima; finding them costs a host sync, so on an accelerator
+    every row takes the maxima (its passes are cheap there; a sync per chunk is not).
+    """
+    if not may_sync:
+        return torch.where(keep, _log_sum_exp(logits, probs) - target_logit, 0.0)
+    target_prob = probs[rows, safe_t]
+    row_loss = target_prob.log().neg_().masked_fill_(~keep, 0.0)  # padding rows: 0, never inf
+    tiny = (target_prob < _TINY_PROB) & keep
+    if tiny.any():  # rare: a target far below its row's best logit (untrained or naive-init models)
+        row_loss[tiny] = _log_sum_exp(logits[tiny], probs[tiny]) - target_logit[tiny]
+    return row_loss
+
+
+def _log_sum_exp(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Per row, from the softmax itself: the largest probability is 1 / sum(exp(x - max)), and it is
+    at least 1/V, so unlike a target's probability it never underflows."""
+    return logits.amax(dim=1) - probs.amax(dim=1).log()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -67,6 +67,8 @@ def add_bench(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--compile", action="store_true", help="torch.compile the tinylm step's blocks (as train --compile)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (steadier on a shared CPU; see README)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", nargs="?", const="-",
                    help="the figures as JSON: to FILE (the table still prints), or alone to stdout")  # fmt: skip
     add_settings_flags(p, ModelConfig, "model (over the preset's shape: the mechanics to time)", "model.")
@@ -79,7 +81,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model_flags = given_settings(args).get("model", {})
     model = build(ModelConfig, merge(dataclasses.asdict(preset(args.preset)), model_flags), "model.")
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
-                   measure_memory=not args.no_memory, compile=args.compile, model=model)  # fmt: skip
+                   measure_memory=not args.no_memory, compile=args.compile, model=model, clock=args.clock)  # fmt: skip
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0
