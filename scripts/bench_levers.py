@@ -119,7 +119,8 @@ def adamw(preset_name: str, repeats: int) -> tuple[float, float, float]:
 
 
 def _loss_from_row_maxima(logits, t, softcap, z_loss):
-    """The loss chunk before the target-probability loss (default switches only): two passes for row maxima."""
+    """The loss chunk before the target-probability loss (default switches only): two passes for row maxima.
+    Returns what tinylm.loss._chunk_loss_and_grad does: without the z-loss the cross-entropy is the loss."""
     keep = t != tinylm.loss.IGNORE_INDEX
     safe_t = torch.where(keep, t, 0)
     row_max = logits.amax(dim=1)
@@ -128,7 +129,7 @@ def _loss_from_row_maxima(logits, t, softcap, z_loss):
     log_sum_exp = row_max - probs.amax(dim=1).log()
     total = ((log_sum_exp - target_logit) * keep).sum()
     probs[torch.arange(len(t)), safe_t] -= 1.0
-    return total, probs, keep
+    return total, total, probs, keep
 
 
 def step_with_chunk_function(preset_name: str, repeats: int, other: Callable) -> tuple[float, float]:

@@ -133,13 +133,20 @@ def _before_the_switches(hidden, weight, targets, chunk_rows):
     return total / n_valid, grad_hidden, grad_weight
 
 
-def test_default_path_is_bit_identical_to_the_one_before_the_switches():
+def test_default_path_gradients_are_bit_identical_to_the_ones_before_the_switches():
+    # The gradients are bit for bit the old ones. The loss is not: on the CPU a row's loss is now
+    # -log p_target rather than log-sum-exp - target logit, the same number but rounded otherwise
+    # (52 of these 200 real rows differ in their last bits); only the mean happens to agree here.
     hidden, weight, targets = case(padding=True, rows=300, vocab=2000, width=32)
     old_loss, *old_grads = _before_the_switches(hidden.detach(), weight.detach(), targets, 64)
     loss = linear_cross_entropy(hidden, weight, targets, 64, softcap=None, z_loss=0.0)
     loss.backward()
-    assert torch.equal(loss, old_loss)
+    torch.testing.assert_close(loss, old_loss, rtol=1e-6, atol=0)
     assert torch.equal(hidden.grad, old_grads[0]) and torch.equal(weight.grad, old_grads[1])
+    for row in (targets != IGNORE_INDEX).nonzero().flatten().tolist():  # one row at a time: no mean to hide it
+        h, t = hidden.detach()[row : row + 1].requires_grad_(), targets[row : row + 1]
+        old_row = _before_the_switches(h.detach(), weight.detach(), t, 1)[0]
+        torch.testing.assert_close(linear_cross_entropy(h, weight, t, 1), old_row, rtol=1e-6, atol=0)
     with torch.no_grad():  # evaluation's path was one F.cross_entropy sum per chunk
         no_grad = linear_cross_entropy(hidden, weight, targets, 64)
         old = sum(F.cross_entropy(_logits(h, weight), t, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,6 +1,7 @@
 """The fast step's process settings and the `tinylm bench` command."""
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -88,12 +89,29 @@ def test_bench_on_cpu_time_says_so():
     done = subprocess.run(
         [sys.executable, "-m", "tinylm", "bench", "--preset", "tiny", "--batch-size", "2", "--repeats", "1",
          "--warmup", "1", "--no-memory", "--device", "cpu", "--clock", "cpu", "--compare-textbook", "--json"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["clock"] == "cpu" and report["matmul_peak_gflops"] > 0
+    assert report["clock"] == "cpu" and report["threads"] == 1 and report["matmul_peak_gflops"] > 0
     assert all(r["median_s"] > 0 and r["mfu"] > 0 for r in report["results"])
     from tinylm.bench import format_report
 
     assert "CPU time" in format_report(report)
+
+
+def test_bench_refuses_cpu_time_on_several_threads():
+    # CPU time sums over threads (and counts workers spinning at barriers), so with two threads a
+    # step's "seconds" and tokens/s are not the step's; the figures would mislead, so none are made.
+    import torch
+
+    from tinylm.bench import bench
+    from tinylm.errors import UserError
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(UserError, match="OMP_NUM_THREADS=1"):
+            bench("tiny", batch_size=2, repeats=1, warmup=0, device_name="cpu", measure_memory=False, clock="cpu")
+    finally:
+        torch.set_num_threads(threads)

@@ -36,9 +36,11 @@ class StepTiming:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-"""How steps and the peak are timed. 'cpu' is this process's CPU time (all its threads): on a CPU
+"""How steps and the peak are timed. 'cpu' is this process's CPU time, on one thread only: on a CPU
 shared with other work it leaves out the time the process waits for a core, so ratios in one run
-hold still; with one thread (OMP_NUM_THREADS=1) it is the wall time of a quiet machine."""
+hold still, and it is the wall time of a quiet machine. With several threads CPU time sums over
+them and counts workers spinning at barriers while another waits for a core, so a step's CPU
+seconds would be neither its time nor steady; bench refuses that."""
 
 
 def matmul_peak_gflops(device: torch.device, repeats: int = 10, clock: str = "wall") -> float:
@@ -157,6 +159,9 @@ def bench(
     device = select_device(device_name)
     if clock == "cpu" and device.type != "cpu":
         raise UserError(f"--clock cpu times CPU steps; on {device} the step's work is not this process's CPU time")
+    if clock == "cpu" and torch.get_num_threads() != 1:
+        raise UserError(f"--clock cpu needs one thread (OMP_NUM_THREADS=1): CPU time sums over this process's "
+                        f"{torch.get_num_threads()} threads, so it is not the step's time")  # fmt: skip
     tune_for(device)  # the same process settings as training, for both steps
     peak = matmul_peak_gflops(device, clock=clock)
     now = CLOCKS[clock]

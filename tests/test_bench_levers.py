@@ -1,0 +1,39 @@
+"""scripts/bench_levers.py's stand-ins for tinylm's code compute the same loss, so its ratios time like for like."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tinylm.loss
+from tinylm.loss import IGNORE_INDEX, linear_cross_entropy
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_levers.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_levers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_row_maxima_loss_chunk_stands_in_for_tinylms(monkeypatch):
+    # The 'loss from target probability' row swaps this in for tinylm.loss._chunk_loss_and_grad:
+    # it must keep that function's signature and results, or the row times a crash or other maths.
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=True)
+    targets = torch.randint(0, 101, (23,))
+    targets[::4] = IGNORE_INDEX
+    logits = hidden @ weight.t()
+    ref = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    monkeypatch.setattr(tinylm.loss, "_chunk_loss_and_grad", load_script()._loss_from_row_maxima)
+    loss, cross_entropy = linear_cross_entropy(hidden, weight, targets, 5, return_cross_entropy=True)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(cross_entropy, ref.detach())
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
