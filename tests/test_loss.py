@@ -173,11 +173,17 @@ def test_underflowing_target_probabilities_and_padding_match_textbook(variant):
     loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=5, softcap=softcap, z_loss=z)
     grads = torch.autograd.grad(loss, (hidden, weight))
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    # With logits and log-sum-exps of hundreds, fp32 rounding alone moves the gradients by ~1e-4
+    # (the fp32 textbook's own error against fp64 is 2e-3 on this case), and by how much depends
+    # on the CPU's matmul kernels: the gradients are judged against the exact (fp64) textbook and
+    # must be no further from it than the fp32 textbook is (or than 1e-5 relative, where both are close).
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    exact = torch.autograd.grad(textbook(h64, w64, targets, softcap, z), (h64, w64))
+    for g, r, e in zip(grads, ref_grads, exact):
         assert torch.isfinite(g).all()
-        # logits and log-sum-exps of hundreds: fp32 rounding alone (the code before the target-
-        # probability loss) differs from the fp32 textbook by up to 4e-5 here under the z-loss
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+        ours, fp32_textbook = (g.double() - e).abs().max(), (r.double() - e).abs().max()
+        floor = 1e-5 * max(1.0, e.abs().max().item())  # rounding a few ulps from the exact value
+        assert ours <= max(2 * fp32_textbook, floor), (ours.item(), fp32_textbook.item())
 
 
 @pytest.mark.parametrize("may_sync", [True, False])
