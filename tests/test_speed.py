@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 MINOR_FAULTS_OF_REPEATED_16MB_TENSORS = """
 import resource, torch
@@ -48,6 +49,7 @@ def test_bench_times_both_steps_and_writes_json(tmp_path):
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["results"]] == ["tinylm", "textbook"]
     assert report["matmul_peak_gflops"] > 0
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the CPU the figures are from
     for r in report["results"]:
         assert r["tokens_per_s"] == pytest.approx(4 * 64 / r["median_s"])
         assert 0 < r["mfu"] and r["peak_memory_mb"] > 0

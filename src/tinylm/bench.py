@@ -143,6 +143,14 @@ def own_peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _check_clock(clock: str, device: torch.device) -> None:
+    if clock == "cpu" and device.type != "cpu":
+        raise UserError(f"--clock cpu times CPU steps; on {device} the step's work is not this process's CPU time")
+    if clock == "cpu" and torch.get_num_threads() != 1:
+        raise UserError(f"--clock cpu needs one thread (OMP_NUM_THREADS=1): CPU time sums over this process's "
+                        f"{torch.get_num_threads()} threads, so it is not the step's time")  # fmt: skip
+
+
 def bench(
     preset_name: str = "basic",
     batch_size: int = 8,
@@ -157,11 +165,7 @@ def bench(
 ) -> dict:
     """Time the step of ``model`` (default: the preset's shape, GPT-2 mechanics); see the module doc."""
     device = select_device(device_name)
-    if clock == "cpu" and device.type != "cpu":
-        raise UserError(f"--clock cpu times CPU steps; on {device} the step's work is not this process's CPU time")
-    if clock == "cpu" and torch.get_num_threads() != 1:
-        raise UserError(f"--clock cpu needs one thread (OMP_NUM_THREADS=1): CPU time sums over this process's "
-                        f"{torch.get_num_threads()} threads, so it is not the step's time")  # fmt: skip
+    _check_clock(clock, device)
     tune_for(device)  # the same process settings as training, for both steps
     peak = matmul_peak_gflops(device, clock=clock)
     now = CLOCKS[clock]
@@ -197,6 +201,7 @@ def bench(
         "compiled_blocks": compile,
         "clock": clock,
         "machine": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector width ATen's kernels use
         "matmul_peak_gflops": peak,
         "flops_per_token": flops_per_token,
         "repeats": repeats,
