@@ -207,6 +207,7 @@ def test_the_textbook_path_adds_the_same_z_loss_as_the_fast_loss(switch, text_ba
     for g, s in zip(fast_grads, slow_grads):
         torch.testing.assert_close(g, s, rtol=1e-4, atol=1e-5)
 
+
 def test_softcap_bounds_every_logit_in_forward_sampling_and_loss():
     torch.manual_seed(0)
     model = model_for("softcap", init="naive", logit_softcap=5.0).eval()

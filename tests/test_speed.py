@@ -128,7 +128,8 @@ def test_bench_times_the_optimizer_and_z_loss_it_is_given():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert (report["optimizer"], report["muon_lr"], report["muon_momentum"], report["z_loss"]) == ("muon", 0.01, 0.95, 1e-4)
+    named = {k: report[k] for k in ("optimizer", "muon_lr", "muon_momentum", "z_loss")}
+    assert named == {"optimizer": "muon", "muon_lr": 0.01, "muon_momentum": 0.95, "z_loss": 1e-4}
     assert [r["name"] for r in report["results"]] == ["tinylm", "textbook"]
     from tinylm.bench import format_report
 

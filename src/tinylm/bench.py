@@ -73,6 +73,7 @@ BENCH_TRAIN = {"lr": 1e-4, "max_steps": 1}
 """The TrainConfig fields bench sets itself (a step's cost does not depend on them); the CLI's
 BENCH_TRAIN_SETTINGS are the ones it takes from flags."""
 
+
 class StepRunner:
     """One training step of one variant on a fixed batch."""
 
