@@ -189,6 +189,25 @@ def test_fast_loss_equals_the_textbook_loss_and_gradients(switch, text_batch):
         torch.testing.assert_close(g, s, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("switch", ["gpt2", "untied", "softcap"])
+def test_the_textbook_path_adds_the_same_z_loss_as_the_fast_loss(switch, text_batch):
+    # bench's textbook step times full logits with the z-loss term of the run it is compared with
+    x, y = text_batch
+    y = y.clone()
+    y[0, 40:] = IGNORE_INDEX
+    model = model_for(switch, init="naive")
+    _, fast, fast_ce = model(x, y, z_loss=1e-2, return_cross_entropy=True)
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+    _, slow, slow_ce = model(x, y, full_logits=True, z_loss=1e-2, return_cross_entropy=True)
+    slow_grads = torch.autograd.grad(slow, list(model.parameters()))
+    _, plain = model(x, y, full_logits=True)
+    assert slow.item() > plain.item() + 1e-3 and slow_ce.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert abs(fast.item() - slow.item()) <= 1e-5 * slow.item()
+    assert abs(fast_ce.item() - slow_ce.item()) <= 1e-5 * slow_ce.item()
+    for g, s in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(g, s, rtol=1e-4, atol=1e-5)
+
+
 def test_softcap_bounds_every_logit_in_forward_sampling_and_loss():
     torch.manual_seed(0)
     model = model_for("softcap", init="naive", logit_softcap=5.0).eval()

@@ -117,3 +117,48 @@ def test_bench_refuses_cpu_time_on_several_threads():
             bench("tiny", batch_size=2, repeats=1, warmup=0, device_name="cpu", measure_memory=False, clock="cpu")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bench_times_the_optimizer_and_z_loss_it_is_given():
+    done = subprocess.run(
+        [sys.executable, "-m", "tinylm", "bench", "--preset", "tiny", "--batch-size", "2", "--repeats", "1",
+         "--warmup", "1", "--no-memory", "--device", "cpu", "--compare-textbook", "--optimizer", "muon",
+         "--muon-lr", "0.01", "--z-loss", "1e-4", "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    named = {k: report[k] for k in ("optimizer", "muon_lr", "muon_momentum", "z_loss")}
+    assert named == {"optimizer": "muon", "muon_lr": 0.01, "muon_momentum": 0.95, "z_loss": 1e-4}
+    assert [r["name"] for r in report["results"]] == ["tinylm", "textbook"]
+    from tinylm.bench import format_report
+
+    assert "tinylm step: muon (lr 0.01, momentum 0.95) + adamw, z-loss 0.0001" in format_report(report)
+    assert "textbook step: AdamW (torch defaults), the same z-loss" in format_report(report)
+
+
+def test_bench_steps_use_the_runs_optimizer_and_z_loss():
+    # the tinylm step builds its optimizer as training does, and both steps add the same z-loss term
+    from tinylm.bench import BENCH_TRAIN, StepRunner
+    from tinylm.config import TrainConfig, preset
+    from tinylm.optim import Optimizers
+
+    cfg, cpu = preset("tiny"), torch.device("cpu")
+    muon_z = TrainConfig(**BENCH_TRAIN, optimizer="muon", z_loss=0.1)
+    tinylm = StepRunner("tinylm", cfg, 2, cpu, train=muon_z)
+    textbook = StepRunner("textbook", cfg, 2, cpu, train=muon_z)
+    plain = StepRunner("tinylm", cfg, 2, cpu)
+    assert isinstance(tinylm.optimizer, Optimizers)
+    assert [type(o).__name__ for o in tinylm.optimizer.optimizers] == ["AdamW", "Muon"]
+    assert isinstance(textbook.optimizer, torch.optim.AdamW) and isinstance(plain.optimizer, torch.optim.AdamW)
+    with_z, textbook_z, without = tinylm.step(), textbook.step(), plain.step()  # the same model and batch
+    assert with_z == pytest.approx(textbook_z, rel=1e-5) and with_z > without + 1e-3
+
+
+def test_bench_refuses_a_bad_training_setting_in_one_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "tinylm", "bench", "--preset", "tiny", "--device", "cpu", "--z-loss", "-1"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["tinylm: error: z_loss must be at least 0, got -1.0"]

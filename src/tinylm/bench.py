@@ -1,9 +1,15 @@
 """Training-step benchmark: tokens/s, GFLOP/s and MFU against this machine's measured matmul peak.
 
-The tinylm step (chunked linear cross-entropy, multi-tensor or fused AdamW) and, with
-``compare_textbook``, the textbook step (full logits + F.cross_entropy, default AdamW) are
-timed alternately in one process on the same model and batch, so the ratio is fair on a
-noisy machine. Peak memory is measured in a fresh subprocess per variant.
+The tinylm step (chunked linear cross-entropy, the run's optimizer from build_optimizer, the
+z-loss passed to the model as the trainer passes it) and, with ``compare_textbook``, the textbook
+step (full logits + F.cross_entropy, default AdamW) are timed alternately in one process on the
+same model and batch, so the ratio is fair on a noisy machine. Peak memory is measured in a fresh
+subprocess per variant.
+
+The training settings that change a step's cost are the optimizer (Muon's orthogonalisation) and
+the z-loss; the textbook step adds the same z-loss term on its full logits (loss.textbook_loss),
+so the ratio compares the same loss computed two ways, but keeps AdamW under ``--optimizer muon``:
+it is the plain step a user would write, and the ratio then includes Muon's own cost.
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+BENCH_TRAIN = {"lr": 1e-4, "max_steps": 1}
+"""The TrainConfig fields bench sets itself (a step's cost does not depend on them); the CLI's
+BENCH_TRAIN_SETTINGS are the ones it takes from flags."""
+
+
 class StepRunner:
     """One training step of one variant on a fixed batch."""
 
@@ -74,6 +85,7 @@ class StepRunner:
         device: torch.device,
         seed: int = 0,
         compile: bool = False,
+        train: TrainConfig | None = None,
     ):
         torch.manual_seed(seed)
         self.model = GPT(cfg).to(device)
@@ -81,10 +93,12 @@ class StepRunner:
         self.textbook = variant == "textbook"
         if compile and not self.textbook:
             self.model.compile_blocks()
+        train = train or TrainConfig(**BENCH_TRAIN)
+        self.z_loss = train.z_loss
         if self.textbook:
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr)
         else:
-            self.optimizer = build_optimizer(self.model, TrainConfig(lr=1e-4, max_steps=1), device)
+            self.optimizer = build_optimizer(self.model, train, device)
         gen = torch.Generator().manual_seed(seed)
         shape = (batch_size, cfg.block_size)
         self.x = torch.randint(0, cfg.vocab_size, shape, generator=gen).to(device)
@@ -93,7 +107,7 @@ class StepRunner:
 
     def step(self) -> float:
         with autocast_for(self.device):
-            _, loss = self.model(self.x, self.y, full_logits=self.textbook)
+            _, loss = self.model(self.x, self.y, full_logits=self.textbook, z_loss=self.z_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -102,11 +116,13 @@ class StepRunner:
         return loss.item()
 
 
-def peak_memory_mb(variant: str, cfg: ModelConfig, batch_size: int, device: torch.device, compile: bool) -> float:
+def peak_memory_mb(
+    variant: str, cfg: ModelConfig, batch_size: int, device: torch.device, compile: bool, train: TrainConfig
+) -> float:
     """Peak memory of a few steps of one variant, in a fresh process (RSS on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        runner = StepRunner(variant, cfg, batch_size, device, compile=compile)
+        runner = StepRunner(variant, cfg, batch_size, device, compile=compile, train=train)
         for _ in range(2):
             runner.step()
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -115,10 +131,10 @@ def peak_memory_mb(variant: str, cfg: ModelConfig, batch_size: int, device: torc
         return peak
     code = (
         "import torch; from tinylm.bench import StepRunner, own_peak_rss_kib; "
-        "from tinylm.config import ModelConfig; "
+        "from tinylm.config import ModelConfig, TrainConfig; "
         "from tinylm.runtime import tune_for; tune_for(torch.device('cpu')); "
         f"r = StepRunner({variant!r}, ModelConfig(**{asdict(cfg)!r}), {batch_size}, torch.device('cpu'), "
-        f"compile={compile}); "
+        f"compile={compile}, train=TrainConfig(**{asdict(train)!r})); "
         "[r.step() for _ in range(2)]; "
         "print(own_peak_rss_kib())"
     )
@@ -162,18 +178,21 @@ def bench(
     compile: bool = False,
     model: ModelConfig | None = None,
     clock: str = "wall",
+    train: TrainConfig | None = None,
 ) -> dict:
-    """Time the step of ``model`` (default: the preset's shape, GPT-2 mechanics); see the module doc."""
+    """Time the step of ``model`` (default: the preset's shape, GPT-2 mechanics) trained with
+    ``train``'s optimizer and z-loss (default: AdamW, no z-loss); see the module doc."""
     device = select_device(device_name)
     _check_clock(clock, device)
     tune_for(device)  # the same process settings as training, for both steps
     peak = matmul_peak_gflops(device, clock=clock)
     now = CLOCKS[clock]
     cfg = model or preset(preset_name)
+    train = train or TrainConfig(**BENCH_TRAIN)
     flops_per_token = model_costs(cfg, batch_size).flops_per_token_train
     tokens = batch_size * cfg.block_size
     variants = ["tinylm"] + (["textbook"] if compare_textbook else [])
-    runners = {v: StepRunner(v, cfg, batch_size, device, compile=compile) for v in variants}
+    runners = {v: StepRunner(v, cfg, batch_size, device, compile=compile, train=train) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(warmup + repeats):
         for v in variants:  # alternate, so drift on a shared machine hits both alike
@@ -187,12 +206,13 @@ def bench(
         median = statistics.median(times[v])
         tps = tokens / median
         gflops = tps * flops_per_token / 1e9
-        memory = peak_memory_mb(v, cfg, batch_size, device, compile) if measure_memory else None
+        memory = peak_memory_mb(v, cfg, batch_size, device, compile, train) if measure_memory else None
         results.append(StepTiming(v, median, tps, gflops, gflops / peak, memory))
     report = {
         "preset": preset_name,
         "model": asdict(cfg),
         "params": model_costs(cfg, batch_size).params,
+        **train_settings(train),
         "batch_size": batch_size,
         "block_size": cfg.block_size,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -212,6 +232,26 @@ def bench(
     return report
 
 
+def train_settings(train: TrainConfig) -> dict:
+    """What the report says of the training settings: the optimizer (Muon's LR and momentum with it)
+    and the z-loss coefficient."""
+    named = {"optimizer": train.optimizer, "z_loss": train.z_loss}
+    if train.optimizer == "muon":
+        named.update(muon_lr=train.muon_lr, muon_momentum=train.muon_momentum)
+    return named
+
+
+def describe_steps(report: dict) -> str:
+    """The report's optimizer and z-loss in words; reports from before bench took them were AdamW without."""
+    optimizer, z = report.get("optimizer", "adamw"), report.get("z_loss", 0.0)
+    if optimizer == "muon":
+        optimizer += f" (lr {report['muon_lr']:g}, momentum {report['muon_momentum']:g}) + adamw"
+    line = f"tinylm step: {optimizer}, z-loss {z:g}"
+    if "speedup_vs_textbook" in report:
+        line += "; textbook step: AdamW (torch defaults)" + (", the same z-loss" if z else "")
+    return line
+
+
 def format_report(report: dict) -> str:
     compiled = ", compiled blocks" if report.get("compiled_blocks") else ""
     compiled += ", CPU time" if report.get("clock") == "cpu" else ""
@@ -221,6 +261,7 @@ def format_report(report: dict) -> str:
     )
     lines = [
         header,
+        describe_steps(report),
         f"{'step':<10} {'median s':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6} {'peak MB':>8}",
     ]
     for r in report["results"]:

@@ -11,11 +11,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tinylm.config import ModelConfig
 from tinylm.layers import Block, Rotary, make_norm, rotary
-from tinylm.loss import IGNORE_INDEX, linear_cross_entropy
+from tinylm.loss import linear_cross_entropy, textbook_loss
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -96,7 +95,8 @@ class GPT(nn.Module):
         """idx, targets, doc_ids: (B, T). Returns (logits, loss).
 
         With targets the loss is computed chunk by chunk and logits is None (unless
-        ``full_logits``, the textbook path); without targets logits are (B, T, V).
+        ``full_logits``, the textbook path: loss.textbook_loss on the full logits); without targets
+        logits are (B, T, V).
         doc_ids, when given, keep attention inside each document and restart positions.
         z_loss: coefficient of the log-sum-exp² term added to the loss (training only).
         return_cross_entropy: return (logits, loss, cross-entropy), the last the loss without the
@@ -106,11 +106,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x), None
         if full_logits:
-            if z_loss:
-                raise ValueError("the full-logits (textbook) loss has no z-loss term")
             logits = self.logits(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-            return (logits, loss, loss.detach()) if return_cross_entropy else (logits, loss)
+            loss, cross_entropy = textbook_loss(logits.flatten(0, 1).float(), targets.flatten(), z_loss)
+            return (logits, loss, cross_entropy) if return_cross_entropy else (logits, loss)
         loss, cross_entropy = linear_cross_entropy(
             x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=self.config.logit_softcap, z_loss=z_loss,
             return_cross_entropy=True,

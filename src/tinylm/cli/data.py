@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
-from tinylm.config import PRESETS, ModelConfig, preset
+from tinylm.config import PRESETS, ModelConfig, TrainConfig, preset
 from tinylm.fields import build, merge
 from tinylm.paths import check_writable_dir
 
@@ -72,16 +72,25 @@ def add_bench(sub) -> None:
     p.add_argument("--json", metavar="FILE", nargs="?", const="-",
                    help="the figures as JSON: to FILE (the table still prints), or alone to stdout")  # fmt: skip
     add_settings_flags(p, ModelConfig, "model (over the preset's shape: the mechanics to time)", "model.")
+    others = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in BENCH_TRAIN_SETTINGS]
+    add_settings_flags(p, TrainConfig, "training (what changes a step's cost: optimizer, z-loss)", "train.", others)
     p.set_defaults(func=cmd_bench)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from tinylm.bench import bench, format_report
+BENCH_TRAIN_SETTINGS = ("optimizer", "muon_lr", "muon_momentum", "z_loss")
+"""The training settings bench takes, as train's flags: those that change what a step computes
+(bench.BENCH_TRAIN holds the rest; not imported from there, so --help does not load torch)."""
 
-    model_flags = given_settings(args).get("model", {})
-    model = build(ModelConfig, merge(dataclasses.asdict(preset(args.preset)), model_flags), "model.")
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tinylm.bench import BENCH_TRAIN, bench, format_report
+
+    flags = given_settings(args)
+    model = build(ModelConfig, merge(dataclasses.asdict(preset(args.preset)), flags.get("model", {})), "model.")
+    train = build(TrainConfig, merge(BENCH_TRAIN, flags.get("train", {})), "train.")
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
-                   measure_memory=not args.no_memory, compile=args.compile, model=model, clock=args.clock)  # fmt: skip
+                   measure_memory=not args.no_memory, compile=args.compile, model=model, clock=args.clock,
+                   train=train)  # fmt: skip
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0
