@@ -44,21 +44,28 @@ def alternate(a: Callable[[], object], b: Callable[[], object], repeats: int) ->
     return statistics.median(ta), statistics.median(tb)
 
 
-def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
+def step_with_loss_setting(preset_name: str, repeats: int, name: str, a: object, b: object) -> tuple[float, float]:
+    """Training step seconds with tinylm.loss's ``name`` set to ``a``, then to ``b``, alternately;
+    the module's own value is put back afterwards."""
     runner = StepRunner("tinylm", preset(preset_name), 8, CPU)
-    available = tinylm.loss._ONEDNN
+    own = getattr(tinylm.loss, name)
 
-    def step_with(onednn: bool) -> Callable[[], float]:
+    def step_with(value: object) -> Callable[[], float]:
         def step() -> float:
-            tinylm.loss._ONEDNN = onednn and available
+            setattr(tinylm.loss, name, value)
             return runner.step()
 
         return step
 
     try:
-        return alternate(step_with(False), step_with(True), repeats)
+        return alternate(step_with(a), step_with(b), repeats)
     finally:
-        tinylm.loss._ONEDNN = available
+        setattr(tinylm.loss, name, own)
+
+
+def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
+    available = tinylm.loss._ONEDNN
+    return step_with_loss_setting(preset_name, repeats, "_ONEDNN", False, available)
 
 
 def onednn_logits_matmul(preset_name: str, repeats: int) -> tuple[float, float]:
@@ -134,20 +141,8 @@ def _loss_from_row_maxima(logits, t, softcap, z_loss):
 
 def step_with_chunk_function(preset_name: str, repeats: int, other: Callable) -> tuple[float, float]:
     """Training step seconds with ``other`` as the loss chunk's function, then with tinylm's."""
-    runner = StepRunner("tinylm", preset(preset_name), 8, CPU)
     own = tinylm.loss._chunk_loss_and_grad
-
-    def step_with(chunk_function: Callable) -> Callable[[], float]:
-        def step() -> float:
-            tinylm.loss._chunk_loss_and_grad = chunk_function
-            return runner.step()
-
-        return step
-
-    try:
-        return alternate(step_with(other), step_with(own), repeats)
-    finally:
-        tinylm.loss._chunk_loss_and_grad = own
+    return step_with_loss_setting(preset_name, repeats, "_chunk_loss_and_grad", other, own)
 
 
 def compiled_loss_chunk(preset_name: str, repeats: int) -> tuple[float, float, float]:

@@ -91,22 +91,23 @@ def test_untied_output_matrix_gets_its_own_gradient():
     torch.testing.assert_close(head.grad, ref_grads[1], rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_matmuls_with_softcap_and_z_loss_stay_close_to_fp32():
+@pytest.mark.parametrize("softcap,z_loss", [(None, 0.0), (5.0, 1e-2)], ids=["plain", "softcap+z_loss"])
+def test_bf16_matmuls_stay_close_to_fp32(softcap, z_loss):
     # The GPU path (bf16 matmuls, fp32 softmax and accumulation), run here on the CPU.
     torch.manual_seed(0)
     hidden = torch.randn(64, 32, requires_grad=True)
     weight = (torch.randn(300, 32) * 0.2).requires_grad_()
     targets = torch.randint(0, 300, (64,))
     targets[::5] = IGNORE_INDEX
-    ref = textbook(hidden, weight, targets, 5.0, 1e-2)
+    ref = textbook(hidden, weight, targets, softcap, z_loss)
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
-    loss, _ = _LinearCrossEntropy.apply(hidden, weight, targets, 16, torch.bfloat16, 5.0, 1e-2)
+    loss, _ = _LinearCrossEntropy.apply(hidden, weight, targets, 16, torch.bfloat16, softcap, z_loss)
     grads = torch.autograd.grad(loss, (hidden, weight))
     assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.005 * ref.item()
     for g, r in zip(grads, ref_grads):
         assert g.dtype == torch.float32
         assert (g - r).norm() < 0.01 * r.norm()
-    no_grad, _ = _chunked_loss(hidden.detach(), weight.detach(), targets, 16, torch.bfloat16, 5.0, 1e-2)
+    no_grad, _ = _chunked_loss(hidden.detach(), weight.detach(), targets, 16, torch.bfloat16, softcap, z_loss)
     assert abs(no_grad.item() - ref.item()) < 0.005 * ref.item()
 
 

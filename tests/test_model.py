@@ -117,25 +117,6 @@ def test_chunked_loss_is_exact_when_target_probabilities_underflow():
     assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
 
 
-def test_chunked_loss_in_bf16_matmuls_stays_close_to_fp32():
-    # The GPU path (bf16 matmuls, fp32 softmax and accumulation), run here on the CPU.
-    from tinylm.loss import _LinearCrossEntropy
-
-    torch.manual_seed(0)
-    hidden = torch.randn(64, 32, requires_grad=True)
-    weight = (torch.randn(300, 32) * 0.2).requires_grad_()
-    targets = torch.randint(0, 300, (64,))
-    targets[::5] = IGNORE_INDEX
-    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX)
-    ref_grads = torch.autograd.grad(ref, (hidden, weight))
-    loss, _ = _LinearCrossEntropy.apply(hidden, weight, targets, 16, torch.bfloat16)
-    grads = torch.autograd.grad(loss, (hidden, weight))
-    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.005 * ref.item()
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == torch.float32
-        assert (g - r).norm() < 0.01 * r.norm()
-
-
 def test_model_fast_step_equals_textbook_step_fp32():
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=500)
