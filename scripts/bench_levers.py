@@ -1,6 +1,6 @@
 """Measure each lever of the fast training step on its own: with and without, alternately.
 
-Usage: .venv/bin/python scripts/bench_levers.py [--preset mid] [--repeats 6] [--compile] [--json FILE]
+Usage: .venv/bin/python scripts/bench_levers.py [--preset mid] [--repeats 6] [--compile] [--only LEVER,...] [--json FILE]
 
 Every line compares two ways of doing the same work, timed alternately in one process (the
 heap setting, which is process-wide, in two fresh processes), and prints the medians and the
@@ -247,13 +247,21 @@ def compiled_blocks(preset_name: str, repeats: int) -> tuple[float, float, float
     return eager_s, compiled_s, compile_s
 
 
+LEVER_NAMES = ("heap", "onednn", "softmax", "target-prob", "chunk-size", "adamw", "attention", "batch")
+"""What --only picks from; --compile adds the torch.compile rows."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mid")
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--compile", action="store_true", help="also try torch.compile (about a minute)")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--only", metavar="LEVER[,LEVER]", help=f"run these alone: {', '.join(LEVER_NAMES)}")
     args = parser.parse_args()
+    chosen = set(args.only.split(",")) if args.only else set(LEVER_NAMES)
+    if unknown := chosen - set(LEVER_NAMES):
+        parser.error(f"unknown lever {', '.join(sorted(unknown))}; choose from {', '.join(LEVER_NAMES)}")
     keep_freed_memory()
     p, n = args.preset, args.repeats
     rows = []
@@ -264,20 +272,27 @@ def main() -> None:
 
     print(f"{p} on {torch.get_num_threads()} CPU threads, batch 8 x block {preset(p).block_size}; medians of {n}")
     print(f"{'lever':<28} {'timed':<26} {'without':>11} {'with':>11}  ratio")
-    default_s, kept_s, default_faults, kept_faults = heap(p, n)
-    row("heap keeps freed memory", "training step", default_s, kept_s,
-        f"page faults per step {default_faults:,.0f} -> {kept_faults:,.0f}")  # fmt: skip
-    row("oneDNN for the logits", "one chunk's logits matmul", *onednn_logits_matmul(p, n))
-    row("oneDNN for the logits", "training step", *onednn_logits(p, n))
-    row("softmax + maxima", "one loss chunk", *softmax_passes(p, n), "vs log_softmax + exp")
-    row("loss from target probability", "training step", *step_with_chunk_function(p, n, _loss_from_row_maxima),
-        "vs log-sum-exp from two row maxima")  # fmt: skip
-    for factor in (0.5, 2.0):
-        row("loss chunk rows (default)", "training step", *chunk_size(p, n, factor), f"vs {factor:g}x the rows")
-    loop, foreach, fused = adamw(p, n)
-    row("multi-tensor AdamW", "optimizer step", loop, foreach, "vs the for-loop default")
-    row("fused AdamW", "optimizer step", foreach, fused, "vs multi-tensor")
-    row("flash SDPA", "attention fwd+bwd, 1 layer", *attention(p, n), "vs SDPA math")
+    if "heap" in chosen:
+        default_s, kept_s, default_faults, kept_faults = heap(p, n)
+        row("heap keeps freed memory", "training step", default_s, kept_s,
+            f"page faults per step {default_faults:,.0f} -> {kept_faults:,.0f}")  # fmt: skip
+    if "onednn" in chosen:
+        row("oneDNN for the logits", "one chunk's logits matmul", *onednn_logits_matmul(p, n))
+        row("oneDNN for the logits", "training step", *onednn_logits(p, n))
+    if "softmax" in chosen:
+        row("softmax + maxima", "one loss chunk", *softmax_passes(p, n), "vs log_softmax + exp")
+    if "target-prob" in chosen:
+        row("loss from target probability", "training step", *step_with_chunk_function(p, n, _loss_from_row_maxima),
+            "vs log-sum-exp from two row maxima")  # fmt: skip
+    if "chunk-size" in chosen:
+        for factor in (0.5, 2.0):
+            row("loss chunk rows (default)", "training step", *chunk_size(p, n, factor), f"vs {factor:g}x the rows")
+    if "adamw" in chosen:
+        loop, foreach, fused = adamw(p, n)
+        row("multi-tensor AdamW", "optimizer step", loop, foreach, "vs the for-loop default")
+        row("fused AdamW", "optimizer step", foreach, fused, "vs multi-tensor")
+    if "attention" in chosen:
+        row("flash SDPA", "attention fwd+bwd, 1 layer", *attention(p, n), "vs SDPA math")
     if args.compile:
         eager_s, compiled_s, compile_s = compiled_blocks(p, n)
         row(
@@ -285,14 +300,16 @@ def main() -> None:
         )
         eager_s, compiled_s, compile_s = compiled_loss_chunk(p, n)
         row("torch.compile, loss chunk", "training step", eager_s, compiled_s, f"compiling {compile_s:.0f} s")
-    build_ms = batch_building(preset(p).block_size, n)
-    print(f"building one batch of 8 rows from memory-mapped tokens: packed {build_ms['packed']:.3f} ms, "
-          f"padded {build_ms['padded']:.3f} ms")  # fmt: skip
+    build_ms = batch_building(preset(p).block_size, n) if "batch" in chosen else None
+    if build_ms:
+        print(f"building one batch of 8 rows from memory-mapped tokens: packed {build_ms['packed']:.3f} ms, "
+              f"padded {build_ms['padded']:.3f} ms")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             report = {
                 "preset": p,
                 "threads": torch.get_num_threads(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "repeats": n,
                 "levers": rows,
                 "batch_ms": build_ms,

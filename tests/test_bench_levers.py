@@ -1,6 +1,9 @@
 """scripts/bench_levers.py's stand-ins for tinylm's code compute the same loss, so its ratios time like for like."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -37,3 +40,16 @@ def test_the_row_maxima_loss_chunk_stands_in_for_tinylms(monkeypatch):
     torch.testing.assert_close(cross_entropy, ref.detach())
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+def run_script(*args, tmp_path):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_only_runs_the_named_lever_and_refuses_unknown_ones(tmp_path):
+    done = run_script("--preset", "basic", "--repeats", "1", "--only", "batch", "--json", "out.json", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["levers"] == [] and set(report["batch_ms"]) == {"packed", "padded"}
+    refused = run_script("--only", "heap,warp-drive", tmp_path=tmp_path)
+    assert refused.returncode == 2 and "unknown lever warp-drive" in refused.stderr
