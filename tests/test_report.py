@@ -118,6 +118,27 @@ def test_seeds_pool_whatever_the_run_folder(tmp_path):
     assert [(a.name, len(a.runs)) for a in arms] == [("packed", 2)]
 
 
+def test_an_interrupted_run_is_not_pooled_as_a_seed(tmp_path):
+    # Ctrl-C writes a summary too: a partial run's best loss would enter the arm's mean and its paired effect.
+    make_run(tmp_path, "init", "init", best=6.0)
+    make_run(tmp_path, "init-seed1", "init", seed=1338, best=6.0)
+    make_run(tmp_path, "cosine", "cosine", best=5.5)
+    make_run(tmp_path, "cosine-seed1", "cosine", seed=1338, best=9.0, steps=12, interrupted=True, completed=False)
+    report = report_of(tmp_path)
+    assert "best val loss 6.00 → 5.50, -0.500 over 1 paired seed (unpaired: seed 1338): unreplicated" in report
+    assert "9.00" not in report and "7.25" not in report  # neither the partial run's loss nor the mean with it
+    assert f"Interrupted, left out (resume them with tinylm train --resume): {tmp_path / 'basic' / 'cosine-seed1'}." \
+        in report  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(r["arm"], r["seed"]) for r in rows] == [("init", "1337"), ("init", "1338"), ("cosine", "1337")]
+
+
+def test_only_interrupted_runs_are_a_one_line_error(tmp_path):
+    make_run(tmp_path, "cosine", "cosine", interrupted=True, completed=False)
+    with pytest.raises(UserError, match="interrupted before the end of their budget"):
+        report_of(tmp_path)
+
+
 def test_the_stability_row_is_the_least_stable_arm(tmp_path):
     wide = {"label": "ok", "reason": "wide train/val gap (-0.90)", "train_val_gap": -0.9}
     make_run(tmp_path, "baseline", "baseline", best=34.56, stability=wide)

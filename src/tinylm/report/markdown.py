@@ -59,6 +59,9 @@ def render(studies: list[Study], plot_names: list[PlotNames]) -> str:
     for study, plots in zip(studies, plot_names, strict=True):
         if study.name is not None:
             lines += study_intro(study)
+        elif study.unfinished:
+            left_out = ", ".join(study.unfinished)
+            lines += [f"Interrupted, left out (resume them with tinylm train --resume): {left_out}.", ""]
         for preset, arms in study.groups.items():
             lines += preset_section(study, preset, arms, plots)
         lines += comparison_section(study.groups)

@@ -92,6 +92,11 @@ class Run:
         return phase_of(self.recipe)
 
     @property
+    def interrupted(self) -> bool:
+        """Stopped before its budget (Ctrl-C writes a summary too): its best loss is a partial run's, not a seed's."""
+        return bool(self.summary.get("interrupted"))
+
+    @property
     def skipped_updates(self) -> int | None:
         """Updates the guard skipped; None for runs from before this was recorded."""
         return self.summary.get("skipped_updates")

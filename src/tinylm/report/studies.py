@@ -32,12 +32,13 @@ class Study:
     info: dict[str, Any] = field(default_factory=dict)
     """study.json as saved ({} for loose runs)."""
     unfinished: list[str] = field(default_factory=list)
-    """Run directories study.json lists that have no summary.json yet."""
+    """Run directories study.json lists that have no summary.json yet, or interrupted runs (left out)."""
 
 
 def load_studies(paths: list[Path], rank_by: str | None = None) -> list[Study]:
     """Every study under the paths (a folder holding study.json), then the runs outside them grouped by recipe.
-    rank_by ('doc' or 'packed') overrides each study's own rank_by; the default is per-document."""
+    rank_by ('doc' or 'packed') overrides each study's own rank_by; the default is per-document.
+    Interrupted runs outside a study are left out and named, as a study's are."""
     folders = []
     for root in paths:
         if not root.exists():
@@ -45,9 +46,14 @@ def load_studies(paths: list[Path], rank_by: str | None = None) -> list[Study]:
         folders += [f.parent for f in sorted(root.rglob(STUDY_FILE))]
     studies = [read_study(folder, rank_by) for folder in dict.fromkeys(folders)]
     loose = find_runs(paths, outside=folders)
-    if loose:
+    finished = [r for r in loose if not r.interrupted]
+    partial = [str(r.run_dir) for r in loose if r.interrupted]
+    if finished:
         wanted = RANK_BY[rank_by or "doc"]
-        studies.append(Study(group(loose, wanted), wanted))
+        studies.append(Study(group(finished, wanted), wanted, unfinished=partial))
+    elif partial and not studies:
+        raise UserError(f"the runs under {', '.join(map(str, paths))} were all interrupted before the end of their "
+                        "budget; finish them with tinylm train --resume DIR")  # fmt: skip
     return studies
 
 
