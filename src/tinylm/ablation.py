@@ -168,7 +168,7 @@ def _tune(plan: Plan, manifest: Manifest, preset_name: str, arm: Arm, cfg: RunCo
     manifest.set(arm, "lr_factor", preset_name, chosen)
     manifest.set(arm, "lr", preset_name, tuned.train.lr)
     manifest.set(
-        arm, "trial_losses", preset_name, {f"{f:g}": _ranked_loss(s, study.rank_by) for f, s in summaries.items()}
+        arm, "trial_losses", preset_name, {f"{f:g}": v for f, v in _ranked_losses(summaries, study.rank_by).items()}
     )
     manifest.write()
     if not quiet:
@@ -176,15 +176,18 @@ def _tune(plan: Plan, manifest: Manifest, preset_name: str, arm: Arm, cfg: RunCo
     return chosen
 
 
-def _ranked_loss(summary: dict[str, Any], rank_by: str) -> float | None:
-    """The trial's best loss by ``rank_by``; the packed best_val_loss for runs that lack it (older runs)."""
-    value = summary.get(f"best_{rank_by}")
-    return summary.get("best_val_loss") if value is None else value
+def _ranked_losses(summaries: dict[float, dict[str, Any]], rank_by: str) -> dict[float, float | None]:
+    """Each trial's best loss by ``rank_by``; by the packed best_val_loss for all of them where one lacks it
+    (a trial finished by an older tinylm): one metric ranks them all, as in the report (runs.choose_metric)."""
+    key = f"best_{rank_by}"
+    if not all(key in s for s in summaries.values()):
+        key = "best_val_loss"
+    return {f: s.get(key) for f, s in summaries.items()}
 
 
 def pick_lr_factor(summaries: dict[float, dict[str, Any]], rank_by: str, what: str) -> float:
     """The factor whose trial reached the lowest best validation loss (the first of equals)."""
-    losses = {f: _ranked_loss(s, rank_by) for f, s in summaries.items()}
+    losses = _ranked_losses(summaries, rank_by)
     finite = {f: v for f, v in losses.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if not finite:
         raise UserError(f"every LR trial of {what} failed to reach a finite validation loss; lower --lr")
