@@ -139,6 +139,20 @@ def test_only_interrupted_runs_are_a_one_line_error(tmp_path):
         report_of(tmp_path)
 
 
+def test_the_comparison_table_names_the_metric_where_presets_are_ranked_by_different_ones(tmp_path):
+    # basic's runs have the per-document loss, mid's (older) only the packed one: each preset is ranked by its own,
+    # so the table across presets must not set the two side by side as one "best loss".
+    doc = {"start_val_loss_doc": 11.0, "best_val_loss_doc": 6.3, "worst_val_loss_doc": 11.0, "final_val_loss_doc": 6.3}
+    basic = make_run(tmp_path, "packed", best=6.0, **doc)
+    curve = [{"step": 0, "tokens": 0, "val_loss": 10.83, "val_loss_doc": 11.0},
+             {"step": 40, "tokens": 163840, "val_loss": 6.0, "val_loss_doc": 6.3}]  # fmt: skip
+    (basic / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    make_run(tmp_path, "packed", preset="mid", best=5.0)
+    comparison = report_of(tmp_path).split("## Final comparison table")[1]
+    assert "| **basic** (per-document loss) | 7.29M | 11.00 | **6.30** |" in comparison
+    assert "| **mid** (packed loss) | 7.29M | 10.83 | **5.00** |" in comparison
+
+
 def test_the_stability_row_is_the_least_stable_arm(tmp_path):
     wide = {"label": "ok", "reason": "wide train/val gap (-0.90)", "train_val_gap": -0.9}
     make_run(tmp_path, "baseline", "baseline", best=34.56, stability=wide)

@@ -9,7 +9,7 @@ import math
 from tinylm.report.effects import best_arm, changes, seed_change, worst_loss
 from tinylm.report.findings import effects_section, effects_table, noise_floor_table
 from tinylm.report.notes import arm_notes, stability_text
-from tinylm.report.runs import DOC, PACKED, PHASE_SETTINGS, Arm, choose_metric, value_text
+from tinylm.report.runs import DOC, PACKED, PHASE_SETTINGS, Arm, choose_metric, metric_label, value_text
 from tinylm.report.studies import Study
 
 PlotNames = dict[tuple[str, str], str]
@@ -208,6 +208,6 @@ def comparison_section(groups: dict[str, list[Arm]]) -> list[str]:
         best = best_arm(arms)
         total = sum(t for a in arms for t in a.values("train_time_s"))
         best_text = f"**{best.ranked_mean():.2f}**" if best else "–"
-        lines.append(f"| **{preset}** | {fmt_params(arms)} | {_worst_text(arms)} | {best_text} "
-                     f"| {fmt_time(total)} | {stability_text(arms)} |")  # fmt: skip
+        lines.append(f"| **{preset}**{metric_label(groups, preset)} | {fmt_params(arms)} | {_worst_text(arms)} "
+                     f"| {best_text} | {fmt_time(total)} | {stability_text(arms)} |")  # fmt: skip
     return lines + [""]

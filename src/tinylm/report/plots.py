@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.report.effects import Effect
-from tinylm.report.runs import Arm
+from tinylm.report.runs import Arm, metric_label
 from tinylm.rundir import read_metrics, read_summary
 
 FIGSIZE = (7, 4.2)
@@ -109,7 +109,8 @@ def plot_comparison(groups: dict[str, list[Arm]], path: Path) -> None:
                 match = [a for a in groups[preset] if a.name == name]
                 heights.append((match and match[0].ranked_mean()) or 0.0)
             ax.bar([i + j * width for i in range(len(presets))], heights, width, label=name, color=f"C{j % 10}")
-        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(presets))], presets)
+        ticks = [p + metric_label(groups, p) for p in presets]  # which loss, where presets rank by different ones
+        ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(presets))], ticks)
         ax.set_ylabel("best validation loss")
         ax.set_title("best validation loss per preset and phase")
         ax.legend()

@@ -236,6 +236,14 @@ def choose_metric(wanted: Metric, runs: list[Run]) -> tuple[Metric, str | None]:
     )
 
 
+def metric_label(groups: dict[str, list[Arm]], preset: str) -> str:
+    """' (packed loss)' where the presets are ranked by different metrics (one's runs lack the per-document
+    loss): their losses are then not one quantity side by side. Empty where one metric ranks them all."""
+    if len({arms[0].metric for arms in groups.values()}) < 2:
+        return ""
+    return f" ({groups[preset][0].metric.name} loss)"
+
+
 def group(runs: list[Run], wanted: Metric = DOC) -> dict[str, list[Arm]]:
     """preset -> its arms in ablation order, each compared to the arm before it; runs are seeds of one arm
     only if their recipes are equal. Each preset is ranked by the wanted metric where all its runs have it."""
