@@ -180,7 +180,6 @@ def test_a_good_state_at_the_checkpoint_step_is_saved_once_and_restored_on_resum
     assert torch.equal(model.weight, good)
 
 
-
 def test_a_second_roll_back_to_the_same_good_state_restores_its_optimizer_state_too():
     # torch's load_state_dict keeps the tensors it is given: a roll-back that hands it the snapshot's
     # own would let the next updates move the snapshot, and the next roll-back would not go back.
@@ -206,6 +205,7 @@ def test_a_second_roll_back_to_the_same_good_state_restores_its_optimizer_state_
         restored = opt.state_dict()["state"][0]
         assert all(torch.equal(restored[k], good[k]) for k in good), step
     assert monitor.state.recoveries == 2
+
 
 # What main's StabilityMonitor.state() wrote into trainer_state.pt before StabilityState existed.
 SAVED_BEFORE_THE_DATACLASS = {
