@@ -314,3 +314,26 @@ def test_a_stop_is_asked_by_a_signal_or_at_the_test_step():
     flag = StopFlag()
     flag.requested = True
     assert flag.asked(0)
+
+
+def test_a_run_whose_time_budget_is_spent_trains_no_further_step_on_resume(stories, tmp_path, monkeypatch):
+    import tinylm.trainer
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    # Killed after its final checkpoint, before its summary: the study runner and the user resume it.
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=None, max_time=0.05, eval_every=1000)
+    with monkeypatch.context() as m:
+        m.setattr(tinylm.trainer, "write_summary", killed)
+        with pytest.raises(Killed):
+            train(cfg, quiet=True)
+    steps = json.loads((tmp_path / "run" / checkpoint.POINTER_FILE).read_text())["step"]
+    before = _without_time(read_metrics(tmp_path / "run"))
+    resumed = train(cfg, resume=True, quiet=True)
+    assert resumed.summary["steps"] == steps and resumed.summary["completed"]
+    assert _without_time(read_metrics(resumed.run_dir)) == before
+    assert train(cfg, resume=True, quiet=True).summary["steps"] == steps  # and so does a finished one
