@@ -256,3 +256,14 @@ def test_a_fresh_run_never_deletes_files_it_did_not_write(stories, tmp_path):
     with pytest.raises(UserError, match="holds other files"):
         train(tiny_config(stories, out, max_steps=1), quiet=True)
     assert (out / "checkpoint-500" / "pytorch_model.bin").read_text() == "precious"
+
+
+def test_a_fresh_run_never_takes_over_another_tools_folder_that_holds_a_config_json(stories, tmp_path):
+    out = tmp_path / "hf-model"  # a Hugging Face model folder: its config.json is not a tinylm run's
+    out.mkdir()
+    files = {"config.json": '{"model_type": "gpt2", "n_layer": 12}', "tokenizer.json": "{}", "model.safetensors": "w"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(UserError, match="holds other files"):
+        train(tiny_config(stories, out, max_steps=1), quiet=True)
+    assert {p.name: p.read_text() for p in out.iterdir()} == files

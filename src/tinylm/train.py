@@ -21,7 +21,7 @@ from tinylm.metrics import truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
 from tinylm.paths import check_writable_dir
-from tinylm.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from tinylm.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_config
 from tinylm.runtime import select_device, tune_for
 from tinylm.trainer import Progress, RunData, Trainer, TrainResult
 
@@ -123,9 +123,19 @@ def check_fresh_run_dir(run_dir: Path) -> None:
         raise UserError(f"{run_dir} holds another run; resume it with --resume {run_dir} or choose another --out")
     # A killed first write of config.json leaves only its temporary file: still ours to reclaim.
     others = [e for e in run_dir.iterdir() if e.name != CONFIG_FILE + ".tmp"] if run_dir.is_dir() else []
-    if others and not (run_dir / CONFIG_FILE).exists():
+    if others and not started_by_tinylm(run_dir):
         raise UserError(f"--out {run_dir} holds other files; choose a new or empty folder")
     check_writable_dir(run_dir, "--out")  # before the data is prepared: no minutes of tokenising first
+
+
+def started_by_tinylm(run_dir: Path) -> bool:
+    """Whether the folder's config.json is a tinylm run's: other tools' folders (a Hugging Face model's)
+    hold a config.json too, and a fresh run overwrites the one it reclaims."""
+    try:
+        read_config(run_dir)
+    except UserError:
+        return False
+    return True
 
 
 def start_run_dir(cfg: RunConfig, run_dir: Path, data: PreparedData) -> None:
