@@ -267,3 +267,24 @@ def test_a_fresh_run_never_takes_over_another_tools_folder_that_holds_a_config_j
     with pytest.raises(UserError, match="holds other files"):
         train(tiny_config(stories, out, max_steps=1), quiet=True)
     assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_a_second_process_cannot_train_in_a_run_directory_in_use(stories, tmp_path, monkeypatch):
+    whole = train(tiny_config(stories, tmp_path / "whole"), quiet=True)
+    cfg, run = tiny_config(stories, tmp_path / "run"), tmp_path / "run"
+    save, tries = checkpoint.save, {}
+
+    def others_try_first(*args, **kwargs):  # while the first run trains, before its first checkpoint
+        if not tries:
+            tries["started"] = True
+            with pytest.raises(UserError, match="in use") as fresh:  # the same command again, in this process
+                train(tiny_config(stories, run), quiet=True)
+            tries["fresh"] = str(fresh.value)
+            tries["resume"] = tinylm("train", "--resume", run, "--quiet")  # and from another process
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", others_try_first)
+    train(cfg, quiet=True)
+    assert "\n" not in tries["fresh"] and str(run) in tries["fresh"]
+    assert tries["resume"].returncode == 2 and "in use" in tries["resume"].stderr, tries["resume"].stderr
+    assert losses(run) == losses(whole.run_dir)  # the first run's work is whole
