@@ -288,3 +288,26 @@ def test_a_second_process_cannot_train_in_a_run_directory_in_use(stories, tmp_pa
     assert "\n" not in tries["fresh"] and str(run) in tries["fresh"]
     assert tries["resume"].returncode == 2 and "in use" in tries["resume"].stderr, tries["resume"].stderr
     assert losses(run) == losses(whole.run_dir)  # the first run's work is whole
+
+
+def test_a_full_disk_outside_a_save_is_one_line_and_loses_nothing(stories, tmp_path, monkeypatch, capsys):
+    from tinylm.metrics import MetricsLog
+
+    whole = train(tiny_config(stories, tmp_path / "whole", checkpoint_every=2), quiet=True)
+    run = tmp_path / "run"
+    write = MetricsLog.write
+
+    def disk_full_at_step_7(log, record):
+        if record.get("step") == 7:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(log.path))
+        return write(log, record)
+
+    with monkeypatch.context() as m:
+        m.setattr(MetricsLog, "write", disk_full_at_step_7)
+        assert main(["train", *TINY, "--data", str(stories), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tinylm: error")]  # not the BPE's warning
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "--resume" in lines[0], err
+    assert "Traceback" not in err
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert losses(run) == losses(whole.run_dir)
