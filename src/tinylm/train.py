@@ -197,7 +197,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, torch.optim.
 def resume_progress(cfg: RunConfig, run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
                     cluster: Cluster) -> Progress:  # fmt: skip
     """Load the checkpoint into model and optimizer; returns where the run stands."""
-    progress = Progress(**checkpoint.load(run_dir, model, optimizer))
+    progress = Progress(**checkpoint.load(run_dir, model, optimizer, cfg.fixed_settings()))
     if cluster.is_main:  # only now that the checkpoint loaded: a failed resume changes nothing
         cfg.save(run_dir / CONFIG_FILE)  # the budget or device this resume was given
         truncate_metrics(run_dir, progress.step)

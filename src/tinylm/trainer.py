@@ -292,7 +292,8 @@ class Trainer:
         p = self.progress
         if self.cluster.is_main and (final or p.step % (self.t.checkpoint_every or self.t.eval_every) == 0):
             p.stability = self.monitor.state_dict(p.step)
-            checkpoint.save(self.run_dir, self.model, self.optimizer, vars(p))  # vars: the snapshot is not copied
+            checkpoint.save(self.run_dir, self.model, self.optimizer, vars(p),  # vars: the snapshot is not copied
+                            self.cfg.fixed_settings())  # fmt: skip
 
     def write(self, record: dict[str, Any]) -> None:
         if self.log is not None:
