@@ -47,10 +47,27 @@ def test_same_seed_gives_identical_metrics(stories, tmp_path):
     assert _without_time(read_metrics(a.run_dir)) != _without_time(read_metrics(c.run_dir))
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_resume_equals_uninterrupted(stories, tmp_path, schedule):
-    whole = train(tiny_config(stories, tmp_path / "whole", schedule=schedule), quiet=True)
-    cfg = tiny_config(stories, tmp_path / "split", schedule=schedule)
+RESUMED = {  # what changes the state a checkpoint carries, or which rows a step reads
+    "constant": {},
+    "cosine": {"schedule": "cosine"},
+    "wsd": {"schedule": "wsd", "warmup_steps": 3},  # stopped inside the stable phase
+    "padded": {"batching": "padded"},
+    "doc-mask": {"doc_mask": True},
+    "grad-accum": {"grad_accum": 3, "batch_size": 2},
+    "dropout": {},  # the torch RNG: the checkpoint's, restored
+    "checkpoint-every-5": {"checkpoint_every": 5},  # stopped between two checkpoints: saved at the stop
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMED))
+def test_resume_equals_uninterrupted(stories, tmp_path, case):
+    def config(out):
+        cfg = tiny_config(stories, tmp_path / out, **RESUMED[case])
+        cfg.model.dropout = 0.1 if case == "dropout" else 0.0
+        return cfg
+
+    whole = train(config("whole"), quiet=True)
+    cfg = config("split")
     first = train(cfg, quiet=True, interrupt_after=6)
     assert first.interrupted and first.summary["steps"] == 6
     resumed = train(cfg, resume=True, quiet=True)
