@@ -1,5 +1,6 @@
 """Writing files safely: checks on the folders a user asks tinylm to write (made before any
-work starts), and the one atomic write every file tinylm keeps goes through."""
+work starts), the one atomic write every file tinylm keeps goes through, and the lock that keeps
+a second process out of a folder being written."""
 
 from __future__ import annotations
 
@@ -98,7 +99,10 @@ class DirLock:
         """Take the lock (nothing if held already); the folder must exist."""
         if self._fd is not None or fcntl is None:
             return
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # an unreadable folder: the writes that follow say so in one line
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
