@@ -1,6 +1,7 @@
 """Checkpoints lose no work: atomic saves, kills at any moment, full disks, damaged files, the old layout."""
 
 import errno
+import json
 import os
 import random
 import re
@@ -11,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import tiny_config
 from tinylm import checkpoint
@@ -195,10 +197,20 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _other_state(run):
+    """A readable trainer_state.pt that is not one (another tool's file under its name), sizes updated."""
+    path = checkpoint.locate(run).state
+    torch.save({"progress": {"step": 2}}, path)
+    pointer = json.loads((run / checkpoint.POINTER_FILE).read_text())
+    pointer["files"][checkpoint.STATE_FILE] = path.stat().st_size
+    (run / checkpoint.POINTER_FILE).write_text(json.dumps(pointer))
+
+
 DAMAGE = {
     "truncated weights": (lambda run: _truncate(checkpoint.locate(run).model), "model.safetensors"),
     "empty trainer state": (lambda run: checkpoint.locate(run).state.write_bytes(b""), "trainer_state.pt"),
     "damaged pointer": (lambda run: (run / checkpoint.POINTER_FILE).write_text('{"dir": '), "checkpoint.json"),
+    "another trainer state": (_other_state, "trainer_state.pt"),
     "old layout, truncated weights": (
         lambda run: (_to_old_layout(run), _truncate(run / "model.safetensors")),
         "model.safetensors",
