@@ -279,7 +279,7 @@ def load(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     _check_size(files.state, files.sizes)
     try:
         state = torch.load(files.state, map_location="cpu", weights_only=False)
-        step, _, _ = state["progress"]["step"], state["optimizer"], state["rng"]["torch"]
+        step, optimizer_state, rng = state["progress"]["step"], state["optimizer"], state["rng"]
     except Exception as e:  # a damaged pickle/zip fails in many ways (EOFError, RuntimeError, UnpicklingError ...)
         raise _damaged(files.state, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from e
     _check_settings(run_dir, state.get("settings"), settings)
@@ -287,10 +287,10 @@ def load(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if metadata.get("step") != str(step):
         raise UserError(f"{run_dir}: weights and trainer state are from different steps; cannot resume")
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(optimizer_state)
     except (KeyError, ValueError) as e:  # torch's words for another optimizer's state (an older checkpoint)
         raise UserError(f"{run_dir}: the checkpoint's optimizer state does not fit --optimizer; cannot resume") from e
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state["progress"]

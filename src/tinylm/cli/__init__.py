@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+DISK_ERRORS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS}
 """A full disk, a spent quota, a file system remounted read-only: wherever a write meets one (a
 checkpoint save words its own), it is one line, not a traceback. Nothing is lost: a checkpoint is
 switched atomically, and resuming drops what was written past it."""
