@@ -1,6 +1,7 @@
 """Checkpoints lose no work: atomic saves, kills at any moment, full disks, damaged files, the old layout."""
 
 import errno
+import json
 import os
 import random
 import re
@@ -11,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import tiny_config
 from tinylm import checkpoint
@@ -195,10 +197,20 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _other_state(run):
+    """A readable trainer_state.pt that is not one (another tool's file under its name), sizes updated."""
+    path = checkpoint.locate(run).state
+    torch.save({"progress": {"step": 2}}, path)
+    pointer = json.loads((run / checkpoint.POINTER_FILE).read_text())
+    pointer["files"][checkpoint.STATE_FILE] = path.stat().st_size
+    (run / checkpoint.POINTER_FILE).write_text(json.dumps(pointer))
+
+
 DAMAGE = {
     "truncated weights": (lambda run: _truncate(checkpoint.locate(run).model), "model.safetensors"),
     "empty trainer state": (lambda run: checkpoint.locate(run).state.write_bytes(b""), "trainer_state.pt"),
     "damaged pointer": (lambda run: (run / checkpoint.POINTER_FILE).write_text('{"dir": '), "checkpoint.json"),
+    "another trainer state": (_other_state, "trainer_state.pt"),
     "old layout, truncated weights": (
         lambda run: (_to_old_layout(run), _truncate(run / "model.safetensors")),
         "model.safetensors",
@@ -256,3 +268,58 @@ def test_a_fresh_run_never_deletes_files_it_did_not_write(stories, tmp_path):
     with pytest.raises(UserError, match="holds other files"):
         train(tiny_config(stories, out, max_steps=1), quiet=True)
     assert (out / "checkpoint-500" / "pytorch_model.bin").read_text() == "precious"
+
+
+def test_a_fresh_run_never_takes_over_another_tools_folder_that_holds_a_config_json(stories, tmp_path):
+    out = tmp_path / "hf-model"  # a Hugging Face model folder: its config.json is not a tinylm run's
+    out.mkdir()
+    files = {"config.json": '{"model_type": "gpt2", "n_layer": 12}', "tokenizer.json": "{}", "model.safetensors": "w"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(UserError, match="holds other files"):
+        train(tiny_config(stories, out, max_steps=1), quiet=True)
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_a_second_process_cannot_train_in_a_run_directory_in_use(stories, tmp_path, monkeypatch):
+    whole = train(tiny_config(stories, tmp_path / "whole"), quiet=True)
+    cfg, run = tiny_config(stories, tmp_path / "run"), tmp_path / "run"
+    save, tries = checkpoint.save, {}
+
+    def others_try_first(*args, **kwargs):  # while the first run trains, before its first checkpoint
+        if not tries:
+            tries["started"] = True
+            with pytest.raises(UserError, match="in use") as fresh:  # the same command again, in this process
+                train(tiny_config(stories, run), quiet=True)
+            tries["fresh"] = str(fresh.value)
+            tries["resume"] = tinylm("train", "--resume", run, "--quiet")  # and from another process
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", others_try_first)
+    train(cfg, quiet=True)
+    assert "\n" not in tries["fresh"] and str(run) in tries["fresh"]
+    assert tries["resume"].returncode == 2 and "in use" in tries["resume"].stderr, tries["resume"].stderr
+    assert losses(run) == losses(whole.run_dir)  # the first run's work is whole
+
+
+def test_a_full_disk_outside_a_save_is_one_line_and_loses_nothing(stories, tmp_path, monkeypatch, capsys):
+    from tinylm.metrics import MetricsLog
+
+    whole = train(tiny_config(stories, tmp_path / "whole", checkpoint_every=2), quiet=True)
+    run = tmp_path / "run"
+    write = MetricsLog.write
+
+    def disk_full_at_step_7(log, record):
+        if record.get("step") == 7:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(log.path))
+        return write(log, record)
+
+    with monkeypatch.context() as m:
+        m.setattr(MetricsLog, "write", disk_full_at_step_7)
+        assert main(["train", *TINY, "--data", str(stories), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tinylm: error")]  # not the BPE's warning
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "--resume" in lines[0], err
+    assert "Traceback" not in err
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert losses(run) == losses(whole.run_dir)

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY_CLI_FLAGS, tiny_config
 from tinylm.cli import main
@@ -279,6 +280,45 @@ def test_resume_refuses_a_zero_budget(run_copy, capsys):
     before = snapshot(run_copy)
     refused(capsys, ["train", "--resume", run_copy, "--max-steps", "0"], "max_steps")
     assert snapshot(run_copy) == before
+
+
+def _edit_config(run_dir: Path, **train_settings) -> None:
+    path = run_dir / "config.json"
+    raw = json.loads(path.read_text())
+    raw["train"].update(train_settings)
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("setting, value", [("lr", 0.01), ("batch_size", 2), ("beta2", 0.5), ("optimizer", "muon")])
+def test_resume_refuses_a_config_json_edited_since_its_checkpoint(run_copy, capsys, setting, value):
+    # --resume refuses these as flags; an edit of config.json trained on silently (batch_size moved every
+    # later step's rows, beta2 was overridden by the optimizer's saved state while config.json said 0.5)
+    _edit_config(run_copy, **{setting: value})
+    before = snapshot(run_copy)
+    refused(capsys, ["train", "--resume", run_copy, "--max-steps", 6, "--quiet"], f"train.{setting}", "--out NEW_DIR")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_of_a_muon_run_edited_to_adamw_is_one_line(stories, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(stories, run, max_steps=2, optimizer="muon"), quiet=True)
+    _edit_config(run, optimizer="adamw")
+    refused(capsys, ["train", "--resume", run, "--max-steps", 4, "--quiet"], "train.optimizer")
+    # A checkpoint from before they kept their settings: torch's KeyError, worded
+    from tinylm import checkpoint
+    from tinylm.model import GPT
+    from tinylm.optim import build_optimizer
+
+    cfg = RunConfig.load(run / "config.json")
+    model = GPT(cfg.model)
+    with pytest.raises(UserError, match="optimizer state does not fit --optimizer"):
+        checkpoint.load(run, model, build_optimizer(model, cfg.train, torch.device("cpu")))
+
+
+def test_resume_takes_an_edited_budget_in_config_json(run_copy, capsys):
+    _edit_config(run_copy, max_steps=6)
+    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 0, capsys.readouterr().err
+    assert json.loads((run_copy / "summary.json").read_text())["steps"] == 6
 
 
 def test_ablate_refuses_a_zero_budget(tmp_path, capsys):

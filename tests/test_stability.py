@@ -180,6 +180,33 @@ def test_a_good_state_at_the_checkpoint_step_is_saved_once_and_restored_on_resum
     assert torch.equal(model.weight, good)
 
 
+def test_a_second_roll_back_to_the_same_good_state_restores_its_optimizer_state_too():
+    # torch's load_state_dict keeps the tensors it is given: a roll-back that hands it the snapshot's
+    # own would let the next updates move the snapshot, and the next roll-back would not go back.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # as build_optimizer makes it
+
+    def update():
+        model(torch.randn(2, 4)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    update()
+    monitor = StabilityMonitor(guard=True)
+    monitor.observe_val(5, 5.0)
+    monitor.remember_good(model, opt, 5)
+    good = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    for step in (10, 20):  # the second evaluation rises again: no new good state in between
+        update()
+        update()
+        monitor.observe_val(step, 9.0)
+        monitor.rollback(model, opt, step)
+        restored = opt.state_dict()["state"][0]
+        assert all(torch.equal(restored[k], good[k]) for k in good), step
+    assert monitor.state.recoveries == 2
+
+
 # What main's StabilityMonitor.state() wrote into trainer_state.pt before StabilityState existed.
 SAVED_BEFORE_THE_DATACLASS = {
     "lr_scale": 0.5,

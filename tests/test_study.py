@@ -427,6 +427,33 @@ def test_an_interrupted_study_resumes_and_never_reruns_a_finished_arm_or_trial(s
         run_study(study, ["tiny"], settings(stories, max_steps=4, lr=2e-3), tmp_path, quiet=True)
 
 
+def test_a_study_stopped_in_an_lr_trial_and_a_full_run_ends_as_an_uninterrupted_one(stories, tmp_path, monkeypatch):
+    from tinylm.metrics import read_metrics
+
+    study, flags = read_study(yaml.safe_load(TUNED), "tuned.yaml"), settings(stories, max_steps=4)
+    run_study(study, ["tiny"], flags, tmp_path / "whole", quiet=True)
+    real = tinylm.train.train
+
+    def interrupt_once(cfg, resume=False, quiet=False, interrupt_after=None):
+        if cfg.train.out.endswith(("trials/tiny/base-lr2", "tiny/muon")) and not resume:
+            interrupt_after = 1
+        return real(cfg, resume=resume, quiet=quiet, interrupt_after=interrupt_after)
+
+    monkeypatch.setattr(tinylm.train, "train", interrupt_once)
+    for _ in range(2):  # stopped in base's last trial, then in muon's full run
+        with pytest.raises(KeyboardInterrupt):
+            run_study(study, ["tiny"], flags, tmp_path / "split", quiet=True)
+    run_study(study, ["tiny"], flags, tmp_path / "split", quiet=True)
+    runs = sorted(p.parent.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("summary.json"))
+    assert len(runs) == 8  # two arms, each three trials and a full run
+    for run in runs:
+        split, whole = ([{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_metrics(tmp_path / d / run)]
+                        for d in ("split", "whole"))  # fmt: skip
+        assert split == whole, run
+    chosen = [json.loads((tmp_path / d / STUDY_FILE).read_text())["arms"] for d in ("split", "whole")]
+    assert [a["lr_factor"] for a in chosen[0]] == [a["lr_factor"] for a in chosen[1]]
+
+
 def test_study_json_and_the_summary_block(stories, tmp_path):
     study = read_study(yaml.safe_load(TWO_ARMS), "pair.yaml")
     run_study(study, ["tiny"], settings(stories), tmp_path, select_arms(study, "qk"), seeds=2, quiet=True)

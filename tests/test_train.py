@@ -47,10 +47,27 @@ def test_same_seed_gives_identical_metrics(stories, tmp_path):
     assert _without_time(read_metrics(a.run_dir)) != _without_time(read_metrics(c.run_dir))
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_resume_equals_uninterrupted(stories, tmp_path, schedule):
-    whole = train(tiny_config(stories, tmp_path / "whole", schedule=schedule), quiet=True)
-    cfg = tiny_config(stories, tmp_path / "split", schedule=schedule)
+RESUMED = {  # what changes the state a checkpoint carries, or which rows a step reads
+    "constant": {},
+    "cosine": {"schedule": "cosine"},
+    "wsd": {"schedule": "wsd", "warmup_steps": 3},  # stopped inside the stable phase
+    "padded": {"batching": "padded"},
+    "doc-mask": {"doc_mask": True},
+    "grad-accum": {"grad_accum": 3, "batch_size": 2},
+    "dropout": {},  # the torch RNG: the checkpoint's, restored
+    "checkpoint-every-5": {"checkpoint_every": 5},  # stopped between two checkpoints: saved at the stop
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMED))
+def test_resume_equals_uninterrupted(stories, tmp_path, case):
+    def config(out):
+        cfg = tiny_config(stories, tmp_path / out, **RESUMED[case])
+        cfg.model.dropout = 0.1 if case == "dropout" else 0.0
+        return cfg
+
+    whole = train(config("whole"), quiet=True)
+    cfg = config("split")
     first = train(cfg, quiet=True, interrupt_after=6)
     assert first.interrupted and first.summary["steps"] == 6
     resumed = train(cfg, resume=True, quiet=True)
@@ -314,3 +331,26 @@ def test_a_stop_is_asked_by_a_signal_or_at_the_test_step():
     flag = StopFlag()
     flag.requested = True
     assert flag.asked(0)
+
+
+def test_a_run_whose_time_budget_is_spent_trains_no_further_step_on_resume(stories, tmp_path, monkeypatch):
+    import tinylm.trainer
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    # Killed after its final checkpoint, before its summary: the study runner and the user resume it.
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=None, max_time=0.05, eval_every=1000)
+    with monkeypatch.context() as m:
+        m.setattr(tinylm.trainer, "write_summary", killed)
+        with pytest.raises(Killed):
+            train(cfg, quiet=True)
+    steps = json.loads((tmp_path / "run" / checkpoint.POINTER_FILE).read_text())["step"]
+    before = _without_time(read_metrics(tmp_path / "run"))
+    resumed = train(cfg, resume=True, quiet=True)
+    assert resumed.summary["steps"] == steps and resumed.summary["completed"]
+    assert _without_time(read_metrics(resumed.run_dir)) == before
+    assert train(cfg, resume=True, quiet=True).summary["steps"] == steps  # and so does a finished one

@@ -4,7 +4,7 @@ Layout::
 
     run_dir/checkpoint.json            the pointer: {"dir": "checkpoint-000012", "step": 12, "files": sizes}
     run_dir/checkpoint-000012/         model.safetensors (weights) + trainer_state.pt (optimizer, RNG,
-                                       progress, the guard's roll-back snapshot)
+                                       progress, the guard's roll-back snapshot, the run's settings)
 
 A save writes the new folder under a temporary name, fsyncs its files, renames it, and only
 then switches the pointer with one atomic os.replace; the previous folder is deleted after the
@@ -90,9 +90,11 @@ def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> int:
         return f.tell()
 
 
-def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
+def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any],
+         settings: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Write a new checkpoint and switch to it atomically; the previous one stays until the switch.
 
+    ``settings``: those a resume must keep (RunConfig.fixed_settings), checked by load().
     A write that fails (a full disk, a read-only file system) is a UserError and leaves the
     previous checkpoint as it was.
     """
@@ -103,6 +105,7 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if _read_pointer(run_dir).get("dir") == name:
         raise RuntimeError(f"a second checkpoint of step {step} in one run")  # the loop saves once per step
     state = {
+        "settings": settings,
         "progress": progress,
         "optimizer": optimizer.state_dict(),
         "rng": {
@@ -254,20 +257,40 @@ def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
     return _load_weights_from(_require(run_dir), model)
 
 
-def load(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG; returns the saved progress."""
+def _check_settings(run_dir: Path, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
+    """Refuse settings changed since the checkpoint (checkpoints from before it kept them: unchecked).
+    A setting the checkpoint lacks is one added to tinylm since: it keeps its default."""
+    if saved is None or now is None:
+        return
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        raise UserError(
+            f"{run_dir}: settings differ from those its checkpoint was trained with ({', '.join(changed[:3])}); "
+            "a resume may change only --max-steps, --max-tokens, --max-time, --device and --compile: "
+            "put config.json back, or train a new run (--out NEW_DIR)"
+        )
+
+
+def load(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         settings: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Restore weights, optimizer and RNG; returns the saved progress. ``settings``: the run's now
+    (RunConfig.fixed_settings); any that differ from the checkpoint's are refused before anything loads."""
     files = _require(run_dir)
-    metadata = _load_weights_from(files, model)
     _check_size(files.state, files.sizes)
     try:
         state = torch.load(files.state, map_location="cpu", weights_only=False)
-        step = state["progress"]["step"]
+        step, optimizer_state, rng = state["progress"]["step"], state["optimizer"], state["rng"]
     except Exception as e:  # a damaged pickle/zip fails in many ways (EOFError, RuntimeError, UnpicklingError ...)
         raise _damaged(files.state, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from e
+    _check_settings(run_dir, state.get("settings"), settings)
+    metadata = _load_weights_from(files, model)
     if metadata.get("step") != str(step):
         raise UserError(f"{run_dir}: weights and trainer state are from different steps; cannot resume")
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (KeyError, ValueError) as e:  # torch's words for another optimizer's state (an older checkpoint)
+        raise UserError(f"{run_dir}: the checkpoint's optimizer state does not fit --optimizer; cannot resume") from e
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state["progress"]

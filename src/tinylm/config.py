@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tinylm.errors import UserError
-from tinylm.fields import ConfigError, from_mapping
+from tinylm.fields import ConfigError, dotted, from_mapping
 from tinylm.fields import read_fields as _read_fields
 from tinylm.fields import require as _require
 from tinylm.paths import write_atomic
@@ -212,6 +212,10 @@ class TrainConfig:
             raise UserError("no budget: give --max-steps, --max-tokens or --max-time")
 
 
+RESUMABLE = {f"train.{name}" for name in ("max_steps", "max_tokens", "max_time", "device", "compile")}
+"""The settings a resumed run may change (its folder, train.out, may also be spelt otherwise)."""
+
+
 @dataclass
 class RunConfig:
     """A whole run: the model's shape and how it is trained. Saved as config.json."""
@@ -223,6 +227,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def fixed_settings(self) -> dict[str, Any]:
+        """What a resumed run must keep, by dotted path: every setting but RESUMABLE and the folder.
+        Each checkpoint holds them, so a config.json edited since is refused rather than half applied."""
+        return {k: v for k, v in dotted(self.to_dict()).items() if k not in RESUMABLE and k != "train.out"}
 
     def __post_init__(self) -> None:
         _read_fields(self)

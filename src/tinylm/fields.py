@@ -201,6 +201,17 @@ def leaves(mapping: dict[str, Any], prefix: str = "") -> Iterator[str]:
             yield prefix + key
 
 
+def dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted path -> value (``{"model.position": "rope"}``)."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def unflatten(dotted: dict[str, Any]) -> dict[str, Any]:
     """``{"train.lr": 1}`` as ``{"train": {"lr": 1}}``."""
     out: dict[str, Any] = {}

@@ -1,5 +1,6 @@
 """Writing files safely: checks on the folders a user asks tinylm to write (made before any
-work starts), and the one atomic write every file tinylm keeps goes through."""
+work starts), the one atomic write every file tinylm keeps goes through, and the lock that keeps
+a second process out of a folder being written."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import tempfile
 from pathlib import Path
 
 from tinylm.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so a folder there is not guarded against a second process
+    fcntl = None
 
 TMP_SUFFIX = ".tmp"
 """``NAME.tmp``: where write_atomic puts a file's new bytes before renaming them over ``NAME``."""
@@ -79,3 +85,41 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirLock:
+    """One process at a time in a folder: an exclusive flock on the folder itself (nothing is written
+    for it), released by release(), at the end of a ``with``, or when the process ends, a kill included."""
+
+    def __init__(self, path: Path, busy: str):
+        self.path, self.busy = path, busy  # busy: the one-line error a second process gets
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (nothing if held already); the folder must exist."""
+        if self._fd is not None or fcntl is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # an unreadable folder: the writes that follow say so in one line
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(self.busy) from None
+        except OSError:  # a file system without flock on folders (some NFS): unguarded, as before
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> DirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

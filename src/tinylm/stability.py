@@ -231,7 +231,9 @@ class StabilityMonitor:
         if s.good is not None:
             restored_from = s.good["step"]
             model.load_state_dict(s.good["model"])
-            optimizer.load_state_dict(s.good["optimizer"])
+            # A copy: the optimizer keeps the tensors it loads and updates them in place, which would
+            # move the snapshot too, and a second roll-back to it would leave the optimizer where it is.
+            optimizer.load_state_dict(copy.deepcopy(s.good["optimizer"]))
         if s.recoveries > self.th.max_recoveries:
             s.gave_up = True
             kept = {} if s.good is None else {"val_loss": s.good["val_loss"]}

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from tinylm.config import RunConfig, preset
 from tinylm.errors import UserError
-from tinylm.fields import ConfigError, load_yaml, merge, nest, read_as, read_fields, read_settings, require
+from tinylm.fields import ConfigError, dotted, load_yaml, merge, nest, read_as, read_fields, read_settings, require
 
 Mode = Literal["cumulative", "each"]
 RankBy = Literal["val_loss_doc", "val_loss"]
@@ -184,17 +184,6 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as dotted path -> value (``{"model.position": "rope"}``)."""
-    out: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(dotted(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def flat(settings: dict[str, Any]) -> dict[str, Any]:

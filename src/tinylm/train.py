@@ -20,8 +20,8 @@ from tinylm.errors import UserError
 from tinylm.metrics import truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
-from tinylm.paths import check_writable_dir
-from tinylm.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from tinylm.paths import DirLock, check_writable_dir
+from tinylm.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_config
 from tinylm.runtime import select_device, tune_for
 from tinylm.trainer import Progress, RunData, Trainer, TrainResult
 
@@ -38,17 +38,26 @@ def train(
     interrupt_after: behave as if Ctrl-C came during that step (for tests).
     """
     cluster, device_name = init_cluster(cfg.train.device)
+    run_dir = Path(cfg.train.out)
+    busy = f"{run_dir} is in use: another tinylm process is training it; wait for it to end or choose another --out"
     try:
-        trainer = build_trainer(cfg, resume, quiet or not cluster.is_main, cluster, select_device(device_name))
-        return trainer.fit(interrupt_after)
+        with DirLock(run_dir, busy) as lock:  # held by rank 0, the one that writes, to the end of the run
+            device = select_device(device_name)
+            trainer = build_trainer(cfg, resume, quiet or not cluster.is_main, cluster, device,
+                                    lock if cluster.is_main else None)  # fmt: skip
+            return trainer.fit(interrupt_after)
     finally:
         shutdown(cluster)
 
 
-def build_trainer(cfg: RunConfig, resume: bool, quiet: bool, cluster: Cluster, device: torch.device) -> Trainer:
+def build_trainer(cfg: RunConfig, resume: bool, quiet: bool, cluster: Cluster, device: torch.device,
+                  lock: DirLock | None = None) -> Trainer:  # fmt: skip
     """Everything before the first step. Nothing is written before the data and its batches are
-    known to be usable: a refused run leaves no folder behind."""
+    known to be usable: a refused run leaves no folder behind. ``lock``: taken before the run's
+    folder is read or changed, so that a second process in it is refused."""
     run_dir = Path(cfg.train.out)
+    if lock is not None and run_dir.is_dir():
+        lock.acquire()  # a new folder is locked once made (start_run_dir)
     resolve_grad_accum(cfg, cluster.world, run_dir, resume)
     if not resume:
         check_fresh_run_dir(run_dir)
@@ -64,7 +73,7 @@ def build_trainer(cfg: RunConfig, resume: bool, quiet: bool, cluster: Cluster, d
         progress = resume_progress(cfg, run_dir, model, optimizer, cluster)
     else:
         if cluster.is_main:
-            start_run_dir(cfg, run_dir, prepared)
+            start_run_dir(cfg, run_dir, prepared, lock)
         progress = Progress()
     cluster.barrier()
     return Trainer(cfg, data, model, optimizer, progress, cluster, device, total_steps(cfg), quiet)
@@ -123,14 +132,27 @@ def check_fresh_run_dir(run_dir: Path) -> None:
         raise UserError(f"{run_dir} holds another run; resume it with --resume {run_dir} or choose another --out")
     # A killed first write of config.json leaves only its temporary file: still ours to reclaim.
     others = [e for e in run_dir.iterdir() if e.name != CONFIG_FILE + ".tmp"] if run_dir.is_dir() else []
-    if others and not (run_dir / CONFIG_FILE).exists():
+    if others and not started_by_tinylm(run_dir):
         raise UserError(f"--out {run_dir} holds other files; choose a new or empty folder")
     check_writable_dir(run_dir, "--out")  # before the data is prepared: no minutes of tokenising first
 
 
-def start_run_dir(cfg: RunConfig, run_dir: Path, data: PreparedData) -> None:
+def started_by_tinylm(run_dir: Path) -> bool:
+    """Whether the folder's config.json is a tinylm run's: other tools' folders (a Hugging Face model's)
+    hold a config.json too, and a fresh run overwrites the one it reclaims."""
+    try:
+        read_config(run_dir)
+    except UserError:
+        return False
+    return True
+
+
+def start_run_dir(cfg: RunConfig, run_dir: Path, data: PreparedData, lock: DirLock | None = None) -> None:
     """Write what a fresh run starts with; what a run killed before its first checkpoint left goes."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        lock.acquire()
+        check_fresh_run_dir(run_dir)  # again, now under the lock: a run may have started here meanwhile
     checkpoint.discard_leftovers(run_dir)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
     cfg.save(run_dir / CONFIG_FILE)
@@ -175,7 +197,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, torch.optim.
 def resume_progress(cfg: RunConfig, run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
                     cluster: Cluster) -> Progress:  # fmt: skip
     """Load the checkpoint into model and optimizer; returns where the run stands."""
-    progress = Progress(**checkpoint.load(run_dir, model, optimizer))
+    progress = Progress(**checkpoint.load(run_dir, model, optimizer, cfg.fixed_settings()))
     if cluster.is_main:  # only now that the checkpoint loaded: a failed resume changes nothing
         cfg.save(run_dir / CONFIG_FILE)  # the budget or device this resume was given
         truncate_metrics(run_dir, progress.step)

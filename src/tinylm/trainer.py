@@ -206,8 +206,10 @@ class Trainer:
 
     def run_steps(self, stop: StopFlag) -> bool:
         """The steps of this process; returns whether a stop request ended them before the budget."""
-        p = self.progress
-        budget_spent = self.steps_budget is not None and p.step >= self.steps_budget
+        p, max_time = self.progress, self.t.max_time
+        # A resumed run may have spent its time already (killed after its last checkpoint): no step more.
+        out_of_time = max_time is not None and p.elapsed_s >= max_time
+        budget_spent = out_of_time or (self.steps_budget is not None and p.step >= self.steps_budget)
         while not budget_spent and not self.monitor.gave_up:
             record = self.train_step()
             budget_spent, stop_asked = self.agree_to_stop(stop)
@@ -290,7 +292,8 @@ class Trainer:
         p = self.progress
         if self.cluster.is_main and (final or p.step % (self.t.checkpoint_every or self.t.eval_every) == 0):
             p.stability = self.monitor.state_dict(p.step)
-            checkpoint.save(self.run_dir, self.model, self.optimizer, vars(p))  # vars: the snapshot is not copied
+            checkpoint.save(self.run_dir, self.model, self.optimizer, vars(p),  # vars: the snapshot is not copied
+                            self.cfg.fixed_settings())  # fmt: skip
 
     def write(self, record: dict[str, Any]) -> None:
         if self.log is not None:

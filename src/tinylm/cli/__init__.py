@@ -13,6 +13,7 @@ their help is the field's docstring. Precedence: preset < --config YAML < flags.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from tinylm.cli import data, runs, training
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISK_ERRORS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS}
+"""A full disk, a spent quota, a file system remounted read-only: wherever a write meets one (a
+checkpoint save words its own), it is one line, not a traceback. Nothing is lost: a checkpoint is
+switched atomically, and resuming drops what was written past it."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -55,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"tinylm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"tinylm: error: could not write {e.filename or 'a file'}: {e.strerror}; make room and run the "
+              "command again (a run goes on from its last checkpoint: tinylm train --resume RUN_DIR)",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("tinylm: interrupted", file=sys.stderr)

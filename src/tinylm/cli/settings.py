@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.cli.flags import given_settings
-from tinylm.config import RunConfig, preset
+from tinylm.config import RESUMABLE, RunConfig, preset
 from tinylm.errors import UserError
 from tinylm.fields import ConfigError, build, leaves, load_yaml, merge, nest
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 DEFAULT_BUDGET = {"max_steps": 200}
-RESUMABLE = {f"train.{name}" for name in (*BUDGET_FIELDS, "device", "compile")}
-"""The settings a resumed run may change."""
 
 
 def has_budget(settings: dict[str, Any]) -> bool:
