@@ -157,6 +157,21 @@ def test_an_interrupted_run_of_a_study_is_left_out_as_unfinished(tmp_path):
     assert "| rope | base | 2 paired seeds (unpaired: seed 1339) | -0.110 ± 0.127 | within noise (±0.127) |" in report
 
 
+def test_an_interrupted_run_beside_a_study_is_named_too(tmp_path):
+    """`tinylm report STUDY RUN`, RUN stopped by Ctrl-C: with no finished run outside the study it was
+    dropped without a word (the README says interrupted runs are left out and named, in a study or not)."""
+    three_arms(tmp_path / "study")
+    loose = fixture_run(tmp_path, "loose/cosine", 1337, 5.0, 5.2)
+    summary = json.loads((loose / "summary.json").read_text())
+    (loose / "summary.json").write_text(json.dumps({**summary, "interrupted": True, "completed": False}))
+
+    report = write_report([tmp_path / "study", loose], tmp_path / "out" / "report.md").read_text()
+    assert f"Interrupted, left out (resume them with tinylm train --resume): {loose}." in report
+    assert report.count("## Final comparison table") == 1  # the study's; none for runs that are all left out
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "results.csv")))) == 9  # the study's runs alone
+    assert not (tmp_path / "out" / "report-best-loss.png").exists()  # no empty plot for them either
+
+
 def test_effects_intervals_verdicts_and_noise_floor_in_the_report(tmp_path):
     three_arms(tmp_path)
     report = write_report([tmp_path], tmp_path / "report.md").read_text()

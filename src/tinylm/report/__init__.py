@@ -50,8 +50,9 @@ def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None) 
             if effects := measure_effects(arms):
                 plots[(preset, "effects")] = f"{stem}-{preset}-effects.png"
                 plot_effects(effects, folder / plots[(preset, "effects")])
-        plots[("comparison", "best")] = f"{stem}-best-loss.png"
-        plot_comparison(study.groups, folder / plots[("comparison", "best")])
+        if study.groups:  # none where every run outside a study was interrupted
+            plots[("comparison", "best")] = f"{stem}-best-loss.png"
+            plot_comparison(study.groups, folder / plots[("comparison", "best")])
         plot_names.append(plots)
     out_file.write_text(render(studies, plot_names))
     write_results(studies, folder)

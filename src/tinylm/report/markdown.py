@@ -62,6 +62,8 @@ def render(studies: list[Study], plot_names: list[PlotNames]) -> str:
         elif study.unfinished:
             left_out = ", ".join(study.unfinished)
             lines += [f"Interrupted, left out (resume them with tinylm train --resume): {left_out}.", ""]
+        if not study.groups:  # interrupted runs alone, named above
+            continue
         for preset, arms in study.groups.items():
             lines += preset_section(study, preset, arms, plots)
         lines += comparison_section(study.groups)

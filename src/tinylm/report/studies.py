@@ -48,12 +48,12 @@ def load_studies(paths: list[Path], rank_by: str | None = None) -> list[Study]:
     loose = find_runs(paths, outside=folders)
     finished = [r for r in loose if not r.interrupted]
     partial = [str(r.run_dir) for r in loose if r.interrupted]
-    if finished:
-        wanted = RANK_BY[rank_by or "doc"]
-        studies.append(Study(group(finished, wanted), wanted, unfinished=partial))
-    elif partial and not studies:
+    if partial and not finished and not studies:
         raise UserError(f"the runs under {', '.join(map(str, paths))} were all interrupted before the end of their "
                         "budget; finish them with tinylm train --resume DIR")  # fmt: skip
+    if finished or partial:  # interrupted runs beside a study are named too, with no arm of their own
+        wanted = RANK_BY[rank_by or "doc"]
+        studies.append(Study(group(finished, wanted), wanted, unfinished=partial))
     return studies
 
 
