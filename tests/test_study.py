@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -452,6 +453,20 @@ def test_a_study_stopped_in_an_lr_trial_and_a_full_run_ends_as_an_uninterrupted_
         assert split == whole, run
     chosen = [json.loads((tmp_path / d / STUDY_FILE).read_text())["arms"] for d in ("split", "whole")]
     assert [a["lr_factor"] for a in chosen[0]] == [a["lr_factor"] for a in chosen[1]]
+
+
+def test_a_study_rerun_with_its_folder_spelt_otherwise_skips_its_finished_runs(stories, tmp_path, monkeypatch):
+    # The run folder is bookkeeping (a resume may spell it otherwise, and `tinylm train --resume /abs/RUN`
+    # writes that spelling into config.json): the same study from an absolute --out was refused as "other settings".
+    monkeypatch.chdir(tmp_path)
+    study = read_study(yaml.safe_load(TWO_ARMS), "pair.yaml")
+    run_study(study, ["tiny"], settings(stories), Path("abl"), quiet=True)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("summary.json")}
+    assert len(stamps) == 2
+    run_study(study, ["tiny"], settings(stories), tmp_path / "abl", quiet=True)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "abl").rglob("summary.json")} == stamps
+    with pytest.raises(UserError, match="was started with other settings"):  # a real difference still is
+        run_study(study, ["tiny"], settings(stories, lr=2e-3), tmp_path / "abl", quiet=True)
 
 
 def test_study_json_and_the_summary_block(stories, tmp_path):
