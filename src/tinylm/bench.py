@@ -159,7 +159,7 @@ def own_peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _check_clock(clock: str, device: torch.device) -> None:
+def check_clock(clock: str, device: torch.device) -> None:
     if clock == "cpu" and device.type != "cpu":
         raise UserError(f"--clock cpu times CPU steps; on {device} the step's work is not this process's CPU time")
     if clock == "cpu" and torch.get_num_threads() != 1:
@@ -183,7 +183,7 @@ def bench(
     """Time the step of ``model`` (default: the preset's shape, GPT-2 mechanics) trained with
     ``train``'s optimizer and z-loss (default: AdamW, no z-loss); see the module doc."""
     device = select_device(device_name)
-    _check_clock(clock, device)
+    check_clock(clock, device)
     tune_for(device)  # the same process settings as training, for both steps
     peak = matmul_peak_gflops(device, clock=clock)
     now = CLOCKS[clock]

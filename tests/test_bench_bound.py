@@ -1,0 +1,53 @@
+"""scripts/bench_bound.py: the output layers it times alone are the steps' own losses, and its bound
+is the arithmetic its docstring states."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_bound.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_bound", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_both_output_layers_compute_the_same_loss_and_gradients():
+    script = load_script()
+    grads = {}
+    for variant in ("tinylm", "textbook"):
+        layer = script.OutputLayer(variant, n_rows=37, n_embd=16, vocab_size=101)
+        layer.step()
+        grads[variant] = (layer.hidden.grad, layer.weight.grad)
+    for ours, textbook in zip(grads["tinylm"], grads["textbook"]):
+        assert ours.abs().sum() > 0
+        torch.testing.assert_close(ours, textbook)
+
+
+def test_bound_is_the_textbook_step_over_the_rest_plus_a_perfect_output_layer():
+    script = load_script()
+    r = script.measure("basic", batch_size=1, repeats=1, clock="wall")
+    rows, c, v = 512, 128, 50257
+    assert r["output_layer_gflop"] == pytest.approx(6 * rows * c * v / 1e9)
+    assert r["perfect_output_layer_s"] == pytest.approx(r["output_layer_gflop"] / r["matmul_peak_gflops"])
+    for variant in ("tinylm", "textbook"):
+        assert 0 < r["output_layer_s"][variant] < r["step_s"][variant]
+        assert r["rest_of_step_s"][variant] == pytest.approx(r["step_s"][variant] - r["output_layer_s"][variant])
+    expected = r["step_s"]["textbook"] / (r["rest_of_step_s"]["tinylm"] + r["perfect_output_layer_s"])
+    assert r["bound_on_step_ratio"] == pytest.approx(expected)
+    assert "bound on the step ratio" in script.format_report(r)
+
+
+def test_cpu_clock_on_several_threads_is_a_one_line_refusal():
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--clock", "cpu"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert "needs one thread" in done.stderr and "Traceback" not in done.stderr
