@@ -51,3 +51,26 @@ def test_cpu_clock_on_several_threads_is_a_one_line_refusal():
     done = subprocess.run([sys.executable, str(SCRIPT), "--clock", "cpu"], capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert "needs one thread" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_steps_and_output_layers_are_timed_in_one_alternation(monkeypatch):
+    # "rest of the step" is a step's median less its output layer's: timed one after the other (the steps, then
+    # the layers), a load that changes between the two on a shared machine would go into the difference.
+    script = load_script()
+    calls, ticks = [], iter(range(10_000))
+
+    class Timed:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self):
+            calls.append(self.name)
+
+    monkeypatch.setattr(script, "StepRunner", lambda variant, *args, **kwargs: Timed(f"step {variant}"))
+    monkeypatch.setattr(script, "OutputLayer", lambda variant, *args, **kwargs: Timed(f"layer {variant}"))
+    monkeypatch.setattr(script, "matmul_peak_gflops", lambda *args, **kwargs: 100.0)
+    monkeypatch.setattr(script, "tune_for", lambda device: None)
+    monkeypatch.setattr(script, "CLOCKS", {"wall": lambda: next(ticks)})
+    script.measure("basic", batch_size=1, repeats=3, clock="wall")
+    rounds = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    assert len(rounds) == 4 and all(len(set(r)) == 4 for r in rounds), calls  # a warm-up, then 3 rounds of all four
