@@ -251,27 +251,8 @@ LEVER_NAMES = ("heap", "onednn", "softmax", "target-prob", "chunk-size", "adamw"
 """What --only picks from; --compile adds the torch.compile rows."""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="mid")
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--compile", action="store_true", help="also try torch.compile (about a minute)")
-    parser.add_argument("--json", metavar="FILE")
-    parser.add_argument("--only", metavar="LEVER[,LEVER]", help=f"run these alone: {', '.join(LEVER_NAMES)}")
-    args = parser.parse_args()
-    chosen = set(args.only.split(",")) if args.only else set(LEVER_NAMES)
-    if unknown := chosen - set(LEVER_NAMES):
-        parser.error(f"unknown lever {', '.join(sorted(unknown))}; choose from {', '.join(LEVER_NAMES)}")
-    keep_freed_memory()
-    p, n = args.preset, args.repeats
-    rows = []
-
-    def row(lever, what, without, with_, note=""):
-        rows.append({"lever": lever, "timed": what, "without_s": without, "with_s": with_, "note": note})
-        print(f"{lever:<28} {what:<26} {without:>9.4f} s {with_:>9.4f} s  {without / with_:>5.2f}x  {note}", flush=True)
-
-    print(f"{p} on {torch.get_num_threads()} CPU threads, batch 8 x block {preset(p).block_size}; medians of {n}")
-    print(f"{'lever':<28} {'timed':<26} {'without':>11} {'with':>11}  ratio")
+def time_levers(chosen: set[str], p: str, n: int, compile: bool, row: Callable[..., None]) -> None:
+    """The rows of the chosen levers (and, with compile, torch.compile's), each printed as it is timed."""
     if "heap" in chosen:
         default_s, kept_s, default_faults, kept_faults = heap(p, n)
         row("heap keeps freed memory", "training step", default_s, kept_s,
@@ -293,13 +274,37 @@ def main() -> None:
         row("fused AdamW", "optimizer step", foreach, fused, "vs multi-tensor")
     if "attention" in chosen:
         row("flash SDPA", "attention fwd+bwd, 1 layer", *attention(p, n), "vs SDPA math")
-    if args.compile:
+    if compile:
         eager_s, compiled_s, compile_s = compiled_blocks(p, n)
         row(
             "torch.compile on blocks", "training step", eager_s, compiled_s, f"first step (compiling) {compile_s:.0f} s"
         )
         eager_s, compiled_s, compile_s = compiled_loss_chunk(p, n)
         row("torch.compile, loss chunk", "training step", eager_s, compiled_s, f"compiling {compile_s:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="mid")
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--compile", action="store_true", help="also try torch.compile (about a minute)")
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--only", metavar="LEVER[,LEVER]", help=f"run these alone: {', '.join(LEVER_NAMES)}")
+    args = parser.parse_args()
+    chosen = set(args.only.split(",")) if args.only else set(LEVER_NAMES)
+    if unknown := chosen - set(LEVER_NAMES):
+        parser.error(f"unknown lever {', '.join(sorted(unknown))}; choose from {', '.join(LEVER_NAMES)}")
+    keep_freed_memory()
+    p, n = args.preset, args.repeats
+    rows = []
+
+    def row(lever, what, without, with_, note=""):
+        rows.append({"lever": lever, "timed": what, "without_s": without, "with_s": with_, "note": note})
+        print(f"{lever:<28} {what:<26} {without:>9.4f} s {with_:>9.4f} s  {without / with_:>5.2f}x  {note}", flush=True)
+
+    print(f"{p} on {torch.get_num_threads()} CPU threads, batch 8 x block {preset(p).block_size}; medians of {n}")
+    print(f"{'lever':<28} {'timed':<26} {'without':>11} {'with':>11}  ratio")
+    time_levers(chosen, p, n, args.compile, row)
     build_ms = batch_building(preset(p).block_size, n) if "batch" in chosen else None
     if build_ms:
         print(f"building one batch of 8 rows from memory-mapped tokens: packed {build_ms['packed']:.3f} ms, "
