@@ -141,6 +141,22 @@ def test_study_json_names_and_orders_the_arms_and_trials_are_not_arms(tmp_path):
     assert {r["study"] for r in rows} == {"demo"}
 
 
+def test_the_trials_table_ranks_an_arms_trials_by_one_loss_as_the_lr_pick_does(tmp_path):
+    # One trial finished by an older tinylm lacks the per-document loss: the pick ranked all of that arm's trials
+    # by the packed one (ablation._ranked_losses), while the table showed the other's per-document loss beside a
+    # "diverged" for the trial that merely lacked it.
+    three_arms(tmp_path)
+    info = json.loads((tmp_path / "study.json").read_text())
+    info["arms"][0]["trials"] = {"basic": {"0.5": "trials/basic/base-lr0.5", "2": "trials/basic/base-lr2"}}
+    (tmp_path / "study.json").write_text(json.dumps(info))
+    fixture_run(tmp_path, "trials/basic/base-lr0.5", 1337, 7.5, 7.7, lr=5e-4)
+    fixture_run(tmp_path, "trials/basic/base-lr2", 1337, 7.4, lr=2e-3)  # no per-document loss
+
+    report = write_report([tmp_path], tmp_path / "out" / "report.md").read_text()
+    assert "| base (packed loss) | 7.500 | 7.400 | 0.001 |" in report
+    assert "diverged" not in report
+
+
 def test_an_interrupted_run_of_a_study_is_left_out_as_unfinished(tmp_path):
     """Ctrl-C writes a summary too; a partial run's best loss must not enter the paired effects."""
     three_arms(tmp_path)

@@ -190,16 +190,26 @@ def trials_table(arms: list[Arm]) -> list[str]:
              "", f"| Arm | {' | '.join(f'×{f}' for f in factors)} | Chosen LR |",
              f"| --- | {' | '.join('---:' for _ in factors)} | ---: |"]  # fmt: skip
     for arm in arms:
+        key, label = _trial_key(arm)
         cells = []
         for f in factors:
             summary = arm.trials.get(f)
-            value = None if summary is None else summary.get(arm.metric.key("best_val_loss"))
+            value = None if summary is None else summary.get(key)
             if f not in arm.trials:
                 cells.append("–")
             else:
                 cells.append("not run" if summary is None else f"{value:.3f}" if _number(value) else "diverged")
-        lines.append(f"| {arm.name} | {' | '.join(cells)} | {_lr_text(arm)} |")
+        lines.append(f"| {arm.name}{label} | {' | '.join(cells)} | {_lr_text(arm)} |")
     return lines + [""]
+
+
+def _trial_key(arm: Arm) -> tuple[str, str]:
+    """The summary key of the arm's trial losses, and a label where it is not the arm's metric: one loss for all
+    of them, the packed one where a trial lacks the arm's (an older tinylm's), as the LR pick ranked them."""
+    finished = [s for s in arm.trials.values() if s is not None]
+    if all(arm.metric.key("best_val_loss") in s for s in finished):
+        return arm.metric.key("best_val_loss"), ""
+    return PACKED.key("best_val_loss"), f" ({PACKED.name} loss)"
 
 
 def comparison_section(groups: dict[str, list[Arm]]) -> list[str]:
