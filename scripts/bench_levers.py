@@ -80,6 +80,19 @@ def onednn_logits_matmul(preset_name: str, repeats: int) -> tuple[float, float]:
     return alternate(blas, lambda: tinylm.loss._logits(hidden, weight), repeats * 5)
 
 
+def onednn_hidden_grad_matmul(preset_name: str, repeats: int) -> tuple[float, float]:
+    """The hidden states' gradient of one loss chunk, (rows, V) x (V, C): the default BLAS vs oneDNN."""
+    cfg = preset(preset_name)
+    rows = tinylm.loss._CHUNK_ELEMENTS["cpu"] // cfg.vocab_size
+    grad_logits, weight = torch.rand(rows, cfg.vocab_size), torch.randn(cfg.vocab_size, cfg.n_embd)
+    weight_t = tinylm.loss._hidden_grad_weight(weight)  # made once per loss call, as tinylm does
+
+    def blas():
+        return grad_logits @ weight
+
+    return alternate(blas, lambda: tinylm.loss._times_weight(grad_logits, weight, weight_t), repeats * 5)
+
+
 STEPS_IN_A_FRESH_PROCESS = """
 import resource, statistics, sys, time, torch
 from tinylm.bench import StepRunner
@@ -260,6 +273,9 @@ def time_levers(chosen: set[str], p: str, n: int, compile: bool, row: Callable[.
     if "onednn" in chosen:
         row("oneDNN for the logits", "one chunk's logits matmul", *onednn_logits_matmul(p, n))
         row("oneDNN for the logits", "training step", *onednn_logits(p, n))
+        row("oneDNN for d hidden", "one chunk's d hidden matmul", *onednn_hidden_grad_matmul(p, n))
+        row("oneDNN for d hidden", "training step", *step_with_loss_setting(p, n, "_ONEDNN_HIDDEN_GRAD", False, True),
+            "vs MKL")  # fmt: skip
     if "softmax" in chosen:
         row("softmax + maxima", "one loss chunk", *softmax_passes(p, n), "vs log_softmax + exp")
     if "target-prob" in chosen:

@@ -4,7 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.loss import IGNORE_INDEX, _chunked_loss, _LinearCrossEntropy, _logits, _row_losses, linear_cross_entropy
+import tinylm.loss
+from tinylm.loss import (
+    IGNORE_INDEX,
+    _chunked_loss,
+    _hidden_grad_weight,
+    _LinearCrossEntropy,
+    _logits,
+    _row_losses,
+    _times_weight,
+    linear_cross_entropy,
+)
 
 VARIANTS = {"softcap": (5.0, 0.0), "z_loss": (None, 1e-2), "both": (5.0, 1e-2)}
 
@@ -112,8 +122,10 @@ def test_bf16_matmuls_stay_close_to_fp32(softcap, z_loss):
 
 
 def _before_the_switches(hidden, weight, targets, chunk_rows):
-    """The fused forward as it was before softcap and z-loss (commit 00413b4), for bit-identity."""
+    """The fused forward as it was before softcap and z-loss (commit 00413b4), for bit-identity; its
+    matmuls on the kernels tinylm.loss picks now (_logits, and oneDNN for d hidden on the CPU since)."""
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    weight_t = _hidden_grad_weight(weight)
     grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
     total = torch.zeros(())
     for start in range(0, hidden.shape[0], chunk_rows):
@@ -129,9 +141,26 @@ def _before_the_switches(hidden, weight, targets, chunk_rows):
         total += ((log_sum_exp - target_logit) * keep).sum()
         probs[torch.arange(len(t)), safe_t] -= 1.0
         row_scale = (keep.float() / n_valid)[:, None]
-        grad_hidden[start : start + chunk_rows] = (probs @ weight) * row_scale
+        grad_hidden[start : start + chunk_rows] = _times_weight(probs, weight, weight_t) * row_scale
         grad_weight.addmm_(probs.t(), h * row_scale)
     return total / n_valid, grad_hidden, grad_weight
+
+
+def test_hidden_states_gradient_on_onednn_equals_the_plain_matmul(monkeypatch):
+    # CPU fp32: d hidden = grad_logits @ W through oneDNN with W transposed once; the same product
+    # as the BLAS one within fp32 rounding, and with the switch off it is the BLAS one.
+    torch.manual_seed(0)
+    grad_logits, weight = torch.rand(37, 5003), torch.randn(5003, 24)
+    weight_t = _hidden_grad_weight(weight)
+    if weight_t is None:
+        pytest.skip("this PyTorch build has no oneDNN")
+    assert weight_t.shape == (24, 5003) and weight_t.is_contiguous()
+    torch.testing.assert_close(_times_weight(grad_logits, weight, weight_t), grad_logits.double() @ weight.double(),
+                               rtol=1e-5, atol=1e-4, check_dtype=False)  # fmt: skip
+    monkeypatch.setattr(tinylm.loss, "_ONEDNN_HIDDEN_GRAD", False)
+    assert _hidden_grad_weight(weight) is None
+    assert torch.equal(_times_weight(grad_logits, weight, None), grad_logits @ weight)
+    assert _hidden_grad_weight(weight.double()) is None  # fp64 (and bf16, GPU) keep the plain matmul
 
 
 def test_default_path_gradients_are_bit_identical_to_the_ones_before_the_switches():

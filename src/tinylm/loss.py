@@ -84,15 +84,37 @@ def textbook_loss(
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 """oneDNN's fp32 kernel for the logits' shape (few rows, 50k outputs, small inner dimension)
 ran 1.1-1.5x faster than the default BLAS (MKL) on this project's CPU benchmark machine; for
-the other matmuls of the step MKL was the faster one. It is the kernel torch.compile's CPU
+the blocks' matmuls MKL was the faster one. It is the kernel torch.compile's CPU
 backend calls for linear layers."""
+
+
+_ONEDNN_HIDDEN_GRAD = _ONEDNN
+"""oneDNN for the hidden states' gradient too (few rows x small C outputs x 50k inner dimension): it
+ran 1.13x (one thread) and 1.19x (two) faster than MKL at mid's shape here (scripts/bench_levers.py
+--only onednn). It needs the weight transposed once per call, a copy of its size (39 MB for mid)."""
+
+
+def _cpu_fp32(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """h @ w.T: (n, C) x (V, C) -> (n, V)."""
-    if _ONEDNN and h.device.type == "cpu" and h.dtype == w.dtype == torch.float32:
+    if _ONEDNN and _cpu_fp32(h, w):
         return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
     return h @ w.t()
+
+
+def _hidden_grad_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """w.T as a contiguous (C, V) matrix where the hidden states' gradient runs on oneDNN, else None."""
+    return w.t().contiguous() if _ONEDNN_HIDDEN_GRAD and _cpu_fp32(w) else None
+
+
+def _times_weight(g: torch.Tensor, w: torch.Tensor, w_t: torch.Tensor | None) -> torch.Tensor:
+    """g @ w: (n, V) x (V, C) -> (n, C); w_t from _hidden_grad_weight."""
+    if w_t is not None and _cpu_fp32(g):
+        return torch.ops.mkldnn._linear_pointwise(g, w_t, None, "none", [], "")
+    return g @ w
 
 
 def _accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -189,6 +211,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         cross_entropy = torch.zeros((), dtype=acc, device=hidden.device)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
+            w_t = _hidden_grad_weight(w)  # (C, V) or None
             for start in range(0, hidden.shape[0], chunk_rows):
                 h = hidden[start : start + chunk_rows].to(compute_dtype)  # (n, C)
                 logits = _logits(h, w).to(acc)  # (n, V)
@@ -202,7 +225,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # the (n, C) operands and results rather than to the (n, V) gradient.
                 grad_logits = probs.to(compute_dtype)
                 row_scale = (keep.to(acc) / n_valid)[:, None]  # (n, 1)
-                grad_hidden[start : start + chunk_rows] = (grad_logits @ w) * row_scale
+                grad_hidden[start : start + chunk_rows] = _times_weight(grad_logits, w, w_t) * row_scale
                 h_scaled = (h * row_scale).to(compute_dtype)
                 if compute_dtype == acc:
                     grad_weight.addmm_(grad_logits.t(), h_scaled)
