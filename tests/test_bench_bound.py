@@ -34,7 +34,7 @@ def test_both_output_layers_compute_the_same_loss_and_gradients():
 
 def test_bound_is_the_textbook_step_over_the_rest_plus_a_perfect_output_layer():
     script = load_script()
-    r = script.measure("basic", batch_size=1, repeats=1, clock="wall")
+    r = script.measure("basic", batch_size=1, repeats=3, clock="wall")  # medians: a load spike moves no one time
     rows, c, v = 512, 128, 50257
     assert r["output_layer_gflop"] == pytest.approx(6 * rows * c * v / 1e9)
     assert r["perfect_output_layer_s"] == pytest.approx(r["output_layer_gflop"] / r["matmul_peak_gflops"])
