@@ -55,6 +55,11 @@ def test_bench_times_both_steps_and_writes_json(tmp_path):
         assert 0 < r["mfu"] and r["peak_memory_mb"] > 0
     ratio = report["results"][0]["tokens_per_s"] / report["results"][1]["tokens_per_s"]
     assert report["speedup_vs_textbook"] == pytest.approx(ratio)
+    if sys.platform.startswith("linux"):  # getrusage's counts; the textbook maps its 51 MB of logits afresh each step
+        tinylm, textbook = report["results"]
+        assert tinylm["page_faults_per_step"] >= 0 and tinylm["system_s_per_step"] >= 0
+        assert textbook["page_faults_per_step"] >= 1 and textbook["system_s_per_step"] >= 0
+        assert "faults/step" in done.stdout
 
 
 def test_bench_json_alone_goes_to_stdout():

@@ -23,6 +23,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+try:
+    import resource
+except ImportError:  # Windows: no page-fault counts
+    resource = None
+
 from tinylm.config import ModelConfig, TrainConfig, preset
 from tinylm.costs import model_costs
 from tinylm.errors import UserError
@@ -39,6 +44,12 @@ class StepTiming:
     gflops: float
     mfu: float
     peak_memory_mb: float | None
+    page_faults_per_step: float | None = None
+    """Minor page faults per timed step (the whole process; None without getrusage): memory the step
+    maps afresh, e.g. the textbook's 823 MB logits, which glibc serves from new mappings every step."""
+    system_s_per_step: float | None = None
+    """Kernel CPU seconds per timed step, all threads: mostly those page faults; it varies with the
+    machine's memory state, and with it the steps that fault."""
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -62,6 +73,14 @@ def matmul_peak_gflops(device: torch.device, repeats: int = 10, clock: str = "wa
         _sync(device)
         best = min(best, now() - start)
     return 2 * n**3 / best / 1e9
+
+
+def _kernel_counts() -> tuple[int, float]:
+    """This process's minor page faults and kernel CPU seconds so far ((0, 0.0) without getrusage)."""
+    if resource is None:
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
 
 
 def _sync(device: torch.device) -> None:
@@ -194,12 +213,15 @@ def bench(
     variants = ["tinylm"] + (["textbook"] if compare_textbook else [])
     runners = {v: StepRunner(v, cfg, batch_size, device, compile=compile, train=train) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
+    kernel = {v: [0, 0.0] for v in variants}  # page faults, system seconds over the timed steps
     for i in range(warmup + repeats):
         for v in variants:  # alternate, so drift on a shared machine hits both alike
+            before = _kernel_counts()
             start = now()
             runners[v].step()
             if i >= warmup:
                 times[v].append(now() - start)
+                kernel[v] = [a + b - c for a, b, c in zip(kernel[v], _kernel_counts(), before)]
     del runners
     results = []
     for v in variants:
@@ -207,7 +229,8 @@ def bench(
         tps = tokens / median
         gflops = tps * flops_per_token / 1e9
         memory = peak_memory_mb(v, cfg, batch_size, device, compile, train) if measure_memory else None
-        results.append(StepTiming(v, median, tps, gflops, gflops / peak, memory))
+        faults, system_s = (x / repeats if resource else None for x in kernel[v])
+        results.append(StepTiming(v, median, tps, gflops, gflops / peak, memory, faults, system_s))
     report = {
         "preset": preset_name,
         "model": asdict(cfg),
@@ -262,12 +285,15 @@ def format_report(report: dict) -> str:
     lines = [
         header,
         describe_steps(report),
-        f"{'step':<10} {'median s':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6} {'peak MB':>8}",
+        f"{'step':<10} {'median s':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6} {'peak MB':>8} "
+        f"{'faults/step':>12} {'kernel s':>9}",
     ]
     for r in report["results"]:
         mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        faults = "-" if r.get("page_faults_per_step") is None else f"{r['page_faults_per_step']:,.0f}"
+        system_s = "-" if r.get("system_s_per_step") is None else f"{r['system_s_per_step']:.3f}"
         lines.append(f"{r['name']:<10} {r['median_s']:>9.3f} {r['tokens_per_s']:>10,.0f} {r['gflops']:>9.1f} "
-                     f"{100 * r['mfu']:>5.1f}% {mem:>8}")  # fmt: skip
+                     f"{100 * r['mfu']:>5.1f}% {mem:>8} {faults:>12} {system_s:>9}")  # fmt: skip
     if "speedup_vs_textbook" in report:
         lines.append(f"tinylm / textbook tokens/s: {report['speedup_vs_textbook']:.2f}x")
     return "\n".join(lines)
