@@ -194,3 +194,18 @@ def test_a_process_without_a_gpu_of_its_own_is_one_line_before_nccl_starts(monke
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # two processes, one GPU: NCCL cannot share it
     with pytest.raises(UserError, match=r"no GPU of its own \(1 here\).*--nproc-per-node 1, or --device cpu"):
         init_cluster("auto")
+
+
+def test_a_run_directory_in_use_stops_every_rank_with_its_one_line(stories, tmp_path):
+    # Rank 0 alone takes the folder's lock; if another process holds it, the other ranks must stop
+    # with the same line, not run on into a collective rank 0 never joins (a connection error).
+    from tinylm.paths import DirLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with DirLock(out, "held by the test") as lock:
+        lock.acquire()
+        done = torchrun("train", *ARGS, "--data", stories, "--max-steps", 2, "--out", out)
+    assert done.returncode != 0
+    assert done.stderr.count("is in use: another tinylm process is training it") == 2, done.stderr[-3000:]
+    assert list(out.iterdir()) == []

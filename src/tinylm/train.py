@@ -39,9 +39,9 @@ def train(
     """
     cluster, device_name = init_cluster(cfg.train.device)
     run_dir = Path(cfg.train.out)
-    busy = f"{run_dir} is in use: another tinylm process is training it; wait for it to end or choose another --out"
     try:
-        with DirLock(run_dir, busy) as lock:  # held by rank 0, the one that writes, to the end of the run
+        # held by rank 0, the one that writes, to the end of the run
+        with DirLock(run_dir, lock_busy_message(run_dir)) as lock:
             device = select_device(device_name)
             trainer = build_trainer(cfg, resume, quiet or not cluster.is_main, cluster, device,
                                     lock if cluster.is_main else None)  # fmt: skip
@@ -50,14 +50,17 @@ def train(
         shutdown(cluster)
 
 
+def lock_busy_message(run_dir: Path) -> str:
+    return f"{run_dir} is in use: another tinylm process is training it; wait for it to end or choose another --out"
+
+
 def build_trainer(cfg: RunConfig, resume: bool, quiet: bool, cluster: Cluster, device: torch.device,
                   lock: DirLock | None = None) -> Trainer:  # fmt: skip
     """Everything before the first step. Nothing is written before the data and its batches are
     known to be usable: a refused run leaves no folder behind. ``lock``: taken before the run's
     folder is read or changed, so that a second process in it is refused."""
     run_dir = Path(cfg.train.out)
-    if lock is not None and run_dir.is_dir():
-        lock.acquire()  # a new folder is locked once made (start_run_dir)
+    lock_on_every_rank(lock, run_dir, cluster, device)
     resolve_grad_accum(cfg, cluster.world, run_dir, resume)
     if not resume:
         check_fresh_run_dir(run_dir)
@@ -157,6 +160,20 @@ def start_run_dir(cfg: RunConfig, run_dir: Path, data: PreparedData, lock: DirLo
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
     cfg.save(run_dir / CONFIG_FILE)
     data.tokenizer.save(run_dir)  # sampling and export need it with the weights
+
+
+def lock_on_every_rank(lock: DirLock | None, run_dir: Path, cluster: Cluster, device: torch.device) -> None:
+    """Rank 0 (the one given the lock) locks an existing run folder; a new one is locked once made
+    (start_run_dir). If another process holds it, every rank stops with that line: the others would
+    otherwise run on into a collective rank 0 never joins."""
+    refused = None
+    if lock is not None and run_dir.is_dir():
+        try:
+            lock.acquire()
+        except UserError as e:
+            refused = e
+    if cluster.any([refused is not None], device)[0]:
+        raise refused or UserError(lock_busy_message(run_dir))
 
 
 def prepare_data_on_every_rank(cfg: RunConfig, quiet: bool, cluster: Cluster, device: torch.device) -> PreparedData:
