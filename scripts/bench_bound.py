@@ -8,8 +8,9 @@ torch's default AdamW, tinylm's the fused one build_optimizer makes), which the 
 the step" includes. This times both steps and both output layers on their own, the four in turn
 after a warm-up (the same rows), and prints the ratio a perfect output layer would give: one that
 spends exactly its three matmuls' FLOPs (logits, d hidden, d weight; 3 x 2 N C V) at the matmul
-peak measured in the same run, with the rest of tinylm's step as measured. No change to the loss
-alone can take the step ratio past that bound.
+peak measured in the same run, with the rest of tinylm's step as measured. A change to the loss alone
+takes the step ratio past that bound only by running its matmuls above that measured (square-matmul)
+peak or by making the rest of the step faster.
 """
 
 import argparse

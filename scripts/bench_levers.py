@@ -68,6 +68,12 @@ def onednn_logits(preset_name: str, repeats: int) -> tuple[float, float]:
     return step_with_loss_setting(preset_name, repeats, "_ONEDNN", False, available)
 
 
+def onednn_hidden_grad(preset_name: str, repeats: int) -> tuple[float, float]:
+    """Step seconds with the hidden states' gradient on MKL, then on oneDNN where this PyTorch has it."""
+    available = tinylm.loss._ONEDNN
+    return step_with_loss_setting(preset_name, repeats, "_ONEDNN_HIDDEN_GRAD", False, available)
+
+
 def onednn_logits_matmul(preset_name: str, repeats: int) -> tuple[float, float]:
     """The logits of one loss chunk, (rows, C) x (V, C)^T: the default BLAS vs oneDNN."""
     cfg = preset(preset_name)
@@ -274,8 +280,7 @@ def time_levers(chosen: set[str], p: str, n: int, compile: bool, row: Callable[.
         row("oneDNN for the logits", "one chunk's logits matmul", *onednn_logits_matmul(p, n))
         row("oneDNN for the logits", "training step", *onednn_logits(p, n))
         row("oneDNN for d hidden", "one chunk's d hidden matmul", *onednn_hidden_grad_matmul(p, n))
-        row("oneDNN for d hidden", "training step", *step_with_loss_setting(p, n, "_ONEDNN_HIDDEN_GRAD", False, True),
-            "vs MKL")  # fmt: skip
+        row("oneDNN for d hidden", "training step", *onednn_hidden_grad(p, n), "vs MKL")
     if "softmax" in chosen:
         row("softmax + maxima", "one loss chunk", *softmax_passes(p, n), "vs log_softmax + exp")
     if "target-prob" in chosen:

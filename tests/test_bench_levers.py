@@ -53,3 +53,22 @@ def test_only_runs_the_named_lever_and_refuses_unknown_ones(tmp_path):
     assert report["levers"] == [] and set(report["batch_ms"]) == {"packed", "padded"}
     refused = run_script("--only", "heap,warp-drive", tmp_path=tmp_path)
     assert refused.returncode == 2 and "unknown lever warp-drive" in refused.stderr
+
+
+def test_the_onednn_step_rows_switch_on_only_the_kernels_this_torch_has(monkeypatch):
+    # Each row times its switch off against the build's own setting. Where PyTorch has no oneDNN (tinylm.loss._ONEDNN
+    # False), tinylm never calls it; a row that set its switch to True would call a kernel the build lacks.
+    script = load_script()
+    settings = {}
+
+    def record(preset_name, repeats, name, without, with_):
+        settings[name] = (without, with_)
+        return 1.0, 1.0
+
+    monkeypatch.setattr(script, "step_with_loss_setting", record)
+    monkeypatch.setattr(script, "onednn_logits_matmul", lambda preset_name, repeats: (1.0, 1.0))
+    monkeypatch.setattr(script, "onednn_hidden_grad_matmul", lambda preset_name, repeats: (1.0, 1.0))
+    for available in (True, False):
+        monkeypatch.setattr(tinylm.loss, "_ONEDNN", available)
+        script.time_levers({"onednn"}, "tiny", 1, False, lambda *row: None)
+        assert settings == {"_ONEDNN": (False, available), "_ONEDNN_HIDDEN_GRAD": (False, available)}

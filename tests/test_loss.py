@@ -157,10 +157,32 @@ def test_hidden_states_gradient_on_onednn_equals_the_plain_matmul(monkeypatch):
     assert weight_t.shape == (24, 5003) and weight_t.is_contiguous()
     torch.testing.assert_close(_times_weight(grad_logits, weight, weight_t), grad_logits.double() @ weight.double(),
                                rtol=1e-5, atol=1e-4, check_dtype=False)  # fmt: skip
+    # fp64 and bf16 (and the GPU) keep the plain matmul: checked with the switch on, where only the dtype decides
+    for dtype in (torch.float64, torch.bfloat16):
+        assert _hidden_grad_weight(weight.to(dtype)) is None
+        g, w = grad_logits.to(dtype), weight.to(dtype)
+        assert torch.equal(_times_weight(g, w, weight_t), g @ w)  # a w_t made elsewhere is not used for them
     monkeypatch.setattr(tinylm.loss, "_ONEDNN_HIDDEN_GRAD", False)
     assert _hidden_grad_weight(weight) is None
     assert torch.equal(_times_weight(grad_logits, weight, None), grad_logits @ weight)
-    assert _hidden_grad_weight(weight.double()) is None  # fp64 (and bf16, GPU) keep the plain matmul
+
+
+def test_strided_hidden_states_and_weight_match_textbook():
+    # The CPU's oneDNN kernels (the logits, d hidden) get views, not dense copies: an output matrix
+    # stored (C, V) and used transposed, hidden states that are a transposed (C, N) tensor.
+    hidden, weight, targets = case(padding=True)
+    hidden_t = hidden.detach().t().contiguous().requires_grad_()  # (C, N)
+    weight_t = weight.detach().t().contiguous().requires_grad_()  # (C, V)
+    assert not hidden_t.t().is_contiguous() and not weight_t.t().is_contiguous()
+    ref = textbook(hidden_t.t(), weight_t.t(), targets)
+    ref_grads = torch.autograd.grad(ref, (hidden_t, weight_t))
+    loss = linear_cross_entropy(hidden_t.t(), weight_t.t(), targets, chunk_rows=5)
+    grads = torch.autograd.grad(loss, (hidden_t, weight_t))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation's path
+        torch.testing.assert_close(linear_cross_entropy(hidden_t.t(), weight_t.t(), targets, 5), ref)
 
 
 def test_default_path_gradients_are_bit_identical_to_the_ones_before_the_switches():

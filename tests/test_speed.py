@@ -1,10 +1,12 @@
 """The fast step's process settings and the `tinylm bench` command."""
 
+import itertools
 import json
 import os
 import platform
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -60,6 +62,44 @@ def test_bench_times_both_steps_and_writes_json(tmp_path):
         assert tinylm["page_faults_per_step"] >= 0 and tinylm["system_s_per_step"] >= 0
         assert textbook["page_faults_per_step"] >= 1 and textbook["system_s_per_step"] >= 0
         assert "faults/step" in done.stdout
+
+
+@pytest.mark.parametrize("has_getrusage", [True, False], ids=["getrusage", "no-getrusage"])
+def test_bench_counts_each_variants_faults_and_kernel_seconds_over_its_timed_steps(monkeypatch, has_getrusage):
+    # Each variant's counts are its own steps' (they alternate), without the warm-up steps, per timed step;
+    # where the platform has no getrusage (Windows) they are None and the table shows '-'.
+    import tinylm.bench as bench_module
+
+    usage = types.SimpleNamespace(ru_minflt=0, ru_stime=0.0)
+    per_step = {"tinylm": (3, 0.25), "textbook": (100, 1.0)}  # faults, kernel seconds
+
+    class FakeRunner:
+        def __init__(self, variant, *args, **kwargs):
+            self.variant, self.steps = variant, 0
+
+        def step(self):
+            self.steps += 1
+            faults, system_s = per_step[self.variant]
+            warm_up = 10 if self.steps <= 2 else 1  # the warm-up steps fault the most, as real ones do
+            usage.ru_minflt += warm_up * faults
+            usage.ru_stime += warm_up * system_s
+            return 0.0
+
+    fake_resource = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: usage)
+    ticks = itertools.count()
+    monkeypatch.setattr(bench_module, "resource", fake_resource if has_getrusage else None)
+    monkeypatch.setattr(bench_module, "StepRunner", FakeRunner)
+    monkeypatch.setattr(bench_module, "matmul_peak_gflops", lambda *args, **kwargs: 100.0)
+    monkeypatch.setattr(bench_module, "tune_for", lambda device: None)
+    monkeypatch.setitem(bench_module.CLOCKS, "wall", lambda: next(ticks))
+    report = bench_module.bench("tiny", batch_size=2, repeats=4, warmup=2, compare_textbook=True,
+                                device_name="cpu", measure_memory=False)  # fmt: skip
+    counted = {r["name"]: (r["page_faults_per_step"], r["system_s_per_step"]) for r in report["results"]}
+    assert counted == (per_step if has_getrusage else {"tinylm": (None, None), "textbook": (None, None)})
+    rows = bench_module.format_report(report).splitlines()[3:5]
+    assert [row.split()[-2:] for row in rows] == (
+        [["3", "0.250"], ["100", "1.000"]] if has_getrusage else [["-", "-"], ["-", "-"]]
+    )
 
 
 def test_bench_json_alone_goes_to_stdout():

@@ -90,8 +90,9 @@ backend calls for linear layers."""
 
 _ONEDNN_HIDDEN_GRAD = _ONEDNN
 """oneDNN for the hidden states' gradient too (few rows x small C outputs x 50k inner dimension): it
-ran 1.13x (one thread) and 1.19x (two) faster than MKL at mid's shape here (scripts/bench_levers.py
---only onednn). It needs the weight transposed once per call, a copy of its size (39 MB for mid)."""
+ran 1.13x (one thread) and 1.22x (two) faster than MKL at mid's shape here, the mid step 1.03x on either
+(scripts/bench_levers.py --only onednn; docs/bench/issue17-second/levers/). It needs the weight transposed
+once per call, a copy of its size (39 MB for mid)."""
 
 
 def _cpu_fp32(*tensors: torch.Tensor) -> bool:
