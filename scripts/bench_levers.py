@@ -312,7 +312,9 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--only", metavar="LEVER[,LEVER]", help=f"run these alone: {', '.join(LEVER_NAMES)}")
     args = parser.parse_args()
-    chosen = set(args.only.split(",")) if args.only else set(LEVER_NAMES)
+    chosen = {name.strip() for name in args.only.split(",") if name.strip()} if args.only else set(LEVER_NAMES)
+    if not chosen:
+        parser.error(f"--only names no lever; choose from {', '.join(LEVER_NAMES)}")
     if unknown := chosen - set(LEVER_NAMES):
         parser.error(f"unknown lever {', '.join(sorted(unknown))}; choose from {', '.join(LEVER_NAMES)}")
     keep_freed_memory()

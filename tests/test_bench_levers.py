@@ -47,12 +47,16 @@ def run_script(*args, tmp_path):
 
 
 def test_only_runs_the_named_lever_and_refuses_unknown_ones(tmp_path):
-    done = run_script("--preset", "basic", "--repeats", "1", "--only", "batch", "--json", "out.json", tmp_path=tmp_path)
+    done = run_script(
+        "--preset", "basic", "--repeats", "1", "--only", " batch,", "--json", "out.json", tmp_path=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["levers"] == [] and set(report["batch_ms"]) == {"packed", "padded"}
     refused = run_script("--only", "heap,warp-drive", tmp_path=tmp_path)
     assert refused.returncode == 2 and "unknown lever warp-drive" in refused.stderr
+    empty = run_script("--only", ",", tmp_path=tmp_path)
+    assert empty.returncode == 2 and "--only names no lever" in empty.stderr
 
 
 def test_the_onednn_step_rows_switch_on_only_the_kernels_this_torch_has(monkeypatch):
