@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -68,3 +70,15 @@ def tiny_config(data: Path | str, out: Path, **train) -> RunConfig:
     settings.update(train)
     model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
     return RunConfig(model=model, train=TrainConfig(**settings), preset="tiny")
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+"""The repository's scripts/ folder (benchmarks run as files, not installed with the package)."""
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py imported as a module, for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,27 +1,20 @@
 """scripts/bench_bound.py: the output layers it times alone are the steps' own losses, and its bound
 is the arithmetic its docstring states."""
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_bound.py"
+from conftest import SCRIPTS, load_script
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_bound", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "bench_bound.py"
 
 
 def test_both_output_layers_compute_the_same_loss_and_gradients():
-    script = load_script()
+    script = load_script("bench_bound")
     grads = {}
     for variant in ("tinylm", "textbook"):
         layer = script.OutputLayer(variant, n_rows=37, n_embd=16, vocab_size=101)
@@ -33,7 +26,7 @@ def test_both_output_layers_compute_the_same_loss_and_gradients():
 
 
 def test_bound_is_the_textbook_step_over_the_rest_plus_a_perfect_output_layer():
-    script = load_script()
+    script = load_script("bench_bound")
     r = script.measure("basic", batch_size=1, repeats=3, clock="wall")  # medians: a load spike moves no one time
     rows, c, v = 512, 128, 50257
     assert r["output_layer_gflop"] == pytest.approx(6 * rows * c * v / 1e9)
@@ -56,7 +49,7 @@ def test_cpu_clock_on_several_threads_is_a_one_line_refusal():
 def test_steps_and_output_layers_are_timed_in_one_alternation(monkeypatch):
     # "rest of the step" is a step's median less its output layer's: timed one after the other (the steps, then
     # the layers), a load that changes between the two on a shared machine would go into the difference.
-    script = load_script()
+    script = load_script("bench_bound")
     calls, ticks = [], iter(range(10_000))
 
     class Timed:

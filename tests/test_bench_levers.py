@@ -1,25 +1,17 @@
 """scripts/bench_levers.py's stand-ins for tinylm's code compute the same loss, so its ratios time like for like."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import tinylm.loss
+from conftest import SCRIPTS, load_script
 from tinylm.loss import IGNORE_INDEX, linear_cross_entropy
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_levers.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_levers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "bench_levers.py"
 
 
 def test_the_row_maxima_loss_chunk_stands_in_for_tinylms(monkeypatch):
@@ -33,7 +25,7 @@ def test_the_row_maxima_loss_chunk_stands_in_for_tinylms(monkeypatch):
     logits = hidden @ weight.t()
     ref = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
-    monkeypatch.setattr(tinylm.loss, "_chunk_loss_and_grad", load_script()._loss_from_row_maxima)
+    monkeypatch.setattr(tinylm.loss, "_chunk_loss_and_grad", load_script("bench_levers")._loss_from_row_maxima)
     loss, cross_entropy = linear_cross_entropy(hidden, weight, targets, 5, return_cross_entropy=True)
     grads = torch.autograd.grad(loss, (hidden, weight))
     torch.testing.assert_close(loss, ref)
@@ -62,7 +54,7 @@ def test_only_runs_the_named_lever_and_refuses_unknown_ones(tmp_path):
 def test_the_onednn_step_rows_switch_on_only_the_kernels_this_torch_has(monkeypatch):
     # Each row times its switch off against the build's own setting. Where PyTorch has no oneDNN (tinylm.loss._ONEDNN
     # False), tinylm never calls it; a row that set its switch to True would call a kernel the build lacks.
-    script = load_script()
+    script = load_script("bench_levers")
     settings = {}
 
     def record(preset_name, repeats, name, without, with_):
