@@ -8,9 +8,9 @@ cross-entropy is known in closed form (softmax - one_hot), the forward pass also
 the gradients of the hidden states and of the weight, so the backward pass is a multiply.
 Same arithmetic as the textbook, one logits chunk of memory. A tanh soft cap on the logits and
 PaLM's z-loss are switches whose gradients are formed the same way; with both off the gradients
-are the ones from before the switches, bit for bit. The loss value is not: on the CPU a row's loss
-is -log p_target (see _row_losses), equal to log-sum-exp - target logit but rounded otherwise, so
-a row may differ from it in the last bit.
+are the ones from before the switches, bit for bit on the same matmul kernels. The loss value is
+not: on the CPU a row's loss is -log p_target (see _row_losses), equal to log-sum-exp - target logit
+but rounded otherwise, so a row may differ from it in the last bit.
 """
 
 from __future__ import annotations
