@@ -354,3 +354,12 @@ def test_a_run_whose_time_budget_is_spent_trains_no_further_step_on_resume(stori
     assert resumed.summary["steps"] == steps and resumed.summary["completed"]
     assert _without_time(read_metrics(resumed.run_dir)) == before
     assert train(cfg, resume=True, quiet=True).summary["steps"] == steps  # and so does a finished one
+
+
+def test_resuming_a_run_whose_time_budget_is_spent_says_so(stories, tmp_path, capsys):
+    # It trains no step more (above); without a word the user would not know that --max-time stopped it.
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=None, max_time=0.05, eval_every=1000)
+    train(cfg, quiet=True)
+    capsys.readouterr()
+    train(cfg, resume=True)
+    assert "--max-time 0.05 s is spent" in capsys.readouterr().out

@@ -210,6 +210,9 @@ class Trainer:
         # A resumed run may have spent its time already (killed after its last checkpoint): no step more.
         out_of_time = max_time is not None and p.elapsed_s >= max_time
         budget_spent = out_of_time or (self.steps_budget is not None and p.step >= self.steps_budget)
+        if out_of_time and not self.quiet:
+            print(f"--max-time {max_time:g} s is spent ({p.elapsed_s:.1f} s trained): no step more; "
+                  "resume with a larger --max-time to train on", flush=True)  # fmt: skip
         while not budget_spent and not self.monitor.gave_up:
             record = self.train_step()
             budget_spent, stop_asked = self.agree_to_stop(stop)
