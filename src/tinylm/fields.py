@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,15 +190,6 @@ def merge(*layers: dict[str, Any]) -> dict[str, Any]:
             both = isinstance(value, dict) and isinstance(out.get(key), dict)
             out[key] = merge(out[key], value) if both else value
     return out
-
-
-def leaves(mapping: dict[str, Any], prefix: str = "") -> Iterator[str]:
-    """The dotted paths of the settings in a nested mapping (``train.lr``)."""
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield prefix + key
 
 
 def dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 from tinylm.cli.flags import given_settings
 from tinylm.config import RESUMABLE, RunConfig, preset
 from tinylm.errors import UserError
-from tinylm.fields import ConfigError, build, leaves, load_yaml, merge, nest
+from tinylm.fields import ConfigError, build, dotted, load_yaml, merge, nest
 
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 DEFAULT_BUDGET = {"max_steps": 200}
@@ -37,7 +37,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     settings = merge({"model": dataclasses.asdict(preset(name))}, recipe, flags, {"preset": name})
     if not has_budget(settings):
         settings = merge(settings, {"train": DEFAULT_BUDGET})
-    from_recipe = set(leaves(recipe)) - set(leaves(flags))
+    from_recipe = set(dotted(recipe)) - set(dotted(flags))
     try:
         return build(RunConfig, settings)
     except ConfigError as e:
@@ -53,6 +53,6 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
 
     saved = RunConfig.load(run_dir / CONFIG_FILE)
     flags = given_settings(args)
-    if set(leaves(flags)) - RESUMABLE or args.preset or args.config:
+    if set(dotted(flags)) - RESUMABLE or args.preset or args.config:
         raise UserError("with --resume only --max-steps, --max-tokens, --max-time, --device and --compile may change")
     return build(RunConfig, merge(saved.to_dict(), flags, {"train": {"out": str(run_dir)}}))
