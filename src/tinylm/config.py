@@ -212,7 +212,10 @@ class TrainConfig:
             raise UserError("no budget: give --max-steps, --max-tokens or --max-time")
 
 
-RESUMABLE = {f"train.{name}" for name in ("max_steps", "max_tokens", "max_time", "device", "compile")}
+BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
+"""The TrainConfig fields that bound a run's length."""
+
+RESUMABLE = {f"train.{name}" for name in (*BUDGET_FIELDS, "device", "compile")}
 """The settings a resumed run may change (its folder, train.out, may also be spelt otherwise)."""
 
 

@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from tinylm.config import RunConfig, preset
+from tinylm.config import BUDGET_FIELDS, RunConfig, preset
 from tinylm.errors import UserError
 from tinylm.fields import ConfigError, dotted, load_yaml, merge, nest, read_as, read_fields, read_settings, require
 
@@ -41,7 +41,7 @@ DEFAULT_STUDY = "seed"
 
 RUNNER_SET = {"train.out"}
 """Settings the runner sets for every run (its folder)."""
-BUDGET_SETTINGS = {"train.max_steps", "train.max_tokens", "train.max_time"}
+BUDGET_SETTINGS = {f"train.{name}" for name in BUDGET_FIELDS}
 """Set with the study's ``budget`` (or budget flags): equal for every arm by construction."""
 NOT_CHANGEABLE = {"preset", "train.seed"}
 """A step may not change them: every arm of a preset shares its shape's preset and its seeds (pairing)."""

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinylm.config import RunConfig, TrainConfig, preset
+from tinylm.config import BUDGET_FIELDS, RunConfig, TrainConfig, preset
 from tinylm.costs import model_costs
 from tinylm.data.prepare import PrepareOptions
 from tinylm.errors import UserError
 from tinylm.fields import build, merge
 from tinylm.study import Arm, Study, describe, dotted
 
-BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 BUDGET_NAMES = {"max_tokens": "tokens", "max_steps": "steps", "max_time": "time_s"}
 """A budget flag and its name in study.json's ``budget``."""
 

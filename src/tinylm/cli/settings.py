@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.cli.flags import given_settings
-from tinylm.config import RESUMABLE, RunConfig, preset
+from tinylm.config import BUDGET_FIELDS, RESUMABLE, RunConfig, preset
 from tinylm.errors import UserError
 from tinylm.fields import ConfigError, build, dotted, load_yaml, merge, nest
 
-BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 DEFAULT_BUDGET = {"max_steps": 200}
 
 
