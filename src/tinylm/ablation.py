@@ -22,9 +22,9 @@ from tinylm.errors import UserError
 from tinylm.manifest import Manifest, mark_summary, study_block
 from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary
 from tinylm.study import DEFAULT_STUDY, Arm, Study, dotted, load_study
-from tinylm.studyplan import DEFAULT_TOKENS, Plan, trial_config, with_lr_factor
+from tinylm.studyplan import Plan, trial_config, with_lr_factor
 
-__all__ = ["DEFAULT_TOKENS", "PHASES", "Phase", "ablate", "parse_phases", "phase_config", "pick_lr_factor",
+__all__ = ["PHASES", "Phase", "ablate", "parse_phases", "phase_config", "pick_lr_factor",
            "run_study", "select_arms"]  # fmt: skip
 
 
