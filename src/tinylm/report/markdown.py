@@ -4,12 +4,10 @@ sentence is a template over measured numbers."""
 
 from __future__ import annotations
 
-import math
-
 from tinylm.report.effects import best_arm, changes, seed_change, worst_loss
 from tinylm.report.findings import effects_section, effects_table, noise_floor_table
 from tinylm.report.notes import arm_notes, stability_text
-from tinylm.report.runs import DOC, PACKED, PHASE_SETTINGS, Arm, choose_metric, metric_label, value_text
+from tinylm.report.runs import DOC, PACKED, PHASE_SETTINGS, Arm, choose_metric, finite_number, metric_label, value_text
 from tinylm.report.studies import Study
 
 PlotNames = dict[tuple[str, str], str]
@@ -159,10 +157,6 @@ def final_metrics_table(arms: list[Arm]) -> list[str]:
     return lines + [""]
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _lr_text(arm: Arm) -> str:
     lr = arm.lr if arm.lr is not None else arm.recipe.get("lr")
     factor = arm.runs[0].study_tag.get("lr_factor")
@@ -198,7 +192,7 @@ def trials_table(arms: list[Arm]) -> list[str]:
             if f not in arm.trials:
                 cells.append("–")
             else:
-                cells.append("not run" if summary is None else f"{value:.3f}" if _number(value) else "diverged")
+                cells.append("not run" if summary is None else f"{value:.3f}" if finite_number(value) else "diverged")
         lines.append(f"| {arm.name}{label} | {' | '.join(cells)} | {_lr_text(arm)} |")
     return lines + [""]
 

@@ -149,7 +149,7 @@ class Arm:
 
     def values(self, key: str) -> list[float]:
         """The key's finite numbers over the arm's runs (absent, None and NaN are left out)."""
-        return [v for r in self.runs if _finite(v := r.summary.get(key))]
+        return [v for r in self.runs if finite_number(v := r.summary.get(key))]
 
     def mean(self, key: str) -> float | None:
         vals = self.values(key)
@@ -164,7 +164,7 @@ class Arm:
         by_seed: dict[int, list[float]] = {}
         for r in self.runs:
             value = r.summary.get(self.metric.key("best_val_loss"))
-            if isinstance(value, (int, float)) and math.isfinite(value):
+            if finite_number(value):
                 by_seed.setdefault(r.seed, []).append(float(value))
         return {seed: statistics.fmean(values) for seed, values in sorted(by_seed.items())}
 
@@ -177,7 +177,8 @@ class Arm:
         return max((r.summary["stability"] for r in self.runs), key=lambda s: rank(s["label"]))
 
 
-def _finite(x: Any) -> bool:
+def finite_number(x: Any) -> bool:
+    """A number (not a bool) that is neither NaN nor infinite: a loss the report can state."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
