@@ -138,7 +138,7 @@ def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap=No
         if z_loss:
             z_total += z_loss * (torch.logsumexp(logits, dim=1).square() * (t != IGNORE_INDEX)).sum()
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return (total + z_total) / n_valid if z_loss else total / n_valid, total / n_valid
+    return (total + z_total) / n_valid, total / n_valid  # z_total stays 0 without z-loss
 
 
 _TINY_PROB = 1e-30
