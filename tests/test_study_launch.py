@@ -192,3 +192,15 @@ def test_a_killed_study_resumes_each_run_and_reports_as_an_uninterrupted_one(sto
     rows = {r["run_dir"]: r["best_val_loss"] for r in json.loads((out / "results.json").read_text())}
     expected = {r["run_dir"]: r["best_val_loss"] for r in json.loads((tmp_path / "whole" / "results.json").read_text())}
     assert {Path(k).name: v for k, v in rows.items()} == {Path(k).name: v for k, v in expected.items()}
+
+
+def test_seed_zero_keeps_its_folder_when_a_one_seed_study_grows(study, stories, tmp_path):
+    from tinylm.study.plan import Plan
+
+    one = Plan(study, ["tiny"], flags(stories), tmp_path, study.arms, seeds=1)
+    assert one.run_dir("tiny", study.arms[0], 0) == tmp_path / "tiny" / "base"
+    (tmp_path / "tiny" / "base").mkdir(parents=True)
+    (tmp_path / "tiny" / "base" / "config.json").write_text("{}")  # a run of the one-seed study
+    two = Plan(study, ["tiny"], flags(stories), tmp_path, study.arms, seeds=2)
+    assert [two.run_dir("tiny", study.arms[0], k).name for k in (0, 1)] == ["base", "base-seed1"]
+    assert [two.run_dir("tiny", study.arms[1], k).name for k in (0, 1)] == ["qk-seed0", "qk-seed1"]

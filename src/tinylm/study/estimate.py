@@ -3,6 +3,7 @@ this machine, from one training step of the study's first run measured here (a f
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -37,6 +38,8 @@ def describe(plan: Plan, tasks: list[Task], parallel: int, measure: bool = True)
     size = f"{tokens:,} tokens per run" if tokens else f"{cfg.train.max_time:g} s per run"
     if not measure:
         return f"{head}, {size}"
+    # the vocabulary the run will have (a trained BPE shrinks the output layer, most of a tiny model's cost)
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=plan.vocab_size(cfg))
     per_step = step_seconds(cfg)
     slots = plan.slots_per_step(cfg)
     if tokens:
