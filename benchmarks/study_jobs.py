@@ -1,6 +1,6 @@
 """A tiny study trained with --jobs 1 and with --jobs 2: wall-clock time of each and the ratio.
 
-    python benchmarks/study_jobs.py [--repeats 3] [--steps 40]
+    python benchmarks/study_jobs.py [--repeats 3] [--steps 40] [--seeds 2]
 
 Prints its figures (it is not a test). Each repeat trains the same study (the seed study's four
 arms x 2 seeds on the tiny preset, a trained 512-token BPE) into fresh folders, alternating the
@@ -28,8 +28,8 @@ def data_path() -> str:
     return str(slice_dir) if slice_dir.exists() else "shakespeare"
 
 
-def one_study(jobs: int, steps: int, data: str, out: Path) -> float:
-    argv = [sys.executable, "-m", "tinylm", "ablate", "--preset", "tiny", "--seeds", "2", "--data", data,
+def one_study(jobs: int, steps: int, seeds: int, data: str, out: Path) -> float:
+    argv = [sys.executable, "-m", "tinylm", "ablate", "--preset", "tiny", "--seeds", str(seeds), "--data", data,
             "--tokenizer", "bpe:512", "--batch-size", "8", "--max-steps", str(steps), "--eval-every", str(steps),
             "--eval-tokens", "4096", "--device", "cpu", "--jobs", str(jobs), "--out", str(out), "--quiet"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -42,15 +42,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40, help="steps per run")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per arm (4 arms)")
     args = parser.parse_args()
     data = data_path()
-    print(f"data {data}, {os.cpu_count()} CPUs, 8 runs of {args.steps} steps per study")
+    print(f"data {data}, {os.cpu_count()} CPUs, {4 * args.seeds} runs of {args.steps} steps per study")
     with tempfile.TemporaryDirectory() as tmp:
-        one_study(1, 1, data, Path(tmp) / "warm")  # tokenise once: no repeat pays for it
+        one_study(1, 1, 1, data, Path(tmp) / "warm")  # tokenise once: no repeat pays for it
         times: dict[int, list[float]] = {1: [], 2: []}
         for r in range(args.repeats):
-            for jobs in ((1, 2) if r % 2 == 0 else (2, 1)):
-                times[jobs].append(one_study(jobs, args.steps, data, Path(tmp) / f"r{r}-j{jobs}"))
+            for jobs in (1, 2) if r % 2 == 0 else (2, 1):
+                times[jobs].append(one_study(jobs, args.steps, args.seeds, data, Path(tmp) / f"r{r}-j{jobs}"))
                 print(f"repeat {r}: --jobs {jobs}: {times[jobs][-1]:.1f} s", flush=True)
     one, two = statistics.median(times[1]), statistics.median(times[2])
     print(f"median wall-clock: --jobs 1 {one:.1f} s, --jobs 2 {two:.1f} s, ratio {one / two:.2f}x")
