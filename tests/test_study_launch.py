@@ -204,3 +204,17 @@ def test_seed_zero_keeps_its_folder_when_a_one_seed_study_grows(study, stories, 
     two = Plan(study, ["tiny"], flags(stories), tmp_path, study.arms, seeds=2)
     assert [two.run_dir("tiny", study.arms[0], k).name for k in (0, 1)] == ["base", "base-seed1"]
     assert [two.run_dir("tiny", study.arms[1], k).name for k in (0, 1)] == ["qk-seed0", "qk-seed1"]
+
+
+def test_ablate_lists_failed_runs_and_exits_non_zero(stories, tmp_path, monkeypatch, capsys):
+    real_train = tinylm.train.train
+    monkeypatch.setattr(tinylm.train, "train", lambda cfg, **kw: 1 / 0 if cfg.model.qk_norm else real_train(cfg, **kw))
+    study_file = tmp_path / "pair.yaml"
+    study_file.write_text(STUDY)
+    argv = ["ablate", "--study", str(study_file), "--out", str(tmp_path / "out"), "--data", str(stories),
+            "--tokenizer", "bpe:512", "--batch-size", "2", "--eval-tokens", "256", "--max-steps", "2", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "2 runs, " in captured.out and "tokens per run" in captured.out  # said before it started
+    assert "report of the finished runs written to" in captured.out
+    assert captured.err.splitlines()[-1] == "  tiny/qk: ZeroDivisionError: division by zero"

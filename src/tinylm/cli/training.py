@@ -166,6 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     import sys
 
+    from tinylm.errors import UserError
     from tinylm.report import write_report
     from tinylm.study.estimate import describe
     from tinylm.study.executor import make_executor
@@ -191,8 +192,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     try:
         run_tasks(out, tasks, executor)
     except StudyFailed as e:
-        if any((out / t.key / "summary.json").exists() for t in tasks if t.kind == "run"):
+        try:
             print(f"report of the finished runs written to {write_report([out], out / 'report.md')}")
+        except UserError:  # no run finished yet: nothing to report
+            pass
         print(f"tinylm: error: {e}", file=sys.stderr)
         return 1
     report = write_report([out], out / "report.md")
