@@ -34,7 +34,7 @@ import json, sys, time, torch
 args = json.loads(sys.argv[1])
 if args["ftz"]:
     torch.set_flush_denormal(True)  # before any parallel op, so the worker threads inherit it
-from tinylm.ablation import PHASES
+from tinylm.study.runner import PHASES
 from tinylm.config import RunConfig, TrainConfig, preset
 from tinylm.data.batching import training_rows
 from tinylm.distributed import Cluster

@@ -5,7 +5,7 @@ import re
 import pytest
 
 import tinylm.train
-from tinylm.ablation import PHASES, ablate, parse_phases
+from tinylm.study.runner import PHASES, ablate, parse_phases
 from tinylm.config import RunConfig, TrainConfig
 from tinylm.errors import UserError
 from tinylm.report import write_report
@@ -155,7 +155,7 @@ def test_several_seeds_are_reported_as_mean_and_std(stories, tmp_path):
 
 
 def test_doc_mask_applies_to_the_packed_phase_only(tmp_path):
-    from tinylm.ablation import phase_config
+    from tinylm.study.runner import phase_config
 
     base_cfg = TrainConfig(doc_mask=True, max_steps=1)
     masks = {name: phase_config(base_cfg, "tiny", phase, 1, tmp_path).train.doc_mask for name, phase in PHASES.items()}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tinylm.ablation import PHASES, phase_config
+from tinylm.study.runner import PHASES, phase_config
 from tinylm.cli import main
 from tinylm.config import TrainConfig
 from tinylm.errors import UserError

@@ -27,7 +27,7 @@ def _curve(values: list[float], steps: int, tokens_per_step: int = 4096) -> list
 
 
 def _run(root: Path, path: str, phase: str, preset: str | None, curve: list, summary: dict, seed=1337, lr=1e-3):
-    from tinylm.ablation import PHASES, phase_config
+    from tinylm.study.runner import PHASES, phase_config
     from tinylm.config import TrainConfig
 
     run_dir = root / path

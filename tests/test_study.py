@@ -11,13 +11,13 @@ import yaml
 
 import tinylm.train
 import tinylm.trainer
-from tinylm.ablation import pick_lr_factor, run_study, select_arms
+from tinylm.study.runner import pick_lr_factor, run_study, select_arms
 from tinylm.config import ModelConfig
 from tinylm.costs import model_costs
 from tinylm.errors import UserError
-from tinylm.manifest import STUDY_FILE
-from tinylm.study import load_study, read_study, shipped_studies
-from tinylm.studyplan import Plan
+from tinylm.study.manifest import STUDY_FILE
+from tinylm.study.spec import load_study, read_study, shipped_studies
+from tinylm.study.plan import Plan
 
 TWO_ARMS = """
 name: pair
@@ -241,12 +241,12 @@ def test_a_flag_may_override_the_base_but_not_a_step(tmp_path, capsys):
 
 def test_a_trailing_comma_in_presets_names_no_extra_preset(tmp_path, monkeypatch):
     """`--presets tiny,` ran tiny before studies; it must not become an unknown preset ''."""
-    import tinylm.ablation
+    import tinylm.study.runner
     import tinylm.report
     from tinylm.cli import main
 
     asked = []
-    monkeypatch.setattr(tinylm.ablation, "run_study", lambda study, presets, *a, **k: asked.append(presets))
+    monkeypatch.setattr(tinylm.study.runner, "run_study", lambda study, presets, *a, **k: asked.append(presets))
     monkeypatch.setattr(tinylm.report, "write_report", lambda paths, out: out)
     assert main(["ablate", "--presets", "tiny,", "--max-steps", "1", "--out", str(tmp_path / "out")]) == 0
     assert asked == [["tiny"]]
@@ -494,7 +494,7 @@ def test_study_json_and_the_summary_block(stories, tmp_path):
 def test_two_commands_writing_one_study_json_at_once_keep_each_others_arms_and_presets(tmp_path):
     """`--phases base` and `--phases qk` (or two presets) started together into one OUT: each writes
     study.json as it goes, and neither write may drop what the other recorded."""
-    from tinylm.manifest import Manifest, read_manifest
+    from tinylm.study.manifest import Manifest, read_manifest
 
     study = read_study(yaml.safe_load(TWO_ARMS), "pair.yaml")
     base, qk = study.arms

@@ -89,22 +89,29 @@ def fsync_dir(path: Path) -> None:
 
 class DirLock:
     """One process at a time in a folder: an exclusive flock on the folder itself (nothing is written
-    for it), released by release(), at the end of a ``with``, or when the process ends, a kill included."""
+    for it), released by release(), at the end of a ``with``, or when the process ends, a kill included.
 
-    def __init__(self, path: Path, busy: str):
+    The path may also be a file (made empty if missing): a study's runs are claimed through a file
+    beside each run's folder, and its study.json is written under one (tinylm.study)."""
+
+    def __init__(self, path: Path, busy: str = "in use by another process", file: bool = False):
         self.path, self.busy = path, busy  # busy: the one-line error a second process gets
+        self.file = file  # a lock file, made empty where missing
         self._fd: int | None = None
 
-    def acquire(self) -> None:
-        """Take the lock (nothing if held already); the folder must exist."""
+    def acquire(self, wait: bool = False) -> None:
+        """Take the lock (nothing if held already); the folder must exist. ``wait``: block until the
+        holder lets go, instead of raising ``busy``."""
         if self._fd is not None or fcntl is None:
             return
         try:
+            if self.file:
+                self.path.touch()
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:  # an unreadable folder: the writes that follow say so in one line
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             raise UserError(self.busy) from None
@@ -112,6 +119,24 @@ class DirLock:
             os.close(fd)
             return
         self._fd = fd
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no other process holds it; False (nothing raised) if one does."""
+        try:
+            self.acquire()
+        except UserError:
+            return False
+        return True
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds the lock now (tried and let go at once)."""
+        if self._fd is not None or not self.path.exists():
+            return False
+        probe = DirLock(self.path, self.busy, self.file)
+        if probe.try_acquire():
+            probe.release()
+            return False
+        return True
 
     def release(self) -> None:
         if self._fd is not None:

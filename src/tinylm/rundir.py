@@ -10,6 +10,7 @@
     DIR/tokenizer.json       a trained BPE (absent for gpt2)
     DIR/eval.json            tinylm eval's result
     DIR/tensorboard/         with --tensorboard
+    DIR/train.log            the run's output, when a study's executor ran it (tinylm.study)
 
 Every whole-file write goes through :func:`write_atomic`, so a kill leaves the old file or
 the new one; metrics.jsonl is the exception, appended line by line, and its reader drops a
@@ -37,7 +38,8 @@ from tinylm.model import GPT
 from tinylm.paths import write_atomic
 
 __all__ = [
-    "CONFIG_FILE", "EVAL_FILE", "METRICS_FILE", "MODEL_FILE", "POINTER_FILE", "STATE_FILE", "SUMMARY_FILE",
+    "CONFIG_FILE", "EVAL_FILE", "METRICS_FILE", "MODEL_FILE", "POINTER_FILE", "RUN_LOG_FILE", "STATE_FILE",
+    "SUMMARY_FILE",
     "TENSORBOARD_DIR", "TOKENIZER_FILE", "LoadedRun", "load_run", "read_config", "read_metrics", "read_summary",
     "tokenizer_file", "write_atomic",
 ]  # fmt: skip
@@ -45,6 +47,9 @@ __all__ = [
 CONFIG_FILE = "config.json"
 """Where a run directory keeps its resolved RunConfig."""
 SUMMARY_FILE = "summary.json"
+RUN_LOG_FILE = "train.log"
+"""The run's own output when a study's executor trains it away from the terminal; a fresh run may
+start in a folder that holds only this (and keeps appending to it)."""
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 TENSORBOARD_DIR = "tensorboard"

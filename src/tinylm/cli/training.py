@@ -133,10 +133,10 @@ def add_ablate(sub) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from tinylm.ablation import run_study, select_arms
+    from tinylm.study.runner import run_study, select_arms
     from tinylm.report import write_report
-    from tinylm.study import DEFAULT_STUDY, load_study
-    from tinylm.studyplan import check_flags
+    from tinylm.study.spec import DEFAULT_STUDY, load_study
+    from tinylm.study.plan import check_flags
 
     study = load_study(args.study or DEFAULT_STUDY)
     given = args.presets or args.preset or study.base.get("preset") or "basic"

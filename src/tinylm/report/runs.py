@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinylm.ablation import PHASES
+from tinylm.study.runner import PHASES
 from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig
 from tinylm.errors import UserError
 from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, read_summary

@@ -19,10 +19,10 @@ from typing import Any
 from tinylm import checkpoint
 from tinylm.config import RunConfig, TrainConfig
 from tinylm.errors import UserError
-from tinylm.manifest import Manifest, mark_summary, study_block
+from tinylm.study.manifest import Manifest, mark_summary, study_block
 from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary
-from tinylm.study import DEFAULT_STUDY, Arm, Study, dotted, load_study
-from tinylm.studyplan import Plan, trial_config, with_lr_factor
+from tinylm.study.spec import DEFAULT_STUDY, Arm, Study, dotted, load_study
+from tinylm.study.plan import Plan, trial_config, with_lr_factor
 
 __all__ = ["PHASES", "Phase", "ablate", "parse_phases", "phase_config", "pick_lr_factor",
            "run_study", "select_arms"]  # fmt: skip

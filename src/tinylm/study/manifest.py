@@ -15,8 +15,8 @@ from typing import Any
 from tinylm.errors import UserError, damaged
 from tinylm.paths import write_atomic
 from tinylm.rundir import SUMMARY_FILE, read_summary
-from tinylm.study import Arm, flat
-from tinylm.studyplan import Plan
+from tinylm.study.spec import Arm, flat
+from tinylm.study.plan import Plan
 
 STUDY_FILE = "study.json"
 PER_PRESET = ("runs", "budget", "lr", "lr_factor", "trials", "trial_losses")

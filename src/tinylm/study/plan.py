@@ -19,7 +19,7 @@ from tinylm.costs import model_costs
 from tinylm.data.prepare import PrepareOptions
 from tinylm.errors import UserError
 from tinylm.fields import build, merge
-from tinylm.study import Arm, Study, describe, dotted
+from tinylm.study.spec import Arm, Study, describe, dotted
 
 BUDGET_NAMES = {"max_tokens": "tokens", "max_steps": "steps", "max_time": "time_s"}
 """A budget flag and its name in study.json's ``budget``."""
