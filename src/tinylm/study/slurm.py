@@ -363,14 +363,13 @@ def run_task(out: str, key: str, launch: list[str], requeues: int = 10) -> str:
     is the last of ``launch`` (the keys submitted together) to end, write the report. Returns the
     outcome's status. Exits with code 2 and one ``tinylm: error:`` line when the study folder cannot
     be written from this node."""
-    from tinylm.study.worker import train_task
-
     study = Path(out)
     try:
         check_shared(study)
     except UserError as e:
         print(f"tinylm: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    from tinylm.study.worker import train_task
     _threads_from_slurm()
     requeue = _RequeueOnTimeout(requeues)
     with requeue.installed():
