@@ -28,6 +28,7 @@ COMMANDS = (
     data.add_prepare,
     training.add_info,
     training.add_ablate,
+    training.add_status,
     runs.add_report,
     runs.add_sample,
     runs.add_eval,

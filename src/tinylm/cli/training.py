@@ -128,15 +128,50 @@ def add_ablate(sub) -> None:
     p.add_argument("--out", required=True, help="study directory (rerun the command to finish an interrupted one)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--nproc-per-node", type=at_least(1), default=1, help="data-parallel processes per run (torchrun)")
+    add_launcher_flags(p)
     add_run_flags(p, "training (over the study's base; a step's own settings cannot be given)", skip=("out",))
     p.set_defaults(func=cmd_ablate)
 
 
+def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
+    """--launcher, and each available executor's own flags (tinylm.study.local, tinylm.study.slurm)."""
+    from tinylm.errors import UserError
+    from tinylm.study.executor import LAUNCHERS, executor_module
+
+    group = parser.add_argument_group("launcher (where the study's runs train)")
+    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                       help="local: this machine, --jobs runs at once (default); slurm: a Slurm cluster")  # fmt: skip
+    for name in LAUNCHERS:
+        try:
+            module = executor_module(name)
+        except UserError:  # not part of this tinylm (or its package is missing): --launcher NAME says so
+            continue
+        if hasattr(module, "add_flags"):
+            module.add_flags(group)
+
+
+def add_status(sub) -> None:
+    p = sub.add_parser("status", help="where a study stands: runs done, running, failed, pending per arm, and an ETA")
+    p.add_argument("out", help="the study directory (ablate's --out)")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tinylm.study.status import study_status
+
+    print(study_status(Path(args.out)))
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from tinylm.study.runner import run_study, select_arms
+    import sys
+
     from tinylm.report import write_report
-    from tinylm.study.spec import DEFAULT_STUDY, load_study
+    from tinylm.study.estimate import describe
+    from tinylm.study.executor import make_executor
     from tinylm.study.plan import check_flags
+    from tinylm.study.runner import StudyFailed, make_plan, plan_tasks, run_tasks, select_arms
+    from tinylm.study.spec import DEFAULT_STUDY, load_study
 
     study = load_study(args.study or DEFAULT_STUDY)
     given = args.presets or args.preset or study.base.get("preset") or "basic"
@@ -148,8 +183,18 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     check_flags(study, flags)
     out = Path(args.out)
     check_writable_dir(out, "--out")
-    run_study(study, names, flags, out, arms, seeds=args.seeds, quiet=args.quiet,
-              nproc_per_node=args.nproc_per_node)  # fmt: skip
+    executor = make_executor(args.launcher, args)
+    plan = make_plan(study, names, flags, out, arms, seeds=args.seeds, nproc_per_node=args.nproc_per_node)
+    tasks = plan_tasks(plan, executor)
+    if not args.quiet:
+        print(describe(plan, tasks, getattr(executor, "jobs", 1)), flush=True)
+    try:
+        run_tasks(out, tasks, executor)
+    except StudyFailed as e:
+        if any((out / t.key / "summary.json").exists() for t in tasks if t.kind == "run"):
+            print(f"report of the finished runs written to {write_report([out], out / 'report.md')}")
+        print(f"tinylm: error: {e}", file=sys.stderr)
+        return 1
     report = write_report([out], out / "report.md")
     print(f"report written to {report}")
     return 0

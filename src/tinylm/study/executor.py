@@ -117,3 +117,26 @@ class Executor(Protocol):
         as it ends, and return when every task has an outcome. A task held by another process
         (``busy``) may be tried again later; its outcome is the one of that later try."""
         ...
+
+
+LAUNCHERS = ("local", "slurm")
+"""``--launcher``'s choices: each a module of this package."""
+
+
+def executor_module(name: str):
+    """The module of the executor ``--launcher NAME`` names, or a one-line UserError where it is missing."""
+    import importlib
+
+    from tinylm.errors import UserError
+
+    try:
+        return importlib.import_module(f"tinylm.study.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"tinylm.study.{name}":
+            raise UserError(f"--launcher {name} needs {e.name}, which is not installed") from None
+        raise UserError(f"--launcher {name} is not available in this tinylm") from None
+
+
+def make_executor(name: str, args: Any) -> Executor:
+    """The executor ``--launcher NAME`` and its flags (``args``) ask for."""
+    return executor_module(name).make_executor(args)

@@ -2,8 +2,10 @@
 
 study.json says which runs make which arm, what each arm changes and is compared to, the budget
 each arm got, its LR trials and the LR it chose; paths are relative to OUT. It is rewritten
-(atomically) as the study progresses, and merged across reruns that run other arms or presets
-of the same study; a rerun of another study, or of the same one with other settings, is refused.
+(atomically, under OUT/.study.lock, by the launcher and by each run's worker) as the study
+progresses, and merged across reruns that run other arms, presets or more seeds of the same
+study, or the study grown by steps; a rerun of another study, or of the same one with other
+settings, is refused.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.errors import UserError, damaged
-from tinylm.paths import write_atomic
+from tinylm.paths import DirLock, write_atomic
 from tinylm.rundir import SUMMARY_FILE, read_summary
 from tinylm.study.spec import Arm, flat
 from tinylm.study.plan import Plan
 
 STUDY_FILE = "study.json"
+LOCK_FILE = ".study.lock"
+"""Held while study.json (or tasks.json) is read, changed and written: several processes write them."""
 PER_PRESET = ("runs", "budget", "lr", "lr_factor", "trials", "trial_losses")
 """An arm's entries that hold one value per preset."""
+WORKER_SET = ("lr", "lr_factor", "trial_losses")
+"""Entries of an LR-tuned arm that its runs' worker sets once the arm's trials have finished."""
 
 
 def read_manifest(out: Path) -> dict[str, Any] | None:
@@ -42,11 +48,13 @@ class Manifest:
 
     def __init__(self, plan: Plan):
         self.plan, self.path = plan, plan.out / STUDY_FILE
-        self.definition = _plain({"study": plan.study.to_dict(), "settings": plan.settings, "seeds": plan.seeds,
-                                  "budget": plan.budget})  # fmt: skip
+        self.definition = _plain({"study": plan.study.to_dict(), "settings": plan.settings, "budget": plan.budget})
+        self.executor: dict[str, Any] | None = None
+        """The executor training the study now (``Executor.describe()``), for tinylm status."""
         old = read_manifest(plan.out) or {}
-        if old and old.get("definition") != self.definition:
-            raise_changed(plan.out)
+        if old:
+            self.definition = grown_definition(old.get("definition"), self.definition, plan.out)
+        self.seeds = max(plan.seeds, old.get("seeds") or 0)
         self.presets = list(dict.fromkeys([*old.get("presets", []), *plan.presets]))
         self.arms = {a["name"]: a for a in old.get("arms", []) if isinstance(a, dict) and "name" in a}
 
@@ -65,16 +73,19 @@ class Manifest:
         return path.relative_to(self.plan.out).as_posix()
 
     def write(self) -> None:
-        self._merge_disk()
-        study, plan = self.plan.study, self.plan
-        order = [a.name for a in study.arms]
-        arms = sorted(self.arms.values(), key=lambda a: order.index(a["name"]) if a["name"] in order else len(order))
-        data = {
-            "study": study.name, "mode": study.mode, "rank_by": study.rank_by, "seeds": plan.seeds,
-            "budget": plan.budget, "lr_tune": study.lr_tune, "lr_tune_share": study.lr_tune_share,
-            "presets": self.presets, "arms": arms, "definition": self.definition,
-        }  # fmt: skip
-        write_atomic(self.path, json.dumps(data, indent=2) + "\n")
+        with study_lock(self.plan.out):
+            self._merge_disk()
+            study, plan = self.plan.study, self.plan
+            order = [a.name for a in study.arms]
+            arms = sorted(self.arms.values(), key=lambda a: order.index(a["name"]) if a["name"] in order else len(order))
+            data = {
+                "study": study.name, "mode": study.mode, "rank_by": study.rank_by, "seeds": self.seeds,
+                "budget": plan.budget, "lr_tune": study.lr_tune, "lr_tune_share": study.lr_tune_share,
+                "presets": self.presets, "arms": arms, "definition": self.definition,
+            }  # fmt: skip
+            if self.executor is not None:
+                data["executor"] = self.executor
+            write_atomic(self.path, json.dumps(data, indent=2) + "\n")
 
     def _merge_disk(self) -> None:
         """Take what another command wrote since this one started: `--phases a` and `--phases b` (or two
@@ -83,8 +94,8 @@ class Manifest:
         disk = read_manifest(self.plan.out) or {}
         if not disk:
             return
-        if disk.get("definition") != self.definition:
-            raise_changed(self.plan.out)
+        self.definition = grown_definition(disk.get("definition"), self.definition, self.plan.out)
+        self.seeds = max(self.seeds, disk.get("seeds") or 0)
         self.presets = list(dict.fromkeys([*self.presets, *disk.get("presets", [])]))
         mine = {a.name for a in self.plan.arms}
         for entry in disk["arms"]:
@@ -97,6 +108,56 @@ class Manifest:
             for key in PER_PRESET:  # an arm this plan runs: its other presets' values are the file's
                 theirs = {p: v for p, v in (entry.get(key) or {}).items() if p not in self.plan.presets}
                 self.arms[name][key] = {**theirs, **self.arms[name].get(key, {})}
+            for key in WORKER_SET:  # what a worker found since: kept where this plan has nothing newer
+                for p, v in (entry.get(key) or {}).items():
+                    if p in self.plan.presets and self.arms[name].get(key, {}).get(p) is None:
+                        self.arms[name].setdefault(key, {})[p] = v
+
+
+def study_lock(out: Path) -> DirLock:
+    """The lock (taken by ``with``, waiting for its holder) under which study.json and tasks.json change."""
+    lock = DirLock(out / LOCK_FILE, "study.json is being written", file=True)
+    lock.acquire(wait=True)
+    return lock
+
+
+def update_arm(out: Path, arm_name: str, preset_name: str, merge: bool = False, **entries: Any) -> None:
+    """Set per-preset entries of one arm in OUT/study.json, under the lock (a worker's findings: the LR
+    its trials chose, a finished trial). ``merge``: a mapping entry is added to, not replaced."""
+    with study_lock(out):
+        data = read_manifest(out)
+        if data is None:
+            return
+        for arm in data["arms"]:
+            if isinstance(arm, dict) and arm.get("name") == arm_name:
+                for key, value in entries.items():
+                    per_preset = arm.setdefault(key, {})
+                    old = per_preset.get(preset_name)
+                    per_preset[preset_name] = {**old, **_plain(value)} if merge and isinstance(old, dict) else _plain(value)
+        write_atomic(out / STUDY_FILE, json.dumps(data, indent=2) + "\n")
+
+
+def grown_definition(old: Any, new: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The definition of a study folder after a rerun: the same, or the study grown by steps (either way
+    round: the larger is kept). Seeds are not part of it: a rerun with more seeds adds runs. Else refused."""
+    old = dict(old or {})
+    old.pop("seeds", None)  # written by tinylm before a study could grow by seeds
+    old_steps, new_steps = (d.get("study", {}).get("steps") or [] for d in (old, new))
+    if _without_steps(old) != _without_steps(new):
+        raise_changed(out)
+    small, large = sorted((old_steps, new_steps), key=len)
+    if new.get("study", {}).get("mode") == "cumulative":
+        grown = large[: len(small)] == small  # a step after the last: the arms before it are unchanged
+    else:
+        grown = all(step in large for step in small)
+    if not grown:
+        raise_changed(out)
+    return new if large is new_steps else old
+
+
+def _without_steps(definition: dict[str, Any]) -> dict[str, Any]:
+    study = {k: v for k, v in (definition.get("study") or {}).items() if k not in ("steps", "seeds")}
+    return {**{k: v for k, v in definition.items() if k != "seeds"}, "study": study}
 
 
 def raise_changed(out: Path) -> None:
@@ -118,5 +179,5 @@ def mark_summary(run_dir: Path, block: dict[str, Any]) -> None:
         write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def study_block(study_name: str, arm: Arm, lr_factor: float | None, trial: bool = False) -> dict[str, Any]:
-    return {"name": study_name, "arm": arm.name, "lr_factor": lr_factor, "trial": trial}
+def study_block(study_name: str, arm_name: str, lr_factor: float | None, trial: bool = False) -> dict[str, Any]:
+    return {"name": study_name, "arm": arm_name, "lr_factor": lr_factor, "trial": trial}

@@ -19,6 +19,7 @@ from tinylm.costs import model_costs
 from tinylm.data.prepare import PrepareOptions
 from tinylm.errors import UserError
 from tinylm.fields import build, merge
+from tinylm.rundir import CONFIG_FILE
 from tinylm.study.spec import Arm, Study, describe, dotted
 
 BUDGET_NAMES = {"max_tokens": "tokens", "max_steps": "steps", "max_time": "time_s"}
@@ -26,6 +27,8 @@ BUDGET_NAMES = {"max_tokens": "tokens", "max_steps": "steps", "max_time": "time_
 
 DEFAULT_TOKENS = {"tiny": 200_000, "basic": 20_000_000, "mid": 40_000_000, "quality": 80_000_000}
 """Token slots per arm when neither the flags nor the study give a budget: a real result on one GPU."""
+DEFAULT_TOKENS_CPU = {"tiny": 200_000, "basic": 250_000, "mid": 250_000, "quality": 250_000}
+"""The same without CUDA: minutes a run on a few cores, not hours (tinylm ablate says how long first)."""
 
 
 @dataclass
@@ -55,8 +58,15 @@ class Plan:
         return TrainConfig.seed if train.get("seed") is None else train["seed"]
 
     def run_dir(self, preset_name: str, arm: Arm, seed_index: int) -> Path:
+        """OUT/<preset>/<arm> for a one-seed study, else <arm>-seed<k>. Seed 0 keeps the folder it has when
+        a study grows from one seed to more (or back): a study grows without training a run twice."""
+        folder = self.out / preset_name
+        if seed_index == 0:
+            for name in (arm.name, f"{arm.name}-seed0"):
+                if (folder / name / CONFIG_FILE).exists():
+                    return folder / name
         name = arm.name if self.seeds == 1 else f"{arm.name}-seed{seed_index}"
-        return self.out / preset_name / name
+        return folder / name
 
     def trial_dir(self, preset_name: str, arm: Arm, factor: float) -> Path:
         return self.out / "trials" / preset_name / f"{arm.name}-lr{factor:g}"
@@ -137,7 +147,14 @@ def resolve_budget(study: Study, settings: dict[str, Any], presets: list[str]) -
         return study.budget.to_dict()
     if len(presets) > 1:
         raise UserError("give a budget (--max-tokens, --max-steps or --max-time) when ablating several presets")
-    return {"tokens": DEFAULT_TOKENS[presets[0]]}
+    device = merge(study.base, settings).get("train", {}).get("device") or "auto"
+    return {"tokens": (DEFAULT_TOKENS if _on_cuda(device) else DEFAULT_TOKENS_CPU)[presets[0]]}
+
+
+def _on_cuda(device: str) -> bool:
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available()
 
 
 def with_lr_factor(cfg: RunConfig, factor: float, **train: Any) -> RunConfig:

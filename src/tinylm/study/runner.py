@@ -1,10 +1,12 @@
-"""Running a study (tinylm.study): its arms on one or more presets, each with its seeds and, when the
-study tunes LRs, its LR trials first. The seed report's four cumulative phases are the built-in
-``seed`` study (src/tinylm/studies/seed.yaml).
+"""Running a study: its arms on one or more presets, each with its seeds and, when the study tunes
+LRs, its LR trials first. The seed report's four cumulative phases are the built-in ``seed``
+study (src/tinylm/studies/seed.yaml).
 
 Every run of a preset gets the same budget and the same validation stream; seed k of every arm
-trains with the same seed (paired). A finished run is skipped on a rerun; an interrupted one
-resumes; a rerun with other settings is refused. OUT/study.json records the study as it goes.
+trains with the same seed (paired). The runs are planned here as tasks (executor.py) and trained
+by an executor (local.py: in this process or in several; slurm.py), each through worker.py. A
+finished run is skipped on a rerun; an interrupted one resumes; a failed one is retried; a rerun
+with other settings is refused. OUT/study.json records the study as it goes.
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinylm import checkpoint
 from tinylm.config import RunConfig, TrainConfig
 from tinylm.errors import UserError
-from tinylm.study.manifest import Manifest, mark_summary, study_block
-from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_summary
+from tinylm.paths import write_atomic
+from tinylm.study.executor import TASKS_FILE, Executor, Outcome, Task
+from tinylm.study.manifest import Manifest, study_lock
+from tinylm.study.plan import Plan, trial_config
 from tinylm.study.spec import DEFAULT_STUDY, Arm, Study, dotted, load_study
-from tinylm.study.plan import Plan, trial_config, with_lr_factor
 
-__all__ = ["PHASES", "Phase", "ablate", "parse_phases", "phase_config", "pick_lr_factor",
-           "run_study", "select_arms"]  # fmt: skip
+__all__ = ["PHASES", "Phase", "StudyFailed", "ablate", "parse_phases", "phase_config", "pick_lr_factor",
+           "plan_tasks", "run_study", "select_arms"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ def ablate(
     return run_study(study, presets, settings, out, arms, seeds, quiet, nproc_per_node)
 
 
+
+
 def run_study(
     study: Study,
     presets: list[str],
@@ -111,72 +115,118 @@ def run_study(
     seeds: int | None = None,
     quiet: bool = False,
     nproc_per_node: int = 1,
+    executor: Executor | None = None,
 ) -> list[Path]:
     """Run (or finish) ``arms`` of ``study`` (all by default) on every preset, ``settings`` (the
-    flags) over its base; returns the run directories in order. Every run's config is made, and so
-    checked, before the first one trains."""
+    flags) over its base, with ``executor`` (default: one run at a time in this process); returns
+    the full runs' directories in order. Every run's config is made, and so checked, before the
+    first one trains. A failed run does not stop the others: StudyFailed lists them at the end."""
+    plan = make_plan(study, presets, settings, out, arms, seeds, nproc_per_node)
+    tasks = plan_tasks(plan, executor)
+    run_tasks(out, tasks, executor or sequential(quiet))
+    return [out / t.key for t in tasks if t.kind == "run"]
+
+
+def make_plan(study: Study, presets: list[str], settings: dict[str, Any], out: Path, arms: list[Arm] | None = None,
+              seeds: int | None = None, nproc_per_node: int = 1) -> Plan:  # fmt: skip
     seeds = study.seeds if seeds is None else seeds
     if seeds < 1:
         raise UserError("--seeds must be at least 1")
-    plan = Plan(study, presets, settings, out, arms or study.arms, seeds, nproc_per_node)
-    configs = {(p, arm.name): [plan.config(p, arm, k) for k in range(seeds)] for p in presets for arm in plan.arms}
+    return Plan(study, presets, settings, out, arms or study.arms, seeds, nproc_per_node)
+
+
+def sequential(quiet: bool) -> Executor:
+    from tinylm.study.local import LocalExecutor
+
+    return LocalExecutor(jobs=1, quiet=quiet)
+
+
+class StudyFailed(UserError):
+    """Some runs of a study failed (the others trained): each with its one-line error."""
+
+    def __init__(self, failed: list[Outcome]):
+        self.failed = failed
+        lines = [f"  {o.key}: {o.error}" for o in failed]
+        super().__init__(f"{len(failed)} run(s) of the study failed (rerun the same command to retry only "
+                         "them):\n" + "\n".join(lines))  # fmt: skip
+
+
+def run_tasks(out: Path, tasks: list[Task], executor: Executor) -> None:
+    """Hand the planned tasks to the executor; StudyFailed if any failed."""
+    outcomes: dict[str, Outcome] = {}
+    executor.run(out, tasks, lambda o: outcomes.__setitem__(o.key, o))
+    failed = [outcomes[t.key] for t in tasks if t.key in outcomes and outcomes[t.key].status == "failed"]
+    if failed:
+        raise StudyFailed(failed)
+
+
+def plan_tasks(plan: Plan, executor: Executor | None = None) -> list[Task]:
+    """Every run of the plan as a Task (an LR-tuned arm's trials first), recorded in OUT/tasks.json
+    and study.json (which names the executor). The full runs' folders: seed 0 keeps the one it has."""
+    study, out = plan.study, plan.out
+    configs = {(p, arm.name): [plan.config(p, arm, k) for k in range(plan.seeds)]
+               for p in plan.presets for arm in plan.arms}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _start_manifest(plan, configs)
-    run_dirs = []
-    for p in presets:
+    manifest = Manifest(plan)
+    if executor is not None:
+        manifest.executor = executor.describe()
+    entries: dict[str, dict[str, Any]] = {}
+    tasks = []
+    for p in plan.presets:
         for arm in plan.arms:
             runs = configs[(p, arm.name)]
-            factor = _tune(plan, manifest, p, arm, runs[0], quiet) if study.lr_tune else None
-            for cfg in runs if factor is None else [with_lr_factor(c, factor) for c in runs]:
-                run_dir = Path(cfg.train.out)
-                run_dirs.append(run_dir)
-                _run_phase(cfg, run_dir, f"{p}/{run_dir.name}", arm.key_change, quiet, nproc_per_node)
-                mark_summary(run_dir, study_block(study.name, arm, factor))
-    return run_dirs
-
-
-def _start_manifest(plan: Plan, configs: dict[tuple[str, str], list[RunConfig]]) -> Manifest:
-    """study.json with every planned run and its budget (and its LR, when the study tunes none)."""
-    manifest = Manifest(plan)
-    for arm in plan.arms:
-        for p in plan.presets:
-            first = configs[(p, arm.name)][0]
-            manifest.set(arm, "runs", p, [manifest.relative(Path(c.train.out)) for c in configs[(p, arm.name)]])
-            manifest.set(arm, "budget", p, plan.arm_budget(first))
-            if not plan.study.lr_tune:
-                manifest.set(arm, "lr", p, first.train.lr)
-                manifest.set(arm, "lr_factor", p, None)
+            trials: list[tuple[float, str]] = []
+            for factor in study.lr_tune or []:
+                run_dir = plan.trial_dir(p, arm, factor)
+                cfg = trial_config(runs[0], factor, study.lr_tune_share, run_dir)
+                key = manifest.relative(run_dir)
+                trials.append((factor, key))
+                entries[key] = _entry(study, p, arm, "trial", cfg, plan.nproc, f"trials/{p}/{run_dir.name}",
+                                      f"LR trial: lr x {factor:g}", lr_factor=factor)  # fmt: skip
+                tasks.append(Task(key, p, arm.name, "trial", (), entries[key]["what"]))
+            tune = {"trials": [list(t) for t in trials], "rank_by": study.rank_by} if trials else None
+            for cfg in runs:
+                key = manifest.relative(Path(cfg.train.out))
+                entries[key] = _entry(study, p, arm, "run", cfg, plan.nproc, f"{p}/{Path(key).name}", arm.key_change,
+                                      after=[k for _, k in trials], tune=tune)  # fmt: skip
+                tasks.append(Task(key, p, arm.name, "run", tuple(k for _, k in trials), arm.key_change))
+            _record_arm(plan, manifest, p, arm, runs, trials)
     manifest.write()
-    return manifest
+    _write_tasks(out, entries)
+    return tasks
 
 
-def _tune(plan: Plan, manifest: Manifest, preset_name: str, arm: Arm, cfg: RunConfig, quiet: bool) -> float:
-    """The arm's LR trials (first seed, a share of its budget), run or found finished; returns the
-    LR factor its full runs train at and records it, its LR and the trials in study.json."""
-    study, summaries, trials = plan.study, {}, {}
-    for factor in study.lr_tune or []:
-        run_dir = plan.trial_dir(preset_name, arm, factor)
-        trial = trial_config(cfg, factor, study.lr_tune_share, run_dir)
-        label = f"trials/{preset_name}/{run_dir.name}"
-        _run_phase(trial, run_dir, label, f"LR trial: lr x {factor:g}", quiet, plan.nproc)
-        mark_summary(run_dir, study_block(study.name, arm, factor, trial=True))
-        summaries[factor], trials[f"{factor:g}"] = read_summary(run_dir), manifest.relative(run_dir)
-        manifest.set(arm, "trials", preset_name, trials)
-        manifest.write()
-    chosen = pick_lr_factor(summaries, study.rank_by, f"arm {arm.name} on {preset_name}")
-    tuned = with_lr_factor(cfg, chosen)
-    manifest.set(arm, "lr_factor", preset_name, chosen)
-    manifest.set(arm, "lr", preset_name, tuned.train.lr)
-    manifest.set(
-        arm, "trial_losses", preset_name, {f"{f:g}": v for f, v in _ranked_losses(summaries, study.rank_by).items()}
-    )
-    manifest.write()
-    if not quiet:
-        print(f"[{preset_name}/{arm.name}] LR x {chosen:g} chosen (lr {tuned.train.lr:g})", flush=True)
-    return chosen
+def _entry(study: Study, preset_name: str, arm: Arm, kind: str, cfg: RunConfig, nproc: int, label: str, what: str,
+           **more: Any) -> dict[str, Any]:  # fmt: skip
+    return {"study": study.name, "preset": preset_name, "arm": arm.name, "kind": kind, "after": [], "lr_factor": None,
+            "tune": None, "nproc": nproc, "label": label, "what": what, "config": cfg.to_dict(), **more}  # fmt: skip
 
 
-def _ranked_losses(summaries: dict[float, dict[str, Any]], rank_by: str) -> dict[float, float | None]:
+def _record_arm(plan: Plan, manifest: Manifest, p: str, arm: Arm, runs: list[RunConfig],
+                trials: list[tuple[float, str]]) -> None:  # fmt: skip
+    """study.json's entries of an arm on a preset: its runs (those of earlier, larger seed counts kept),
+    its budget, its trials, and its LR when the study tunes none."""
+    earlier = manifest.arm(arm).get("runs", {}).get(p) or []
+    mine = [manifest.relative(Path(c.train.out)) for c in runs]
+    manifest.set(arm, "runs", p, list(dict.fromkeys([*mine, *earlier])) if len(earlier) > len(mine) else mine)
+    manifest.set(arm, "budget", p, plan.arm_budget(runs[0]))
+    if trials:
+        manifest.set(arm, "trials", p, {f"{f:g}": key for f, key in trials})
+    else:
+        manifest.set(arm, "lr", p, runs[0].train.lr)
+        manifest.set(arm, "lr_factor", p, None)
+
+
+def _write_tasks(out: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """OUT/tasks.json: this plan's tasks over those of earlier commands (other arms, presets, seeds)."""
+    from tinylm.study.worker import read_tasks
+
+    with study_lock(out):
+        tasks = {**read_tasks(out), **entries}
+        write_atomic(out / TASKS_FILE, json.dumps({"tasks": tasks}, indent=1) + "\n")
+
+
+def ranked_losses(summaries: dict[float, dict[str, Any]], rank_by: str) -> dict[float, float | None]:
     """Each trial's best loss by ``rank_by``; by the packed best_val_loss for all of them where one lacks it
     (a trial finished by an older tinylm): one metric ranks them all, as in the report (runs.choose_metric)."""
     key = f"best_{rank_by}"
@@ -187,35 +237,14 @@ def _ranked_losses(summaries: dict[float, dict[str, Any]], rank_by: str) -> dict
 
 def pick_lr_factor(summaries: dict[float, dict[str, Any]], rank_by: str, what: str) -> float:
     """The factor whose trial reached the lowest best validation loss (the first of equals)."""
-    losses = _ranked_losses(summaries, rank_by)
+    losses = ranked_losses(summaries, rank_by)
     finite = {f: v for f, v in losses.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if not finite:
         raise UserError(f"every LR trial of {what} failed to reach a finite validation loss; lower --lr")
     return min(finite, key=lambda f: finite[f])
 
 
-def _run_phase(cfg: RunConfig, run_dir: Path, label: str, what: str, quiet: bool, nproc_per_node: int) -> None:
-    """Train one run, resume it if it was interrupted, or skip it if it finished (with these settings)."""
-    from tinylm.train import train
-
-    if (run_dir / SUMMARY_FILE).exists() and read_summary(run_dir).get("completed"):
-        _check_same_recipe(run_dir / CONFIG_FILE, cfg)
-        if not quiet:
-            print(f"[{label}] already finished, skipped")
-        return
-    resume = (run_dir / CONFIG_FILE).exists() and checkpoint.exists(run_dir)  # else a fresh start reclaims
-    if resume:
-        _check_same_recipe(run_dir / CONFIG_FILE, cfg)
-    if not quiet:
-        print(f"[{label}] {'resuming' if resume else 'training'}: {what}", flush=True)
-    if nproc_per_node > 1:
-        _train_with_torchrun(cfg, resume, quiet, nproc_per_node)
-        return
-    if train(cfg, resume=resume, quiet=quiet).interrupted:
-        raise KeyboardInterrupt
-
-
-def _check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
+def check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
     saved = RunConfig.load(saved_path)
     saved.model.vocab_size = cfg.model.vocab_size  # a trained BPE resizes it at run time
     saved.train.out = cfg.train.out  # the folder, which a resume may spell otherwise (absolute, relative)
@@ -227,7 +256,7 @@ def _check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
         )
 
 
-def _train_with_torchrun(cfg: RunConfig, resume: bool, quiet: bool, nproc: int) -> None:
+def train_with_torchrun(cfg: RunConfig, resume: bool, quiet: bool, nproc: int) -> None:
     """One run as `torchrun -m tinylm train`, from a recipe file holding its exact config."""
     from tinylm.distributed import relaunch_with_torchrun
 

@@ -79,7 +79,7 @@ def _train(out: Path, key: str, quiet: bool) -> None:
     cfg = RunConfig.from_dict(task["config"])
     factor = task.get("lr_factor")
     if task.get("tune"):  # a full run of an LR-tuned arm: the factor its trials chose
-        summaries = {float(f): read_summary(out / k) for f, k in task["tune"]["trials"].items()}
+        summaries = {float(f): read_summary(out / k) for f, k in task["tune"]["trials"]}
         factor = pick_lr_factor(summaries, task["tune"]["rank_by"], f"arm {task['arm']} on {task['preset']}")
         cfg = with_lr_factor(cfg, factor)
         losses = {f"{f:g}": v for f, v in ranked_losses(summaries, task["tune"]["rank_by"]).items()}
