@@ -121,6 +121,18 @@ def test_a_controller_that_hangs_is_one_line(tmp_path, monkeypatch):
         slurm.check_cluster(timeout_s=0.5)
 
 
+def test_ablate_with_launcher_slurm_and_no_sbatch_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from tinylm.cli import main
+
+    fake_commands(tmp_path, monkeypatch, squeue="exit 0")
+    out = tmp_path / "study"
+    assert main(["ablate", "--preset", "tiny", "--max-steps", "2", "--out", str(out), "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tinylm: error: --launcher slurm needs Slurm's commands, and sbatch, scontrol, srun are not on "
+                   "PATH; run tinylm on a machine of the cluster (a login node)"]  # fmt: skip
+    assert not out.exists()
+
+
 def test_a_cluster_that_answers_gives_the_executor(tmp_path, monkeypatch):
     calls = fake_commands(tmp_path, monkeypatch, **SLURM_OK)
     executor = slurm.make_executor(flags("--slurm-partition", "debug"))

@@ -21,6 +21,7 @@ Settings come from the ``slurm:`` part of the study file's ``launch:`` block, th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -37,10 +38,11 @@ from typing import Any
 
 from tinylm.errors import UserError
 from tinylm.fields import ConfigError, build, field_docs, nest, read_fields, require
-from tinylm.study.executor import Outcome, Task, outcome_path
+from tinylm.study.executor import Outcome, Task, log_path, outcome_path
 
 SUBMITIT_DIR = ".slurm"
-"""OUT/.slurm/: submitit's pickles and every array task's log (``<array>_<task>_0_log.out``)."""
+"""OUT/.slurm/: submitit's pickles and every array task's log (``<array>_<task>_0_log.out``: what the
+task did, its requeues, its one-line error); the run's own output goes to OUT/KEY/train.log."""
 REPORT_LOCK = ".report.lock"
 """OUT/.report.lock: held while a task writes the report, so two tasks ending at once take turns."""
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "COMPLETING",
@@ -151,7 +153,8 @@ def check_cluster(timeout_s: float = 20.0) -> None:
     controller does not answer."""
     missing = [c for c in ("sbatch", "squeue", "scontrol", "srun") if shutil.which(c) is None]
     if missing:
-        raise UserError(f"--launcher slurm needs Slurm's commands, and {', '.join(missing)} is not on PATH; "
+        verb = "is" if len(missing) == 1 else "are"
+        raise UserError(f"--launcher slurm needs Slurm's commands, and {', '.join(missing)} {verb} not on PATH; "
                         "run tinylm on a machine of the cluster (a login node)")  # fmt: skip
     try:
         answer = subprocess.run(["squeue", "-h", "-u", _user(), "-o", "%i"], capture_output=True, text=True,
@@ -200,7 +203,7 @@ class SlurmExecutor:
         self.options, self.quiet, self.poll_s = options, quiet, poll_s
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self.options)}
+        return {"name": self.name, **{k: v for k, v in dataclasses.asdict(self.options).items() if v not in (None, {})}}
 
     def run(self, out: Path, tasks: Sequence[Task], on_outcome: Callable[[Outcome], None]) -> None:
         from tinylm.study.worker import is_done
@@ -372,9 +375,12 @@ def run_task(out: str, key: str, launch: list[str], requeues: int = 10) -> str:
     from tinylm.study.worker import train_task
     _threads_from_slurm()
     requeue = _RequeueOnTimeout(requeues)
-    with requeue.installed():
+    log = log_path(study, key)  # the run's own output, where every executor puts it
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with requeue.installed(), open(log, "a") as stream:
         try:
-            outcome = train_task(study, key, quiet=False)
+            with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                outcome = train_task(study, key, quiet=False)
         except KeyboardInterrupt:  # stopped by a signal: the run saved a checkpoint
             requeue.after_stop(key)
             raise SystemExit(143) from None
@@ -423,8 +429,6 @@ class _RequeueOnTimeout:
         self.requeues, self.timed_out = requeues, False
 
     def installed(self):
-        import contextlib
-
         @contextlib.contextmanager
         def handler():
             def on_usr2(signum, frame):  # noqa: ANN001 - a signal handler's signature
