@@ -11,6 +11,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -356,7 +357,7 @@ def test_a_study_runs_as_a_slurm_job_array(tmp_path, stories):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     train = ["--data", str(stories), "--tokenizer", "bpe:512", "--batch-size", "2", "--eval-every", "4",
              "--eval-tokens", "256", "--device", "cpu", "--max-steps", "8"]  # fmt: skip
-    done = subprocess.run(["python", "-m", "tinylm", "ablate", "--study", str(study_file), "--out", str(out),
+    done = subprocess.run([sys.executable, "-m", "tinylm", "ablate", "--study", str(study_file), "--out", str(out),
                            "--launcher", "slurm", "--slurm-time", "10", *train],
                           capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr
