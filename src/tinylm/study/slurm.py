@@ -411,8 +411,9 @@ def check_shared(out: Path) -> None:
 
 
 def _threads_from_slurm() -> None:
-    """The run's torch uses the cores Slurm gave the task, not every core of the node."""
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    """The run's torch uses the cores Slurm gave the task, not every core of the node (a cluster without
+    cgroups does not hide the others, and two tasks on one node would fight over them)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
     if cpus and cpus.isdigit():
         import torch
 
