@@ -268,6 +268,24 @@ def test_follow_takes_each_tasks_outcome_and_waits_while_it_is_queued(tmp_path, 
     assert seen == [Outcome("tiny/a", "done"), Outcome("tiny/b", "failed", "boom")]
 
 
+def test_follow_returns_once_the_tasks_with_an_outcome_have_left_the_queue(tmp_path, monkeypatch):
+    """The last task writes the report after its outcome: the command waits for it to end. A task that
+    failed without an outcome (cancelled) is not waited for, even when requeued by hand."""
+    answers = [{"7_0": "RUNNING", "7_1": "PENDING"}] * 3 + [{"7_1": "PENDING"}]
+    calls = []
+    monkeypatch.setattr(slurm, "queue_states", lambda arrays: calls.append(arrays) or answers[min(len(calls), 4) - 1])
+    monkeypatch.setattr(slurm, "GRACE_S", 0.0)
+    monkeypatch.setattr(slurm, "lost_task", lambda task: "cancelled")
+    (tmp_path / "tiny").mkdir()
+    outcome_path(tmp_path, "tiny/a").write_text(Outcome("tiny/a", "done").to_json())
+    seen = []
+    tasks = {k: submitted_task(tmp_path, k, j) for k, j in (("tiny/a", "7_0"), ("tiny/b", "7_1"))}
+    monkeypatch.setattr(slurm, "ALIVE", {"RUNNING"})  # 7_1 PENDING counts as gone: failed without an outcome
+    slurm.SlurmExecutor(slurm.SlurmOptions(), quiet=True, poll_s=0).follow(tmp_path, tasks, seen.append)
+    assert seen == [Outcome("tiny/a", "done"), Outcome("tiny/b", "failed", "cancelled")]
+    assert len(calls) == 4  # one round for the outcomes, then until 7_0 has left the queue
+
+
 def test_a_task_gone_from_the_queue_without_an_outcome_fails_with_its_logs_error(tmp_path, monkeypatch):
     monkeypatch.setattr(slurm, "queue_states", lambda arrays: {})
     monkeypatch.setattr(slurm, "GRACE_S", 0.0)

@@ -260,6 +260,7 @@ class SlurmExecutor:
         """Until every task has an outcome: the task's own outcome file, or, for a task that left the
         queue without one (cancelled, killed, out of memory, failed to start), a failed outcome."""
         waiting = dict(submitted)
+        finishing: set[str] = set()  # tasks that wrote their outcome: they may still be writing the report
         gone_since: dict[str, float] = {}
         shown = None
         while waiting:
@@ -274,6 +275,8 @@ class SlurmExecutor:
                     continue
                 if outcome is None and time.monotonic() - gone_since.setdefault(key, time.monotonic()) < GRACE_S:
                     continue
+                if outcome is not None:
+                    finishing.add(task.job_id)
                 on_outcome(outcome or Outcome(key, "failed", lost_task(task)))
                 del waiting[key]
             counts = _counts(states, waiting)
@@ -283,17 +286,16 @@ class SlurmExecutor:
                 shown = counts
             if waiting:
                 time.sleep(self.poll_s)
-        self.wait_for_exit(submitted)
+        self.wait_for_exit(finishing)
 
-    def wait_for_exit(self, submitted: dict[str, Submitted], limit_s: float = 600.0) -> None:
-        """A task has an outcome before it ends: the last one still writes the report. Return once
-        the tasks have left the queue, so that the study's command ends with its report written."""
-        arrays = {s.job_id.split("_")[0] for s in submitted.values()}
-        ours = {s.job_id for s in submitted.values()}
+    def wait_for_exit(self, jobs: set[str], limit_s: float = 600.0) -> None:
+        """A task writes its outcome before it ends, and the last one then writes the report: return
+        once these tasks have left the queue, so the study's command ends with its report written."""
+        arrays = {job.split("_")[0] for job in jobs}
         deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
+        while jobs and time.monotonic() < deadline:
             states = queue_states(arrays)
-            if states is not None and not ours & {job for job, state in states.items() if state in ALIVE}:
+            if states is not None and not jobs & {job for job, state in states.items() if state in ALIVE}:
                 return
             time.sleep(self.poll_s)
 
