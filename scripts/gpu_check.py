@@ -189,12 +189,40 @@ def ablation(check: Check) -> None:
         result.status, result.why = "failed", "the ablation wrote no report.md"
 
 
+STUDY_RUNS_PER_GPU = (1, 4, 8)
+"""--runs-per-gpu values the study part compares on one GPU."""
+
+
+def study_runs_per_gpu(check: Check) -> None:
+    """The seed study (4 arms x 2 seeds) on basic at batch 8 x 512 with --runs-per-gpu K on one GPU:
+    aggregate training tokens/s of each K (token slots of every run over the launcher's wall time,
+    process start-up included). CUDA only: separate processes time-slice the GPU."""
+    tokens = 8 * 512 * 120
+    for k in STUDY_RUNS_PER_GPU:
+        if not check.only:  # minutes each: beyond the default budget, so only when named
+            check._record(PartResult(f"study-gpu-k{k}", "skipped", "name it in --only (a few minutes each)"))
+            continue
+        out = check.work / f"study-k{k}"
+        argv = check.tinylm("ablate", "--preset", "basic", "--seeds", "2", "--data", str(check.data),
+                            "--batch-size", "8", "--block-size", "512", "--max-tokens", str(tokens),
+                            "--eval-every", "1000", "--eval-tokens", "16384", "--runs-per-gpu", str(k),
+                            "--out", str(out), "--quiet")  # fmt: skip
+        result = check.run(f"study-gpu-k{k}", argv, timeout=240, needs_cuda=True, env={"CUDA_VISIBLE_DEVICES": "0"})
+        if result.status != "passed":
+            continue
+        runs = [json.loads(p.read_text()) for p in out.glob("basic/*/summary.json")]
+        trained = sum(r["tokens"] for r in runs)
+        result.figures = {"runs_per_gpu": k, "runs": len(runs), "tokens": trained,
+                          "wall_s": round(result.seconds, 1),
+                          "aggregate_tokens_per_s": round(trained / result.seconds)}  # fmt: skip
+
+
 # --- helpers --------------------------------------------------------------------------
 
 
 def part_names(smoke: bool) -> list[str]:
     benches = [f"bench-{p}{suffix}" for suffix in ("", "-compile") for p in (["tiny"] if smoke else BENCH_PRESETS)]
-    return ["environment", "tests", "ablation", *benches]
+    return ["environment", "tests", "ablation", *benches, *(f"study-gpu-k{k}" for k in STUDY_RUNS_PER_GPU)]
 
 
 def _importable(python: str, module: str) -> bool:
@@ -353,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     tests(check)
     ablation(check)
     benches(check, compiled=True)
+    study_runs_per_gpu(check)
     summary = write_summary(check, started)
     print(f"\nwritten to {out}: " + ("FAILED parts: " + ", ".join(summary["failed_parts"]) if summary["failed_parts"]
                                      else "no part failed"))  # fmt: skip

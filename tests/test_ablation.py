@@ -5,10 +5,10 @@ import re
 import pytest
 
 import tinylm.train
-from tinylm.study.runner import PHASES, ablate, parse_phases
 from tinylm.config import RunConfig, TrainConfig
 from tinylm.errors import UserError
 from tinylm.report import write_report
+from tinylm.study.runner import PHASES, ablate, parse_phases
 
 
 def base(stories) -> TrainConfig:

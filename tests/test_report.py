@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from tinylm.study.runner import PHASES, phase_config
 from tinylm.cli import main
 from tinylm.config import TrainConfig
 from tinylm.errors import UserError
 from tinylm.report import find_runs, group, write_report
 from tinylm.stability import StabilityMonitor
+from tinylm.study.runner import PHASES, phase_config
 
 VERY_STABLE = {"label": "very stable", "reason": "no divergence, tight train/val gap", "train_val_gap": 0.02}
 

@@ -27,8 +27,8 @@ def _curve(values: list[float], steps: int, tokens_per_step: int = 4096) -> list
 
 
 def _run(root: Path, path: str, phase: str, preset: str | None, curve: list, summary: dict, seed=1337, lr=1e-3):
-    from tinylm.study.runner import PHASES, phase_config
     from tinylm.config import TrainConfig
+    from tinylm.study.runner import PHASES, phase_config
 
     run_dir = root / path
     run_dir.mkdir(parents=True)

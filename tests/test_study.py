@@ -11,13 +11,14 @@ import yaml
 
 import tinylm.train
 import tinylm.trainer
-from tinylm.study.runner import pick_lr_factor, run_study, select_arms
 from tinylm.config import ModelConfig
 from tinylm.costs import model_costs
 from tinylm.errors import UserError
 from tinylm.study.manifest import STUDY_FILE
-from tinylm.study.spec import load_study, read_study, shipped_studies
 from tinylm.study.plan import Plan
+from tinylm.study.runner import run_study, select_arms
+from tinylm.study.spec import load_study, read_study, shipped_studies
+from tinylm.study.worker import pick_lr_factor
 
 TWO_ARMS = """
 name: pair
@@ -241,14 +242,17 @@ def test_a_flag_may_override_the_base_but_not_a_step(tmp_path, capsys):
 
 def test_a_trailing_comma_in_presets_names_no_extra_preset(tmp_path, monkeypatch):
     """`--presets tiny,` ran tiny before studies; it must not become an unknown preset ''."""
-    import tinylm.study.runner
     import tinylm.report
+    import tinylm.study.runner
     from tinylm.cli import main
 
     asked = []
     real_plan = tinylm.study.runner.make_plan
-    monkeypatch.setattr(tinylm.study.runner, "make_plan",
-                        lambda study, presets, *a, **k: asked.append(presets) or real_plan(study, presets, *a, **k))
+    monkeypatch.setattr(
+        tinylm.study.runner,
+        "make_plan",
+        lambda study, presets, *a, **k: asked.append(presets) or real_plan(study, presets, *a, **k),
+    )
     monkeypatch.setattr(tinylm.study.runner, "run_tasks", lambda *a, **k: None)
     monkeypatch.setattr(tinylm.report, "write_report", lambda paths, out: out)
     assert main(["ablate", "--presets", "tiny,", "--max-steps", "1", "--out", str(tmp_path / "out")]) == 0

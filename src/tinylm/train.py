@@ -135,7 +135,9 @@ def check_fresh_run_dir(run_dir: Path) -> None:
         raise UserError(f"{run_dir} holds another run; resume it with --resume {run_dir} or choose another --out")
     # A killed first write of config.json leaves only its temporary file: still ours to reclaim.
     # So does a study's log of this run, which its executor opened before the run started.
-    others = [e for e in run_dir.iterdir() if e.name not in (CONFIG_FILE + ".tmp", RUN_LOG_FILE)] if run_dir.is_dir() else []
+    others = (
+        [e for e in run_dir.iterdir() if e.name not in (CONFIG_FILE + ".tmp", RUN_LOG_FILE)] if run_dir.is_dir() else []
+    )
     if others and not started_by_tinylm(run_dir):
         raise UserError(f"--out {run_dir} holds other files; choose a new or empty folder")
     check_writable_dir(run_dir, "--out")  # before the data is prepared: no minutes of tokenising first

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.errors import UserError, damaged
-from tinylm.study.manifest import STUDY_FILE
 from tinylm.report.runs import DOC, RANK_BY, Arm, Metric, choose_metric, find_runs, group, load_run
 from tinylm.rundir import SUMMARY_FILE, read_summary
+from tinylm.study.manifest import STUDY_FILE
 
 ADVICE = "rerun the study (finished arms are kept) or leave its folder out"
 

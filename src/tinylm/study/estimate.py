@@ -3,6 +3,7 @@ this machine, from one training step of the study's first run measured here (a f
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -28,7 +29,8 @@ def step_seconds(cfg: RunConfig) -> float:
 
 
 def describe(plan: Plan, tasks: list[Task], parallel: int, measure: bool = True) -> str:
-    """``12 runs (4 LR trials), 250,000 tokens per run, about 40m on this machine (cpu, 900 tokens/s a run)``."""
+    """``12 runs (4 LR trials), 250,000 tokens per run: about 40m of training steps on this machine (...)``.
+    The runs of the first preset set the pace: other presets of the study add their own share."""
     cfg = plan.config(plan.presets[0], plan.arms[0], 0)
     budget = plan.arm_budget(cfg)
     trials = sum(t.kind == "trial" for t in tasks)
@@ -37,6 +39,8 @@ def describe(plan: Plan, tasks: list[Task], parallel: int, measure: bool = True)
     size = f"{tokens:,} tokens per run" if tokens else f"{cfg.train.max_time:g} s per run"
     if not measure:
         return f"{head}, {size}"
+    # the vocabulary the run will have (a trained BPE shrinks the output layer, most of a tiny model's cost)
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=plan.vocab_size(cfg))
     per_step = step_seconds(cfg)
     slots = plan.slots_per_step(cfg)
     if tokens:
@@ -48,5 +52,7 @@ def describe(plan: Plan, tasks: list[Task], parallel: int, measure: bool = True)
     device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     speed = f"{slots / per_step:,.0f} tokens/s a run"
     when = format_duration(seconds / max(1, parallel) if device == "cuda" else seconds)
-    return (f"{head}, {size}: about {when} on this machine ({device}, {speed} measured; more on other presets, "
-            "less with runs already finished)")
+    return (
+        f"{head}, {size}: about {when} of training steps on this machine ({device}, {speed} measured; "
+        "each run's start-up and evaluations add to it, runs already finished take none)"
+    )

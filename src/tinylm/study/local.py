@@ -89,7 +89,7 @@ class LocalExecutor:
     name: str = "local"
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "jobs": self.jobs, "threads": self.threads, "gpus": len(self.gpus),
+        return {"name": self.name, "jobs": self.jobs, "threads": self.threads, "gpus": len(self.gpus) or None,
                 "runs_per_gpu": self.runs_per_gpu if self.gpus else None}  # fmt: skip
 
     @property
@@ -235,7 +235,9 @@ class Scheduler:
         try:
             return Outcome.from_json(path.read_text())
         except (OSError, ValueError, KeyError):
-            return Outcome(task.key, "failed", f"its process ended with exit code {code}; see {log_path(self.out, task.key)}")
+            return Outcome(
+                task.key, "failed", f"its process ended with exit code {code}; see {log_path(self.out, task.key)}"
+            )
 
     def settle(self, task: Task, outcome: Outcome, seconds: float) -> None:
         if outcome.status == "busy":  # another launcher trains it: try again later, when it may be done

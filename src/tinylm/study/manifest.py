@@ -17,8 +17,8 @@ from typing import Any
 from tinylm.errors import UserError, damaged
 from tinylm.paths import DirLock, write_atomic
 from tinylm.rundir import SUMMARY_FILE, read_summary
-from tinylm.study.spec import Arm, flat
 from tinylm.study.plan import Plan
+from tinylm.study.spec import Arm, flat
 
 STUDY_FILE = "study.json"
 LOCK_FILE = ".study.lock"
@@ -77,7 +77,9 @@ class Manifest:
             self._merge_disk()
             study, plan = self.plan.study, self.plan
             order = [a.name for a in study.arms]
-            arms = sorted(self.arms.values(), key=lambda a: order.index(a["name"]) if a["name"] in order else len(order))
+            arms = sorted(
+                self.arms.values(), key=lambda a: order.index(a["name"]) if a["name"] in order else len(order)
+            )
             data = {
                 "study": study.name, "mode": study.mode, "rank_by": study.rank_by, "seeds": self.seeds,
                 "budget": plan.budget, "lr_tune": study.lr_tune, "lr_tune_share": study.lr_tune_share,
@@ -133,7 +135,9 @@ def update_arm(out: Path, arm_name: str, preset_name: str, merge: bool = False, 
                 for key, value in entries.items():
                     per_preset = arm.setdefault(key, {})
                     old = per_preset.get(preset_name)
-                    per_preset[preset_name] = {**old, **_plain(value)} if merge and isinstance(old, dict) else _plain(value)
+                    per_preset[preset_name] = (
+                        {**old, **_plain(value)} if merge and isinstance(old, dict) else _plain(value)
+                    )
         write_atomic(out / STUDY_FILE, json.dumps(data, indent=2) + "\n")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from tinylm.study.manifest import Manifest, study_lock
 from tinylm.study.plan import Plan, trial_config
 from tinylm.study.spec import DEFAULT_STUDY, Arm, Study, dotted, load_study
 
-__all__ = ["PHASES", "Phase", "StudyFailed", "ablate", "parse_phases", "phase_config", "pick_lr_factor",
-           "plan_tasks", "run_study", "select_arms"]  # fmt: skip
+__all__ = ["PHASES", "Phase", "StudyFailed", "ablate", "parse_phases", "phase_config", "plan_tasks", "run_study",
+           "select_arms"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,6 @@ def ablate(
     arms = select_arms(study, ",".join(p.name for p in phases))
     settings = legacy_settings(study, base, model_overrides)
     return run_study(study, presets, settings, out, arms, seeds, quiet, nproc_per_node)
-
-
 
 
 def run_study(
@@ -224,52 +221,3 @@ def _write_tasks(out: Path, entries: dict[str, dict[str, Any]]) -> None:
     with study_lock(out):
         tasks = {**read_tasks(out), **entries}
         write_atomic(out / TASKS_FILE, json.dumps({"tasks": tasks}, indent=1) + "\n")
-
-
-def ranked_losses(summaries: dict[float, dict[str, Any]], rank_by: str) -> dict[float, float | None]:
-    """Each trial's best loss by ``rank_by``; by the packed best_val_loss for all of them where one lacks it
-    (a trial finished by an older tinylm): one metric ranks them all, as in the report (runs.choose_metric)."""
-    key = f"best_{rank_by}"
-    if not all(key in s for s in summaries.values()):
-        key = "best_val_loss"
-    return {f: s.get(key) for f, s in summaries.items()}
-
-
-def pick_lr_factor(summaries: dict[float, dict[str, Any]], rank_by: str, what: str) -> float:
-    """The factor whose trial reached the lowest best validation loss (the first of equals)."""
-    losses = ranked_losses(summaries, rank_by)
-    finite = {f: v for f, v in losses.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    if not finite:
-        raise UserError(f"every LR trial of {what} failed to reach a finite validation loss; lower --lr")
-    return min(finite, key=lambda f: finite[f])
-
-
-def check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
-    saved = RunConfig.load(saved_path)
-    saved.model.vocab_size = cfg.model.vocab_size  # a trained BPE resizes it at run time
-    saved.train.out = cfg.train.out  # the folder, which a resume may spell otherwise (absolute, relative)
-    if cfg.train.grad_accum is None:  # resolved from the process count at run time
-        saved.train.grad_accum = None
-    if saved.to_dict() != cfg.to_dict():
-        raise UserError(
-            f"{saved_path.parent} was started with other settings; rerun the original command or use another --out"
-        )
-
-
-def train_with_torchrun(cfg: RunConfig, resume: bool, quiet: bool, nproc: int) -> None:
-    """One run as `torchrun -m tinylm train`, from a recipe file holding its exact config."""
-    from tinylm.distributed import relaunch_with_torchrun
-
-    run_dir = Path(cfg.train.out)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    if resume:
-        argv = ["train", "--resume", str(run_dir)]
-    else:
-        recipe = run_dir.parent / f".{run_dir.name}.recipe.json"  # JSON is YAML too
-        recipe.write_text(json.dumps(cfg.to_dict()))
-        argv = ["train", "--config", str(recipe)]
-    code = relaunch_with_torchrun(nproc, argv + (["--quiet"] if quiet else []))
-    if code == 130:
-        raise KeyboardInterrupt
-    if code != 0:
-        raise UserError(f"training {run_dir} on {nproc} processes failed (exit code {code})")

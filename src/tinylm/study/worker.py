@@ -7,6 +7,7 @@ the same run whichever executor trained it. See tinylm.study.executor for the co
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,6 @@ def one_line(error: BaseException) -> str:
 
 
 def _train(out: Path, key: str, quiet: bool) -> None:
-    from tinylm.study.runner import pick_lr_factor, ranked_losses
-
     task = read_tasks(out).get(key)
     if task is None:
         raise UserError(f"{out / TASKS_FILE} has no task {key}; rerun the study's command")
@@ -94,7 +93,6 @@ def _train(out: Path, key: str, quiet: bool) -> None:
 
 def _train_run(cfg: RunConfig, run_dir: Path, task: dict[str, Any], quiet: bool) -> None:
     """Train one run, resume it if it was interrupted, or leave it if it finished (with these settings)."""
-    from tinylm.study.runner import check_same_recipe, train_with_torchrun
     from tinylm.train import train
 
     label = task["label"]
@@ -114,6 +112,55 @@ def _train_run(cfg: RunConfig, run_dir: Path, task: dict[str, Any], quiet: bool)
         return
     if train(cfg, resume=resume, quiet=quiet).interrupted:
         raise KeyboardInterrupt
+
+
+def ranked_losses(summaries: dict[float, dict[str, Any]], rank_by: str) -> dict[float, float | None]:
+    """Each trial's best loss by ``rank_by``; by the packed best_val_loss for all of them where one lacks it
+    (a trial finished by an older tinylm): one metric ranks them all, as in the report (runs.choose_metric)."""
+    key = f"best_{rank_by}"
+    if not all(key in s for s in summaries.values()):
+        key = "best_val_loss"
+    return {f: s.get(key) for f, s in summaries.items()}
+
+
+def pick_lr_factor(summaries: dict[float, dict[str, Any]], rank_by: str, what: str) -> float:
+    """The factor whose trial reached the lowest best validation loss (the first of equals)."""
+    losses = ranked_losses(summaries, rank_by)
+    finite = {f: v for f, v in losses.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if not finite:
+        raise UserError(f"every LR trial of {what} failed to reach a finite validation loss; lower --lr")
+    return min(finite, key=lambda f: finite[f])
+
+
+def check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
+    saved = RunConfig.load(saved_path)
+    saved.model.vocab_size = cfg.model.vocab_size  # a trained BPE resizes it at run time
+    saved.train.out = cfg.train.out  # the folder, which a resume may spell otherwise (absolute, relative)
+    if cfg.train.grad_accum is None:  # resolved from the process count at run time
+        saved.train.grad_accum = None
+    if saved.to_dict() != cfg.to_dict():
+        raise UserError(
+            f"{saved_path.parent} was started with other settings; rerun the original command or use another --out"
+        )
+
+
+def train_with_torchrun(cfg: RunConfig, resume: bool, quiet: bool, nproc: int) -> None:
+    """One run as `torchrun -m tinylm train`, from a recipe file holding its exact config."""
+    from tinylm.distributed import relaunch_with_torchrun
+
+    run_dir = Path(cfg.train.out)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        argv = ["train", "--resume", str(run_dir)]
+    else:
+        recipe = run_dir.parent / f".{run_dir.name}.recipe.json"  # JSON is YAML too
+        recipe.write_text(json.dumps(cfg.to_dict()))
+        argv = ["train", "--config", str(recipe)]
+    code = relaunch_with_torchrun(nproc, argv + (["--quiet"] if quiet else []))
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise UserError(f"training {run_dir} on {nproc} processes failed (exit code {code})")
 
 
 def main(argv: list[str] | None = None) -> int:
