@@ -97,6 +97,56 @@ def test_a_bad_flag_value_is_argparses_one_line(capsys):
     assert "--slurm-cpus-per-task" in capsys.readouterr().err
 
 
+LAUNCH_STUDY = """
+name: pair
+base: {preset: tiny}
+mode: each
+steps:
+  - {name: qk, change: {qk_norm: true}}
+"""
+
+
+def test_a_study_files_launch_block_is_read_and_checked(tmp_path):
+    from tinylm.study.spec import load_study
+
+    path = tmp_path / "study.yaml"
+    path.write_text(LAUNCH_STUDY + "launch: {launcher: slurm, slurm: {partition: gpu, time: 120}}\n")
+    study = load_study(str(path))
+    assert study.launch == {"launcher": "slurm", "slurm": {"partition": "gpu", "time": 120}}
+    assert "launch" not in study.to_dict()  # where runs train does not make the study another one
+    assert slurm.read_options(flags("--slurm-time", "30"), study.launch).partition == "gpu"
+    for block, message in [
+        ("{launcher: pbs}", "launch.launcher must be one of local, slurm, got 'pbs'"),
+        ("{slurm: {partion: gpu}}", "launch: slurm: unknown setting(s): partion"),
+        ("{jobs: 2}", "launch has unknown key(s) jobs; it holds launcher and slurm"),
+        ("slurm", "launch must be a mapping"),
+    ]:
+        path.write_text(LAUNCH_STUDY + f"launch: {block}\n")
+        with pytest.raises(UserError) as e:
+            load_study(str(path))
+        assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+
+
+def test_the_launch_block_chooses_slurm_and_the_flag_wins(tmp_path, monkeypatch, capsys):
+    """launch: {launcher: slurm} makes `tinylm ablate` use Slurm (here: missing, so it says so);
+    --launcher local over it trains here."""
+    from tinylm.cli import main
+
+    path = tmp_path / "study.yaml"
+    path.write_text(LAUNCH_STUDY + "launch: {launcher: slurm, slurm: {time: 5}}\n")
+    fake_commands(tmp_path, monkeypatch, squeue="exit 0")
+    assert main(["ablate", "--study", str(path), "--max-steps", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "--launcher slurm needs Slurm's commands" in capsys.readouterr().err
+    calls = []
+    import tinylm.study.local as local
+
+    monkeypatch.setattr(local, "make_executor", lambda args, **kw: calls.append(kw) or (_ for _ in ()).throw(
+        UserError("local chosen")))  # fmt: skip
+    assert main(["ablate", "--study", str(path), "--max-steps", "2", "--out", str(tmp_path / "b"),
+                 "--launcher", "local"]) == 2  # fmt: skip
+    assert "local chosen" in capsys.readouterr().err and calls == [{}]
+
+
 # --- is there a cluster? -----------------------------------------------------------------------
 
 
