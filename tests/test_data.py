@@ -430,3 +430,50 @@ def test_a_corpus_too_small_to_split_says_what_would_help(tmp_path, files, flags
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), done.stderr
+
+
+def test_runs_fetching_the_gpt2_ranks_at_once_fetch_them_once(tmp_path, monkeypatch):
+    """A study's parallel runs on a fresh cache all need the GPT-2 ranks: one downloads them, the
+    others wait and use them. Before, each downloaded, and the renames of one shared NAME.tmp raced
+    (FileNotFoundError: gpt2.tiktoken.tmp -> gpt2.tiktoken failed a run of a Slurm study)."""
+    import io
+    import subprocess
+    import tarfile
+    import threading
+    import time
+    from pathlib import Path
+
+    from tinylm.data import tokenizer
+
+    ranks = tokenizer.gpt2_ranks_path().read_bytes()  # the installed file (conftest's TINYLM_GPT2_RANKS)
+    downloads = []
+
+    def fake_pip_download(cmd, **kwargs):
+        downloads.append(1)
+        time.sleep(0.3)  # both threads are downloading at once unless one waits for the other
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        with tarfile.open(dest / "openai_whisper-20250625.tar.gz", "w:gz") as archive:
+            info = tarfile.TarInfo("openai_whisper-20250625/whisper/assets/gpt2.tiktoken")
+            info.size = len(ranks)
+            archive.addfile(info, io.BytesIO(ranks))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(tokenizer.subprocess, "run", fake_pip_download)
+    monkeypatch.delenv("TINYLM_GPT2_RANKS")
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache"))
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(tokenizer.gpt2_ranks_path())
+        except Exception as e:  # noqa: BLE001 - the race's error is what this test looks for
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [tmp_path / "cache" / "gpt2.tiktoken"] * 3
+    assert len(downloads) == 1
+    assert (tmp_path / "cache" / "gpt2.tiktoken").read_bytes() == ranks

@@ -64,19 +64,24 @@ def _value_kwargs(name: str, hint: Any) -> dict[str, Any]:
     return {"type": str, "metavar": name.upper()}
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, kind: type, title: str, prefix: str, skip=()) -> None:
-    """One flag per field of the config dataclass ``kind`` in a group ``title``; ``prefix`` is the
-    dotted path of ``kind`` in the run's settings (``"train."``). Flags left out are not set."""
-    group = parser.add_argument_group(title)
+def add_settings_flags(parser: argparse.ArgumentParser, kind: type, title: str, prefix: str, skip=(),
+                       flag_prefix: str = "") -> None:
+    """One flag per field of the config dataclass ``kind`` in a group ``title`` (or in ``parser`` when it is
+    an argument group already); ``prefix`` is the
+    dotted path of ``kind`` in the run's settings (``"train."``). Flags left out are not set.
+    ``flag_prefix`` starts each flag's name (``"slurm-"``: ``--slurm-partition``); settings that are
+    not a run's give a ``prefix`` without a dot (``"slurm_"``), so :func:`given_settings` leaves them out."""
+    # Given a group already (an executor's flags go into the launcher's group), its flags join it.
+    group = parser if isinstance(parser, argparse._ArgumentGroup) else parser.add_argument_group(title)
     hints, docs, parts = typing.get_type_hints(kind), field_docs(kind), sections(kind)
     for f in dataclasses.fields(kind):
         if f.name in skip:
             continue
         if f.name in parts:
-            add_settings_flags(parser, parts[f.name], f.name, f"{prefix}{f.name}.", skip)
+            add_settings_flags(parser, parts[f.name], f.name, f"{prefix}{f.name}.", skip, flag_prefix)
             continue
         help_text = " ".join(docs.get(f.name, "").split()).replace("%", "%%")  # argparse formats help with %
-        group.add_argument("--" + f.name.replace("_", "-"), dest=prefix + f.name, default=argparse.SUPPRESS,
+        group.add_argument("--" + flag_prefix + f.name.replace("_", "-"), dest=prefix + f.name, default=argparse.SUPPRESS,
                            help=help_text, **_value_kwargs(f.name, hints[f.name]))  # fmt: skip
 
 

@@ -139,8 +139,9 @@ def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
     from tinylm.study.executor import LAUNCHERS, executor_module
 
     group = parser.add_argument_group("launcher (where the study's runs train)")
-    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                       help="local: this machine, --jobs runs at once (default); slurm: a Slurm cluster")  # fmt: skip
+    group.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                       help="local: this machine, --jobs runs at once (default, or the study file's launch: "
+                            "{launcher: ...}); slurm: a Slurm cluster")  # fmt: skip
     for name in LAUNCHERS:
         try:
             module = executor_module(name)
@@ -184,7 +185,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     check_flags(study, flags)
     out = Path(args.out)
     check_writable_dir(out, "--out")
-    executor = make_executor(args.launcher, args)
+    launcher = args.launcher or (study.launch or {}).get("launcher") or "local"
+    executor = make_executor(launcher, args, study.launch)
     plan = make_plan(study, names, flags, out, arms, seeds=args.seeds, nproc_per_node=args.nproc_per_node)
     tasks = plan_tasks(plan, executor)
     if not args.quiet:

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from tinylm.errors import UserError, damaged
-from tinylm.paths import write_atomic
+from tinylm.paths import DirLock, write_atomic
 
 EOT_TEXT = "<|endoftext|>"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -76,7 +76,17 @@ def gpt2_ranks_path(fetch: bool = True) -> Path:
 
 
 def fetch_gpt2_ranks(dest: Path) -> Path:
-    """Take gpt2.tiktoken out of the openai-whisper sdist (a PyPI download) and verify it."""
+    """Take gpt2.tiktoken out of the openai-whisper sdist (a PyPI download) and verify it. One process
+    at a time: a study's runs starting together on a fresh cache fetch it once, the others wait for it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with DirLock(dest.with_name(dest.name + ".lock"), file=True) as lock:
+        lock.acquire(wait=True)
+        if dest.exists() and _sha256(dest) == GPT2_RANKS_SHA256:  # fetched while this one waited
+            return dest
+        return _download_gpt2_ranks(dest)
+
+
+def _download_gpt2_ranks(dest: Path) -> Path:
     print(f"tinylm: fetching the GPT-2 tokenizer ranks from PyPI ({_WHISPER_SDIST} sdist)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
@@ -93,7 +103,6 @@ def fetch_gpt2_ranks(dest: Path) -> Path:
             data = archive.extractfile(member).read()  # type: ignore[union-attr]
     if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
         raise UserError("the downloaded GPT-2 ranks fail the sha256 check; not installed")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(dest, data)
     return dest
 

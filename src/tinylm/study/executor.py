@@ -137,6 +137,10 @@ def executor_module(name: str):
         raise UserError(f"--launcher {name} is not available in this tinylm") from None
 
 
-def make_executor(name: str, args: Any) -> Executor:
-    """The executor ``--launcher NAME`` and its flags (``args``) ask for."""
-    return executor_module(name).make_executor(args)
+def make_executor(name: str, args: Any, launch: dict[str, Any] | None = None) -> Executor:
+    """The executor ``--launcher NAME`` and its flags (``args``) ask for; ``launch``: the study file's
+    ``launch:`` block, whose settings for this executor the flags override (slurm's ``slurm:``)."""
+    module = executor_module(name)
+    if launch and name in launch:
+        return module.make_executor(args, launch=launch)
+    return module.make_executor(args)

@@ -109,6 +109,10 @@ class Study:
     """Share of an arm's budget each LR trial trains for (first seed only)."""
     rank_by: RankBy = "val_loss_doc"
     """Validation loss that ranks LR trials and the report's arms (per-document or packed)."""
+    launch: dict[str, Any] | None = None
+    """Where the runs train: ``launcher`` (local or slurm; --launcher wins) and the Slurm settings
+    (``slurm: {partition: gpu, time: 120}``; the --slurm-* flags win). Not part of what the study
+    measures: changing it does not make a folder's study another one."""
 
     def __post_init__(self) -> None:
         read_fields(self)
@@ -118,6 +122,8 @@ class Study:
             raise ConfigError("name", f"must be letters, digits, '_', '.' or '-', got {self.name!r}")
         if self.lr_tune is not None:
             self.lr_tune = _factors(self.lr_tune)
+        if self.launch is not None:
+            _check_launch(self.launch)
 
     @property
     def arms(self) -> list[Arm]:
@@ -127,7 +133,22 @@ class Study:
         """The study as a file holds it (what a changed study is told apart by)."""
         out = dataclasses.asdict(self)
         out["budget"] = self.budget.to_dict() if self.budget else None
+        del out["launch"]  # where the runs train is not what they measure
         return out
+
+
+def _check_launch(launch: Any) -> None:
+    """The ``launch:`` block: a known launcher, and Slurm settings that read (tinylm.study.slurm)."""
+    from tinylm.study.executor import LAUNCHERS
+    from tinylm.study.slurm import read_options
+
+    if not isinstance(launch, dict):
+        raise ConfigError("launch", f"must be a mapping such as {{launcher: slurm, slurm: {{time: 60}}}}, got {launch!r}")
+    if unknown := sorted(str(k) for k in launch if k not in ("launcher", "slurm")):
+        raise ConfigError("launch", f"has unknown key(s) {', '.join(unknown)}; it holds launcher and slurm")
+    if launch.get("launcher") is not None and launch["launcher"] not in LAUNCHERS:
+        raise ConfigError("launch.launcher", f"must be one of {', '.join(LAUNCHERS)}, got {launch['launcher']!r}")
+    read_options(None, launch)
 
 
 def _factors(values: Any) -> list[float]:
