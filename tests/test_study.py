@@ -210,7 +210,7 @@ def refused(capsys, argv: list, *fragments: str) -> None:
 
 
 def test_the_default_ablate_makes_the_configs_it_made_before_studies(tmp_path):
-    """`tinylm ablate --lr 2e-3 --max-steps 5 --doc-mask --seed 3 --seeds 2`, as the seed's phases made it:
+    """`tinylm ablate --lr 2e-3 --max-steps 5 --doc-mask --first-seed 3 --seeds 2`, as the seed's phases made it:
     the flags over TrainConfig's defaults, then each phase's init, schedule and batching."""
     import dataclasses
 

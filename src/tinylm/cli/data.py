@@ -20,7 +20,8 @@ def add_prepare(sub) -> None:
     p.add_argument("--data", required=True, help=field_help(TrainConfig, "data"))
     p.add_argument("--tokenizer", default=TrainConfig.tokenizer, help=field_help(TrainConfig, "tokenizer"))
     p.add_argument("--out", help="directory to write (default: the cache, keyed by content)")
-    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction, help=field_help(TrainConfig, "val_fraction"))
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help=field_help(TrainConfig, "val_fraction"))  # fmt: skip
     p.add_argument("--text-field", default=TrainConfig.text_field, help=field_help(TrainConfig, "text_field"))
     p.add_argument("--doc-sep", default=TrainConfig.doc_sep, help=field_help(TrainConfig, "doc_sep"))
     p.add_argument("--block-size", type=integer, default=512, help="report token utilisation at this block size")

@@ -80,7 +80,7 @@ def add_sample(sub) -> None:
     p.add_argument("--top-p", type=float, default=None,
                    help="sample from the likeliest tokens holding this much probability (default: no limit)")  # fmt: skip
     p.add_argument("--seed", type=integer, default=None,
-                   help="seed of the first sample, the next ones count up from it (default: a fresh seed each time)")
+                   help="seed of the first sample, the next ones count up from it (default: a fresh seed each time)")  # fmt: skip
     p.add_argument("--num-samples", type=at_least(1), default=1, help="samples to generate")
     p.add_argument("--stop", action=Switch, default=True,
                    help="end a sample at <|endoftext|> (--no-stop: go on past it)")  # fmt: skip

@@ -139,7 +139,7 @@ def add_ablate(sub) -> None:
     p.add_argument("--phases", help="subset/order of the study's arms, comma-separated, e.g. for the seed study "
                    "baseline,init,cosine,packed (default: all, in the study's order)")  # fmt: skip
     p.add_argument("--seeds", type=at_least(1), metavar="N",
-                   help="runs per arm: run k of every arm trains with seed FIRST_SEED + k (default: the study's)")
+                   help="runs per arm: run k of every arm trains with seed FIRST_SEED + k (default: the study's)")  # fmt: skip
     p.add_argument("--first-seed", type=at_least(0), default=argparse.SUPPRESS, dest="train.seed",
                    help=f"seed of each arm's first run (default: the study's, else {TrainConfig.seed})")  # fmt: skip
     p.add_argument("--seed", action=Refused,
