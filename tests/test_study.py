@@ -103,7 +103,7 @@ def test_a_study_round_trips_through_its_file(tmp_path):
         ("steps:\n  - {name: a, change: {posiiton: rope}}", "step 1: change: unknown setting(s): posiiton"),
         ("steps:\n  - {name: a, change: {position: rotary}}", "step 1: change: position must be one of"),
         ("steps:\n  - {name: a, change: {n_layer: many}}", "step 1: change: n_layer must be a number"),
-        ("steps:\n  - {name: a, change: {qk_norm: maybe}}", "step 1: change: qk_norm must be on or off"),
+        ("steps:\n  - {name: a, change: {qk_norm: maybe}}", "step 1: change: qk_norm must be true or false"),
         ("steps:\n  - {name: a, change: {max_steps: 10}}", "max_steps is not a study setting"),
         ("steps:\n  - {name: a, change: {seed: 3}}", "seed is set by the study runner"),
         ("steps:\n  - {name: a, change: {preset: mid}}", "preset is set by the study runner"),

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tinylm", description="Train small GPT models and measure what matters.")
     parser.add_argument("--version", action="version", version=f"tinylm {version()}",
                         help="print the version and exit")  # fmt: skip
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=Parser)
     for add in COMMANDS:
         add(sub)
     return parser

@@ -140,7 +140,7 @@ def add_ablate(sub) -> None:
                    "baseline,init,cosine,packed (default: all, in the study's order)")  # fmt: skip
     p.add_argument("--seeds", type=at_least(1), metavar="N",
                    help="runs per arm: run k of every arm trains with seed FIRST_SEED + k (default: the study's)")  # fmt: skip
-    p.add_argument("--first-seed", type=at_least(0), default=argparse.SUPPRESS, dest="train.seed",
+    p.add_argument("--first-seed", type=at_least(0), default=argparse.SUPPRESS, dest="train.seed", metavar="FIRST_SEED",
                    help=f"seed of each arm's first run (default: the study's, else {TrainConfig.seed})")  # fmt: skip
     p.add_argument("--seed", action=Refused,
                    hint="--first-seed N sets the seed of each arm's first run, --seeds N the runs per arm")  # fmt: skip
