@@ -52,8 +52,8 @@ def test_two_processes_train_the_same_model_as_one(stories, tmp_path):
 def test_two_processes_train_the_same_model_as_one_with_the_mechanics_switched_on(stories, tmp_path):
     # Muon's momentum and orthogonalised step, the untied head and the z-loss's extra output all
     # pass through DDP's gradient average as AdamW and the GPT-2 model do.
-    switches = ["--position", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--qk-norm", "on", "--bias", "off",
-                "--tie-embeddings", "off", "--optimizer", "muon", "--z-loss", "1e-3"]  # fmt: skip
+    switches = ["--position", "rope", "--norm", "rmsnorm", "--mlp", "swiglu", "--qk-norm", "--no-bias",
+                "--no-tie-embeddings", "--optimizer", "muon", "--z-loss", "1e-3"]  # fmt: skip
     common = [*ARGS, *switches, "--data", stories, "--max-steps", 4, "--eval-every", 2]
     two = torchrun("train", *common, "--out", tmp_path / "two")
     assert two.returncode == 0, two.stderr[-2000:]

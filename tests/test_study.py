@@ -104,7 +104,7 @@ def test_a_study_round_trips_through_its_file(tmp_path):
         ("steps:\n  - {name: a, change: {posiiton: rope}}", "step 1: change: unknown setting(s): posiiton"),
         ("steps:\n  - {name: a, change: {position: rotary}}", "step 1: change: position must be one of"),
         ("steps:\n  - {name: a, change: {n_layer: many}}", "step 1: change: n_layer must be a number"),
-        ("steps:\n  - {name: a, change: {qk_norm: maybe}}", "step 1: change: qk_norm must be on or off"),
+        ("steps:\n  - {name: a, change: {qk_norm: maybe}}", "step 1: change: qk_norm must be true or false"),
         ("steps:\n  - {name: a, change: {max_steps: 10}}", "max_steps is not a study setting"),
         ("steps:\n  - {name: a, change: {seed: 3}}", "seed is set by the study runner"),
         ("steps:\n  - {name: a, change: {preset: mid}}", "preset is set by the study runner"),
@@ -211,7 +211,7 @@ def refused(capsys, argv: list, *fragments: str) -> None:
 
 
 def test_the_default_ablate_makes_the_configs_it_made_before_studies(tmp_path):
-    """`tinylm ablate --lr 2e-3 --max-steps 5 --doc-mask --seed 3 --seeds 2`, as the seed's phases made it:
+    """`tinylm ablate --lr 2e-3 --max-steps 5 --doc-mask --first-seed 3 --seeds 2`, as the seed's phases made it:
     the flags over TrainConfig's defaults, then each phase's init, schedule and batching."""
     import dataclasses
 

@@ -32,17 +32,21 @@ class ModelConfig:
     n_layer: int = 4
     """Number of transformer blocks."""
     n_head: int = 4
-    """Attention heads per block; must divide ``n_embd``."""
+    """Attention heads per block; must divide n_embd."""
     n_embd: int = 128
     """Width of the residual stream."""
     block_size: int = 512
-    """Longest context, in tokens (learned positions)."""
+    """Longest context, in tokens: the length of a training row (and, with learned positions, the
+    size of the position table)."""
     vocab_size: int = GPT2_VOCAB_SIZE
-    """Rows of the tied token embedding / output layer."""
+    """Rows of the token embedding and the output layer; must hold the tokenizer's vocabulary (a
+    bpe:N tokenizer sets it to its own size)."""
     dropout: float = 0.0
-    """Dropout on attention, MLP and embeddings (0 for these short runs)."""
+    """Dropout probability on attention, MLP and embeddings.
+
+    0 by default, as suits short runs."""
     bias: bool = True
-    """Biases in Linear layers and LayerNorms, as GPT-2 has (Llama-style blocks have none)."""
+    """Biases in the Linear layers and LayerNorms, as GPT-2 has (Llama-style blocks have none)."""
     position: Position = "learned"
     """'learned': a table of block_size position vectors (GPT-2); 'rope': rotary embeddings on
     queries and keys (no table)."""
@@ -57,10 +61,11 @@ class ModelConfig:
     """RMS-normalise queries and keys per head before attention (a learnable gain over the head
     dimension, shared by the heads)."""
     tie_embeddings: bool = True
-    """Output layer shares the token embedding matrix (GPT-2); off: a separate output matrix."""
+    """The output layer shares the token embedding matrix, as GPT-2's does (--no-tie-embeddings: a
+    separate output matrix)."""
     logit_softcap: float | None = None
     """Cap on the output logits, cap * tanh(logits / cap), in training, evaluation and sampling
-    (None: no cap)."""
+    (default: no cap)."""
 
     def __post_init__(self) -> None:
         _read_fields(self)
@@ -105,13 +110,15 @@ class TrainConfig:
 
     # --- data ---
     data: str = "shakespeare"
-    """Data spec: a file or folder path, 'shakespeare', 'tinystories' or 'hf:NAME[:CONFIG]'."""
+    """Training text: a file or folder (.txt, .json, .jsonl, .parquet), 'shakespeare' (installed with
+    tinylm), 'tinystories' (downloaded from the Hugging Face hub) or 'hf:NAME[:CONFIG]' (a hub data set)."""
     tokenizer: str = "gpt2"
-    """'gpt2' (tiktoken r50k_base) or 'bpe:N' (byte-level BPE trained on the data)."""
+    """'gpt2' (GPT-2's 50257 tokens, via tiktoken) or 'bpe:N' (a byte-level BPE of N tokens trained on the data)."""
     batching: Batching = "packed"
     """'packed': documents joined by <|endoftext|> into full blocks; 'padded': one document a row."""
     doc_mask: bool = False
-    """Packed only: attention stays inside each document, positions restart per document."""
+    """With packed batching: attention stays inside each document, and positions restart at each
+    document's start."""
     val_fraction: float = 0.05
     """Share of documents held out when the source has no validation split."""
     text_field: str = "text"
@@ -125,44 +132,50 @@ class TrainConfig:
 
     # --- optimisation ---
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate (AdamW's; under Muon, of the weights Muon does not train)."""
     schedule: Schedule = "constant"
     """'constant', 'cosine' (warm-up then cosine decay) or 'wsd' (warm-up, stable, decay)."""
     warmup_steps: int | None = None
-    """Linear warm-up steps for cosine/wsd; default 5% of the run."""
+    """Linear warm-up steps for cosine/wsd (default: 5% of the run)."""
     min_lr_ratio: float = 0.1
     """Floor of cosine/wsd decay as a fraction of the peak."""
     decay_fraction: float = 0.2
     """wsd: the final share of the run spent decaying."""
     weight_decay: float = 0.1
-    """Decoupled decay on matrices (never on biases, LayerNorms or position embeddings); Muon's too."""
+    """Decoupled weight decay on matrices, Muon's included (never on biases, norm gains or position
+    embeddings)."""
     beta1: float = 0.9
+    """AdamW's decay rate of the gradient's running mean (its momentum)."""
     beta2: float = 0.95
+    """AdamW's decay rate of the gradient's running square."""
     optimizer: Optimizer = "adamw"
     """'adamw', or 'muon': torch.optim.Muon for the 2-D weight matrices inside the blocks (attention and
     MLP), AdamW (lr, betas, weight_decay) for embeddings, the output layer, norm gains and biases."""
     muon_lr: float = 0.02
     """Muon's peak learning rate; the schedule (warm-up, decay, the guard's cuts) scales it as it scales lr.
-    0.02 (Muon's reference value) beat 0.01 and 0.05 on the basic preset (40 packed cosine steps)."""
+
+    0.02 is Muon's reference value; it beat 0.01 and 0.05 on the basic preset (40 packed cosine steps)."""
     muon_momentum: float = 0.95
     """Muon's (Nesterov) momentum."""
     z_loss: float = 0.0
     """Coefficient of PaLM's auxiliary loss z_loss * logsumexp(logits)^2 (0: off; PaLM used 1e-4).
     The gradients are of the cross-entropy plus the term; the term is logged apart (train_z_loss), and
-    train_loss, val_loss and the train/val gap the stability label reads are the cross-entropy alone."""
+    train_loss and val_loss stay the cross-entropy alone.
+
+    The train/val gap the stability label reads is of the cross-entropy too."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 turns clipping off)."""
     batch_size: int = 8
     """Sequences per micro-batch."""
     grad_accum: int | None = None
     """Micro-batches per optimizer step, shared out over the processes (a multiple of their number:
-    the same model on any count). Default: one per process, so the global batch grows with them."""
+    the same model on any count); default: one per process, so the global batch grows with them."""
 
     # --- budget: whichever comes first ends the run ---
     max_steps: int | None = None
-    """Optimizer steps."""
+    """Optimizer steps to train."""
     max_tokens: int | None = None
-    """Token slots (steps x batch x accumulation x block size)."""
+    """Token slots to train (steps x batch size x accumulation x block size)."""
     max_time: float | None = None
     """Seconds of training (evaluation included)."""
 
@@ -170,13 +183,13 @@ class TrainConfig:
     eval_every: int = 50
     """Steps between validation passes (step 0 and the last step are always evaluated)."""
     eval_tokens: int | None = 65536
-    """Cap on validation tokens (a fixed prefix of the validation stream); None uses all."""
+    """Cap on validation tokens, a fixed prefix of the validation stream (null in a recipe: all of it)."""
     log_every: int = 1
     """Steps between metrics.jsonl lines."""
     checkpoint_every: int | None = None
-    """Steps between checkpoints; default: at every evaluation."""
+    """Steps between checkpoints (default: at every evaluation)."""
     tensorboard: bool = False
-    """Also write metrics as TensorBoard events under OUT/tensorboard."""
+    """Also write the metrics as TensorBoard events, in the run directory's tensorboard/ folder."""
 
     # --- stability guard ---
     guard: bool = True
@@ -184,13 +197,16 @@ class TrainConfig:
 
     # --- run ---
     seed: int = 1337
+    """Random seed of the initial weights and of the order of the training rows."""
     compile: bool = False
-    """torch.compile each transformer block (all blocks share one compiled graph). Meant for
-    GPUs; on this project's 2-core CPU it changed the step time by under 10% either way."""
+    """torch.compile each transformer block (all blocks share one compiled graph); the first steps
+    wait for the compilation. Meant for GPUs.
+
+    Measured on a 2-core CPU, it changed the step time by under 10% either way."""
     device: str = "auto"
     """'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:N'."""
     out: str = "runs/latest"
-    """Run directory."""
+    """Run directory to write (a stopped run goes on with tinylm train --resume DIR)."""
 
     def __post_init__(self) -> None:
         # Types first (every float finite), then ranges. A budget of 0 is refused, not read as

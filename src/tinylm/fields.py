@@ -42,7 +42,7 @@ def as_bool(value: Any) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ON + OFF:
         return value.lower() in ON
-    raise ValueError(f"must be on or off (true or false), got {value!r}")
+    raise ValueError(f"must be true or false, got {value!r}")
 
 
 def as_float(value: Any) -> float:

@@ -40,9 +40,22 @@ COMMANDS = (
 """Each adds one sub-command, in the order ``tinylm --help`` lists them."""
 
 
+def version() -> str:
+    """The installed package's version (its metadata, as pip sees it)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("tinylm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tinylm", description="Train small GPT models and measure what matters.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser.add_argument("--version", action="version", version=f"tinylm {version()}",
+                        help="print the version and exit")  # fmt: skip
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=Parser)
     for add in COMMANDS:
         add(sub)
     return parser
@@ -58,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `tinylm`: what it can do, not an error
+        parser.print_help()
+        return 0
     args.argv = argv
     try:
         return args.func(args)

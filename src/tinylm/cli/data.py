@@ -7,7 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
+from tinylm.cli.flags import Switch, add_settings_flags, at_least, field_help, given_settings, integer
+from tinylm.cli.settings import DEFAULT_PRESET, preset_defaults
 from tinylm.config import PRESETS, ModelConfig, TrainConfig, preset
 from tinylm.fields import build, merge
 from tinylm.paths import check_writable_dir
@@ -15,12 +16,14 @@ from tinylm.paths import check_writable_dir
 
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenise a data source into memory-mapped token files")
-    p.add_argument("--data", required=True, help="path, 'shakespeare', 'tinystories' or 'hf:NAME[:CONFIG]'")
-    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or 'bpe:N'")
+    # the same settings as train's, with the same help and defaults
+    p.add_argument("--data", required=True, help=field_help(TrainConfig, "data"))
+    p.add_argument("--tokenizer", default=TrainConfig.tokenizer, help=field_help(TrainConfig, "tokenizer"))
     p.add_argument("--out", help="directory to write (default: the cache, keyed by content)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--doc-sep", default=None)
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help=field_help(TrainConfig, "val_fraction"))  # fmt: skip
+    p.add_argument("--text-field", default=TrainConfig.text_field, help=field_help(TrainConfig, "text_field"))
+    p.add_argument("--doc-sep", default=TrainConfig.doc_sep, help=field_help(TrainConfig, "doc_sep"))
     p.add_argument("--block-size", type=integer, default=512, help="report token utilisation at this block size")
     p.set_defaults(func=cmd_prepare)
 
@@ -59,19 +62,24 @@ def _print_utilisation(data, block_size: int) -> None:
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time the training step: tokens/s, GFLOP/s, MFU, peak memory")
-    p.add_argument("--preset", choices=list(PRESETS), default="basic")
-    p.add_argument("--batch-size", type=at_least(1), default=8)
-    p.add_argument("--repeats", type=at_least(1), default=5)
-    p.add_argument("--warmup", type=at_least(0), default=2)
-    p.add_argument("--compare-textbook", action="store_true", help="also time full logits + F.cross_entropy + AdamW")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--compile", action="store_true", help="torch.compile the tinylm step's blocks (as train --compile)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help="model shape to time")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per step")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed steps per variant; the median is reported")
+    p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps before the timed ones")
+    p.add_argument("--compare-textbook", action=Switch, default=False,
+                   help="also time the textbook step (full logits, F.cross_entropy, AdamW) on the same batch")  # fmt: skip
+    p.add_argument("--memory", action=Switch, default=True,
+                   help="measure each variant's peak memory in a fresh subprocess (--no-memory: faster)")  # fmt: skip
+    p.add_argument("--compile", action=Switch, default=False,
+                   help="torch.compile the tinylm step's blocks, as train --compile does")  # fmt: skip
+    p.add_argument("--device", default="auto", help=field_help(TrainConfig, "device"))
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall time, or this process's CPU time (steadier on a shared CPU; see README)")  # fmt: skip
+                   help="wall time, or this process's CPU time (steadier when other programs share the CPU)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", nargs="?", const="-",
-                   help="the figures as JSON: to FILE (the table still prints), or alone to stdout")  # fmt: skip
-    add_settings_flags(p, ModelConfig, "model (over the preset's shape: the mechanics to time)", "model.")
+                   help="the figures as JSON: to FILE (the table still prints), or alone to stdout "
+                        "(default: the table only)")  # fmt: skip
+    add_settings_flags(p, ModelConfig, "model (over the preset's shape: the mechanics to time)", "model.",
+                       defaults=preset_defaults())  # fmt: skip
     others = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in BENCH_TRAIN_SETTINGS]
     add_settings_flags(p, TrainConfig, "training (what changes a step's cost: optimizer, z-loss)", "train.", others)
     p.set_defaults(func=cmd_bench)
@@ -89,7 +97,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = build(ModelConfig, merge(dataclasses.asdict(preset(args.preset)), flags.get("model", {})), "model.")
     train = build(TrainConfig, merge(BENCH_TRAIN, flags.get("train", {})), "train.")
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
-                   measure_memory=not args.no_memory, compile=args.compile, model=model, clock=args.clock,
+                   measure_memory=args.memory, compile=args.compile, model=model, clock=args.clock,
                    train=train)  # fmt: skip
     if args.json == "-":
         print(json.dumps(report, indent=2))

@@ -13,11 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.cli.flags import given_settings
-from tinylm.config import BUDGET_FIELDS, RESUMABLE, RunConfig, preset
+from tinylm.config import BUDGET_FIELDS, PRESETS, RESUMABLE, ModelConfig, RunConfig, preset
 from tinylm.errors import UserError
 from tinylm.fields import ConfigError, build, dotted, load_yaml, merge, nest
 
+DEFAULT_PRESET = "basic"
 DEFAULT_BUDGET = {"max_steps": 200}
+
+BUDGET_DEFAULTS = {"max_steps": f"{DEFAULT_BUDGET['max_steps']} when no other budget is given"}
+"""The budget a run gets when none is given, as train's --help shows it."""
+
+
+def preset_defaults() -> dict[str, str]:
+    """The model fields whose default is the preset's, as --help shows them (``the preset's: basic 4, ...``)."""
+    shown = {}
+    for f in dataclasses.fields(ModelConfig):
+        values = {name: getattr(shape, f.name) for name, shape in PRESETS.items()}
+        if len(set(values.values())) > 1:
+            shown[f.name] = "the preset's: " + ", ".join(f"{name} {value}" for name, value in values.items())
+    return shown
 
 
 def has_budget(settings: dict[str, Any]) -> bool:
@@ -30,7 +44,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     source = getattr(args, "config", None)
     recipe = nest(RunConfig, load_yaml(source), source) if source else {}
     flags = given_settings(args)
-    name = getattr(args, "preset", None) or recipe.get("preset") or "basic"
+    name = getattr(args, "preset", None) or recipe.get("preset") or DEFAULT_PRESET
     if not isinstance(name, str):
         raise UserError(f"{source}: preset must be a preset's name, got {name!r}")
     settings = merge({"model": dataclasses.asdict(preset(name))}, recipe, flags, {"preset": name})

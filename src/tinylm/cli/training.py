@@ -9,27 +9,38 @@ import os
 from pathlib import Path
 from typing import get_args
 
-from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
-from tinylm.cli.settings import resolve_config, resume_config
-from tinylm.config import PRESETS, ModelConfig, Optimizer, RunConfig, preset
+from tinylm.cli.flags import Refused, Switch, add_settings_flags, at_least, given_settings, integer
+from tinylm.cli.settings import BUDGET_DEFAULTS, DEFAULT_PRESET, preset_defaults, resolve_config, resume_config
+from tinylm.config import PRESETS, ModelConfig, Optimizer, RunConfig, TrainConfig, preset
 from tinylm.fields import sections
 from tinylm.paths import check_writable_dir
 
 
-def add_run_flags(parser: argparse.ArgumentParser, train_title: str = "training", skip=()) -> None:
-    """The flags of every section of RunConfig (model, train, and any section added later)."""
+def add_run_flags(parser: argparse.ArgumentParser, titles: dict[str, str] | None = None, skip=(),
+                  train_defaults: dict[str, str] | None = None) -> None:  # fmt: skip
+    """The flags of every section of RunConfig (model, train, and any section added later); ``titles``
+    names a section's group where its name alone does not say enough."""
+    titles = titles or {}
+    defaults = {"model": preset_defaults(), "train": train_defaults or {}}
     for name, kind in sections(RunConfig).items():
-        add_settings_flags(parser, kind, train_title if name == "train" else name, f"{name}.", skip)
+        add_settings_flags(parser, kind, titles.get(name, name), f"{name}.", skip, defaults.get(name))
+
+
+PRESET_HELP = f"model shape to start from: {', '.join(PRESETS)}"
+RECIPE_HELP = "YAML recipe of settings (preset, model, train); flags override it (default: none)"
 
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (or --resume one)")
-    p.add_argument("--preset", choices=list(PRESETS), help="model shape to start from (default basic)")
-    p.add_argument("--config", help="YAML recipe; flags override it")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--nproc-per-node", type=at_least(1), default=1, help="data-parallel processes (starts torchrun)")
-    add_run_flags(p)
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help=f"{PRESET_HELP} (default: the recipe's, else {DEFAULT_PRESET})")  # fmt: skip
+    p.add_argument("--config", metavar="RECIPE", help=RECIPE_HELP)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR where it stopped (default: start a new run)")  # fmt: skip
+    p.add_argument("--quiet", action=Switch, default=False, help="no progress output")
+    p.add_argument("--nproc-per-node", type=at_least(1), default=1,
+                   help="data-parallel processes on this machine (more than 1 starts torchrun)")  # fmt: skip
+    add_run_flags(p, {"train": "training"}, train_defaults=BUDGET_DEFAULTS)
     p.set_defaults(func=cmd_train)
 
 
@@ -81,16 +92,17 @@ def _print_summary(s: dict, run_dir: Path) -> None:
 
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="parameters, FLOPs and memory of a model")
-    p.add_argument("--preset", choices=list(PRESETS))
-    p.add_argument("--config", help="YAML recipe")
-    p.add_argument("--json", action="store_true")
-    add_settings_flags(p, ModelConfig, "model", "model.")
-    p.add_argument(
-        "--batch-size", type=integer, default=argparse.SUPPRESS, dest="train.batch_size", metavar="BATCH_SIZE"
-    )
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help=f"{PRESET_HELP} (default: the recipe's, else {DEFAULT_PRESET})")  # fmt: skip
+    p.add_argument("--config", metavar="RECIPE", help=RECIPE_HELP)
+    p.add_argument("--json", action=Switch, default=False, help="print the figures as JSON")
+    add_settings_flags(p, ModelConfig, "model", "model.", defaults=preset_defaults())
+    p.add_argument("--batch-size", type=integer, default=argparse.SUPPRESS, dest="train.batch_size",
+                   metavar="BATCH_SIZE", help=f"sequences per micro-batch, whose activations the memory estimate "
+                   f"counts (default: the recipe's, else {TrainConfig.batch_size})")  # fmt: skip
     p.add_argument(
         "--optimizer", choices=get_args(Optimizer), default=argparse.SUPPRESS, dest="train.optimizer",
-        help="whose state the memory estimate counts (default adamw)",
+        help=f"whose state the memory estimate counts (default: the recipe's, else {TrainConfig.optimizer})",
     )  # fmt: skip
     p.set_defaults(func=cmd_info)
 
@@ -119,17 +131,28 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def add_ablate(sub) -> None:
     p = sub.add_parser("ablate", help="a study: arms of settings at equal compute, paired seeds, then the report")
-    p.add_argument("--study", help="a study file, or the name of a shipped one (seed, modern; default seed: the "
-                   "seed report's four cumulative phases)")  # fmt: skip
-    p.add_argument("--preset", choices=list(PRESETS), help="one preset (default: the study's, else basic)")
-    p.add_argument("--presets", help="several presets, comma-separated, e.g. basic,mid,quality")
-    p.add_argument("--phases", help="subset/order of the study's arms (seed: baseline,init,cosine,packed)")
-    p.add_argument("--seeds", type=integer, help="runs per arm, seed k of every arm the same (default: the study's)")
+    p.add_argument("--study", help="a study file, or the name of a shipped one: seed (the seed report's four "
+                   "cumulative phases) or modern (default: seed)")  # fmt: skip
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help=f"one preset (default: the study's, else {DEFAULT_PRESET})")  # fmt: skip
+    p.add_argument("--presets", help="several presets, comma-separated, e.g. basic,mid,quality (default: --preset's)")
+    p.add_argument("--phases", help="subset/order of the study's arms, comma-separated, e.g. for the seed study "
+                   "baseline,init,cosine,packed (default: all, in the study's order)")  # fmt: skip
+    p.add_argument("--seeds", type=at_least(1), metavar="N",
+                   help="runs per arm: run k of every arm trains with seed FIRST_SEED + k (default: the study's)")  # fmt: skip
+    p.add_argument("--first-seed", type=at_least(0), default=argparse.SUPPRESS, dest="train.seed", metavar="FIRST_SEED",
+                   help=f"seed of each arm's first run (default: the study's, else {TrainConfig.seed})")  # fmt: skip
+    p.add_argument("--seed", action=Refused,
+                   hint="--first-seed N sets the seed of each arm's first run, --seeds N the runs per arm")  # fmt: skip
     p.add_argument("--out", required=True, help="study directory (rerun the command to finish an interrupted one)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--nproc-per-node", type=at_least(1), default=1, help="data-parallel processes per run (torchrun)")
+    p.add_argument("--quiet", action=Switch, default=False, help="no progress output")
+    p.add_argument("--nproc-per-node", type=at_least(1), default=1,
+                   help="data-parallel processes per run on this machine (more than 1 starts torchrun)")  # fmt: skip
     add_launcher_flags(p)
-    add_run_flags(p, "training (over the study's base; a step's own settings cannot be given)", skip=("out",))
+    titles = {"model": "model (over the preset and the study's base; defaults as shown otherwise)",
+              "train": "training (over the study's base; defaults as shown otherwise; a step's own settings "
+                       "cannot be given)"}  # fmt: skip
+    add_run_flags(p, titles, skip=("out", "seed"))
     p.set_defaults(func=cmd_ablate)
 
 
