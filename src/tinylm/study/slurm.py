@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.errors import UserError
-from tinylm.fields import ConfigError, build, field_docs, nest, read_fields, require
+from tinylm.fields import ConfigError, build, nest, read_fields, require
 from tinylm.study.executor import Outcome, Task, log_path, outcome_path
 
 SUBMITIT_DIR = ".slurm"
@@ -112,12 +112,13 @@ FLAG_DEST = "slurm_"
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """``--slurm-partition``, ``--slurm-time`` ...: one flag per SlurmOptions field, and
     ``--slurm-sbatch KEY=VALUE`` (repeatable) for any other sbatch option."""
-    from tinylm.cli.flags import add_settings_flags
+    from tinylm.cli.flags import add_settings_flags, field_help
 
     title = "Slurm (with --launcher slurm; over the study file's launch: {slurm: ...})"
     add_settings_flags(parser, SlurmOptions, title, FLAG_DEST, skip=("sbatch",), flag_prefix="slurm-")
     parser.add_argument("--slurm-sbatch", action="append", metavar="KEY=VALUE", dest=FLAG_DEST + "sbatch",
-                        default=argparse.SUPPRESS, help=" ".join(field_docs(SlurmOptions)["sbatch"].split()))  # fmt: skip
+                        default=argparse.SUPPRESS,
+                        help=field_help(SlurmOptions, "sbatch") + " (default: none)")  # fmt: skip
 
 
 def read_options(args: argparse.Namespace | None, launch: dict[str, Any] | None = None) -> SlurmOptions:
