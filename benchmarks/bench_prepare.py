@@ -1,6 +1,7 @@
 """Measure `tinylm prepare` throughput (MB of text per second, and per core) on a text corpus.
 
-Usage: .venv/bin/python scripts/bench_prepare.py [PATH] [--tokenizer gpt2]
+Usage: .venv/bin/python benchmarks/bench_prepare.py [PATH] [--tokenizer gpt2]
+PATH defaults to train.txt of the TinyStories slice (TINYLM_TINYSTORIES, see tinystories.py).
 Prepares into a fresh temporary directory each repeat (no cache) and prints the median.
 """
 
@@ -11,15 +12,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from tinystories import tinystories_or_exit
+
 from tinylm.data.prepare import PrepareOptions, prepare
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("path", nargs="?", default="../shared/data/tinystories-lc/train.txt")
+    parser.add_argument("path", nargs="?", help="a text corpus (default: the TinyStories slice's train.txt)")
     parser.add_argument("--tokenizer", default="gpt2")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    args.path = args.path or str(tinystories_or_exit() / "train.txt")
     size = Path(args.path).stat().st_size
     prepare(PrepareOptions(args.path, args.tokenizer), out=Path(tempfile.mkdtemp()) / "warm", quiet=True)
     times = []

@@ -1,6 +1,6 @@
 """Measure each lever of the fast training step on its own: with and without, alternately.
 
-Usage: .venv/bin/python scripts/bench_levers.py [--preset mid] [--repeats 6] [--compile] [--only LEVER,...] [--json FILE]
+Usage: .venv/bin/python benchmarks/bench_levers.py [--preset mid] [--repeats 6] [--compile] [--only LEVER,...] [--json FILE]
 
 Every line compares two ways of doing the same work, timed alternately in one process (the
 heap setting, which is process-wide, in two fresh processes), and prints the medians and the

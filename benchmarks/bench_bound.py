@@ -1,6 +1,6 @@
 """How fast tinylm's step could be against the textbook's on this machine: the output layer alone.
 
-Usage: .venv/bin/python scripts/bench_bound.py [--preset mid] [--batch-size 8] [--repeats 5] [--clock wall|cpu] [--json FILE]
+Usage: .venv/bin/python benchmarks/bench_bound.py [--preset mid] [--batch-size 8] [--repeats 5] [--clock wall|cpu] [--json FILE]
 
 The two steps of `tinylm bench --compare-textbook` run the same blocks; they differ in the output
 layer (the logits, the cross-entropy and their gradients) and in the optimizer (the textbook's is

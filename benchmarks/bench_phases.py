@@ -1,7 +1,7 @@
 """Per-phase CPU step time: the baseline phase (naive init) against the init phase (scaled), same batches.
 
-Usage: .venv/bin/python scripts/bench_phases.py [--data tinystories] [--preset basic] [--steps 4]
-       [--processes 2] [--json docs/bench/baseline-phase.json]
+Usage: .venv/bin/python benchmarks/bench_phases.py [--data SPEC] [--preset basic] [--steps 4]
+       [--processes 2] [--json results/bench/baseline-phase.json]
 
 The two phases differ only in their init (N(0, 1) against GPT-2's), so any difference in step
 time is a data-dependent slow path. A naive-init step produces subnormal floats (the loss
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from tinystories import tinystories_or_exit
 
 CHILD = r"""
 import json, sys, time, torch
@@ -150,13 +151,14 @@ def summary(times: list[float]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="tinystories", help="data spec, as `tinylm train --data`")
+    parser.add_argument("--data", help="data spec, as `tinylm train --data` (default: the TinyStories slice)")
     parser.add_argument("--preset", default="basic")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per phase in each process")
     parser.add_argument("--processes", type=int, default=2, help="fresh processes per variant, in turns")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
+    args.data = args.data or str(tinystories_or_exit())
 
     times = {v: {"baseline": [], "init": []} for v in ("default", "ftz")}
     per_process = {v: [] for v in times}
