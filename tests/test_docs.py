@@ -18,7 +18,8 @@ COMMAND_PAGES = [REPO / "README.md", REPO / "docs" / "getting-started.md"]
 """The pages whose every command a newcomer copies: each must work as written in a fresh clone."""
 
 CHEAP = {"train": ["--preset", "tiny", "--max-steps", "2", "--eval-every", "1", "--eval-tokens", "512"],
-         "ablate": ["--max-tokens", "1024", "--eval-tokens", "512", "--batch-size", "2"]}  # fmt: skip
+         "ablate": ["--max-tokens", "1024", "--eval-tokens", "512", "--batch-size", "2"],
+         "eval": ["--eval-tokens", "512"], "sample": ["--max-new-tokens", "5"]}  # fmt: skip
 """Flags appended (the last of a flag wins) so the fast test runs each command in seconds; the slow test does not."""
 
 
@@ -85,6 +86,8 @@ def _run_page_commands(tmp_path: Path, cheap: bool) -> list[str]:
         clone = tmp_path / page.stem  # each page as a newcomer follows it, in a folder of its own
         clone.mkdir()
         for line in commands(page):
+            if line in ran:
+                continue  # the same command on another page: once is enough
             argv = _argv(line)
             if argv[:2] == ["bash", "scripts/setup.sh"] or argv[1:4] == ["-m", "pytest", "-q"]:
                 continue  # the set-up made this environment, and the test suite is what runs this
