@@ -72,13 +72,22 @@ def tiny_config(data: Path | str, out: Path, **train) -> RunConfig:
     return RunConfig(model=model, train=TrainConfig(**settings), preset="tiny")
 
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-"""The repository's scripts/ folder (benchmarks run as files, not installed with the package)."""
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+"""The repository's benchmarks/ folder (measurement scripts run as files, not installed with the package)."""
 
 
 def load_script(name: str) -> ModuleType:
-    """scripts/NAME.py imported as a module, for tests of its functions."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    """benchmarks/NAME.py imported as a module, for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tinystories() -> Path:
+    """The TinyStories slice's folder (TINYLM_TINYSTORIES, see benchmarks/tinystories.py); skips when absent."""
+    slice_ = load_script("tinystories")
+    if reason := slice_.missing_reason():
+        pytest.skip(reason)
+    return slice_.tinystories_path()

@@ -1,4 +1,4 @@
-"""scripts/bench_bound.py: the output layers it times alone are the steps' own losses, and its bound
+"""benchmarks/bench_bound.py: the output layers it times alone are the steps' own losses, and its bound
 is the arithmetic its docstring states."""
 
 import os
@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import SCRIPTS, load_script
+from conftest import BENCHMARKS, load_script
 
-SCRIPT = SCRIPTS / "bench_bound.py"
+SCRIPT = BENCHMARKS / "bench_bound.py"
 
 
 def test_both_output_layers_compute_the_same_loss_and_gradients():

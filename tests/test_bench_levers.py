@@ -1,4 +1,4 @@
-"""scripts/bench_levers.py's stand-ins for tinylm's code compute the same loss, so its ratios time like for like."""
+"""benchmarks/bench_levers.py's stand-ins for tinylm's code compute the same loss, so its ratios time like for like."""
 
 import json
 import subprocess
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import tinylm.loss
-from conftest import SCRIPTS, load_script
+from conftest import BENCHMARKS, load_script
 from tinylm.loss import IGNORE_INDEX, linear_cross_entropy
 
-SCRIPT = SCRIPTS / "bench_levers.py"
+SCRIPT = BENCHMARKS / "bench_levers.py"
 
 
 def test_the_row_maxima_loss_chunk_stands_in_for_tinylms(monkeypatch):

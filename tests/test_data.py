@@ -306,8 +306,9 @@ def test_gpt2_stream_encoding_equals_encoding_each_document(literal_marker):
 
 def test_hub_data_without_the_datasets_package_names_the_offline_alternatives(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without it: import fails
-    with pytest.raises(UserError, match="pip install datasets.*shakespeare"):
+    with pytest.raises(UserError, match=r"pip install 'tinylm\[hf\]'.*shakespeare") as error:
         open_source("hf:someone/nothing-here", ReadOptions())
+    assert "shared" not in str(error.value)  # a folder only this project's own machines have
 
 
 # --- concurrent and interrupted preparation ------------------------------------------

@@ -275,6 +275,18 @@ def test_results_gain_the_study_columns(tmp_path):
     assert loaded[-1]["best_val_loss_doc"] is None
 
 
+def test_results_name_runs_relative_to_their_study_folder_not_the_machine(tmp_path):
+    three_arms(tmp_path / "study")  # study.json lists runs as basic/<arm>-seed<k> under an absolute folder
+    fixture_run(tmp_path / "loose", "basic/packed", 1337, 6.5)
+    write_report([tmp_path / "study", tmp_path / "loose"], tmp_path / "out" / "report.md")
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    in_study = [r["run_dir"] for r in rows if r["study"] == "demo"]
+    assert in_study[0] == "basic/base-seed0" and all(d.startswith("basic/") for d in in_study)
+    assert [r["run_dir"] for r in rows if r["study"] is None] == ["loose/basic/packed"]  # from the paths' shared folder
+    csv_dirs = [r["run_dir"] for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))]
+    assert not any(str(tmp_path) in d for d in csv_dirs)
+
+
 def test_a_damaged_study_json_is_one_line_naming_it(tmp_path):
     three_arms(tmp_path)
     info = json.loads((tmp_path / "study.json").read_text())

@@ -1,24 +1,17 @@
 """Real-data checks (minutes on 2 cores): run with `pytest -m slow`."""
 
-from pathlib import Path
-
 import pytest
 
 from tinylm.config import RunConfig, TrainConfig, preset
 from tinylm.train import train
 
-TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-lc"
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not TINYSTORIES.exists(), reason="../shared/data/tinystories-lc is not here"),
-]
+pytestmark = pytest.mark.slow  # the TinyStories slice comes from the `tinystories` fixture (skips when absent)
 
 
-def test_basic_preset_on_tinystories_learns_in_200_steps(tmp_path):
+def test_basic_preset_on_tinystories_learns_in_200_steps(tmp_path, tinystories):
     cfg = RunConfig(
         model=preset("basic"),
-        train=TrainConfig(data=str(TINYSTORIES), max_steps=200, eval_every=50, out=str(tmp_path / "run")),
+        train=TrainConfig(data=str(tinystories), max_steps=200, eval_every=50, out=str(tmp_path / "run")),
         preset="basic",
     )
     s = train(cfg, quiet=True).summary

@@ -394,7 +394,7 @@ def test_the_lr_pick_ranks_by_the_study_metric_and_falls_back_to_the_packed_loss
 def test_the_lr_pick_ranks_every_trial_by_one_metric():
     # A trial finished by an older tinylm lacks the per-document loss: comparing its packed loss with another
     # trial's per-document one would measure the evaluation (the two differ by up to 0.024 on the same weights in
-    # docs/studies/modern-basic), not the learning rate.
+    # results/studies/modern-basic), not the learning rate.
     mixed = {0.5: {"best_val_loss": 2.0}, 1.0: {"best_val_loss": 1.9, "best_val_loss_doc": 2.1}}
     assert pick_lr_factor(mixed, "val_loss_doc", "arm a") == 1.0
 

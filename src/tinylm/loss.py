@@ -24,7 +24,7 @@ IGNORE_INDEX = -1
 _CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 28}
 """Logit elements per chunk, by device. CPU: 32 MB in fp32 (166 rows of GPT-2's vocabulary), big
 enough for efficient matmuls and small enough for cache and memory. On the 2-core Zen 4 (1 MB L2 per
-core, 32 MB L3) half and twice the rows made the basic step slower (scripts/bench_levers.py), and the
+core, 32 MB L3) half and twice the rows made the basic step slower (benchmarks/bench_levers.py), and the
 oneDNN logits matmul ran fastest at these rows; a size from the cache sizes would be the same 32 MB
 there, so none is derived. CUDA: 1 GiB in fp32, because each chunk costs a dozen kernel
 launches: with the CPU's size a batch of 32 x 512 took 99 chunks and the step ran at a third of
@@ -91,7 +91,7 @@ backend calls for linear layers."""
 _ONEDNN_HIDDEN_GRAD = _ONEDNN
 """oneDNN for the hidden states' gradient too (few rows x small C outputs x 50k inner dimension): it
 ran 1.13x (one thread) and 1.22x (two) faster than MKL at mid's shape here, the mid step 1.03x on either
-(scripts/bench_levers.py --only onednn; docs/bench/issue17-second/levers/). It needs the weight transposed
+(benchmarks/bench_levers.py --only onednn; results/bench/issue17-second/levers/). It needs the weight transposed
 once per call, a copy of its size (39 MB for mid)."""
 
 
@@ -181,7 +181,7 @@ def _row_losses(logits, probs, target_logit, rows, safe_t, keep, may_sync: bool)
 
     On the CPU it is -log(p_target), read from the softmax, so the logits get no passes for their
     row maxima: that saved two of the four passes over each chunk besides the matmuls and ran the
-    basic step about 4% faster (scripts/bench_levers.py). Rows whose target probability is tiny
+    basic step about 4% faster (benchmarks/bench_levers.py). Rows whose target probability is tiny
     take the log-sum-exp from the maxima; finding them costs a host sync, so on an accelerator
     every row takes the maxima (its passes are cheap there; a sync per chunk is not).
     """

@@ -43,8 +43,8 @@ def tune_for(device: torch.device) -> None:
     makes them: 4.7e-4 of its loss softmax probabilities, 0.7% of the gradients at its blocks'
     linear outputs. But they cost nothing measurable here: the baseline phase's step took
     1.00x the scaled phase's, with and without FTZ/DAZ, and FTZ/DAZ left both phases' first
-    step bit-identical (AMD EPYC Zen 4, AVX-512; scripts/bench_phases.py,
-    docs/bench/baseline-phase.json). Also, ``torch.set_flush_denormal`` sets only the calling
+    step bit-identical (AMD EPYC Zen 4, AVX-512; benchmarks/bench_phases.py,
+    results/bench/baseline-phase.json). Also, ``torch.set_flush_denormal`` sets only the calling
     thread and threads started after it, so made here it would miss intra-op workers already
     running. The one slow path for tiny values found was ``torch.exp`` with a subnormal
     result (15-30x per element); the training step does not call it.
@@ -63,7 +63,7 @@ def keep_freed_memory() -> bool:
     is free, so every step page-faults its activations in again: about 200k faults (0.8 GB)
     per `mid` CPU step here. Blocks up to 32 MB (glibc's limit) now come from the heap and
     stay mapped: the `mid` step ran up to 1.2x faster and its peak RSS rose about 6%
-    (scripts/bench_levers.py, tinylm bench). Returns whether it applied (glibc only).
+    (benchmarks/bench_levers.py, tinylm bench). Returns whether it applied (glibc only).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

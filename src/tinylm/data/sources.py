@@ -266,8 +266,8 @@ def _hub(name: str, config: str | None, options: ReadOptions) -> Source:
         import datasets
     except ImportError as e:
         raise UserError(
-            "hub data needs the datasets package (pip install datasets); without it, use a local file or "
-            "folder (e.g. --data ../shared/data/tinystories-lc/) or --data shakespeare"
+            "hub data needs the datasets package (pip install 'tinylm[hf]'); without it, use a local file or "
+            "folder (e.g. --data my-corpus.txt or --data my-corpus/) or --data shakespeare"
         ) from e
     try:
         builder = datasets.load_dataset_builder(name, config)
@@ -275,7 +275,7 @@ def _hub(name: str, config: str | None, options: ReadOptions) -> Source:
     except Exception as e:  # no network, unknown name, gated repo ...
         raise UserError(
             f"cannot reach the Hugging Face dataset {name!r} ({type(e).__name__}); offline, use a "
-            "local file or folder (e.g. --data ../shared/data/tinystories-lc/) or --data shakespeare"
+            "local file or folder (e.g. --data my-corpus.txt or --data my-corpus/) or --data shakespeare"
         ) from e
     train_split = "train" if "train" in splits else (splits[0] if splits else "train")
     val_split = next((s for s in ("validation", "valid", "val", "test") if s in splits), None)

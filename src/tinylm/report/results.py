@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from tinylm.report.studies import Study
@@ -25,9 +26,16 @@ def result_rows(studies: list[Study]) -> list[dict]:
                 row.update(study=study.name or r.study_tag.get("name"), preset=r.preset, arm=arm.name, phase=r.phase,
                            seed=r.seed, lr=r.recipe.get("lr"), lr_factor=r.study_tag.get("lr_factor"),
                            stability=s["stability"]["label"], stability_reason=s["stability"]["reason"],
-                           run_dir=str(r.run_dir))  # fmt: skip
+                           run_dir=_relative(r.run_dir, study.folder))  # fmt: skip
                 rows.append(row)
     return rows
+
+
+def _relative(run_dir: Path, folder: Path | None) -> str:
+    """The run's folder as seen from the study's: results stay true when the study folder moves to another machine."""
+    if folder is None:
+        return str(run_dir)
+    return Path(os.path.relpath(run_dir.resolve(), folder.resolve())).as_posix()
 
 
 def write_results(studies: list[Study], folder: Path) -> None:

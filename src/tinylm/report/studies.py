@@ -9,6 +9,7 @@ to the arm before it, so ablation folders written before studies existed still r
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ class Study:
     """study.json as saved ({} for loose runs)."""
     unfinished: list[str] = field(default_factory=list)
     """Run directories study.json lists that have no summary.json yet, or interrupted runs (left out)."""
+    folder: Path | None = None
+    """The study's folder (loose runs: the folder the reported paths share); results name runs relative to it."""
 
 
 def load_studies(paths: list[Path], rank_by: str | None = None) -> list[Study]:
@@ -53,7 +56,8 @@ def load_studies(paths: list[Path], rank_by: str | None = None) -> list[Study]:
                         "budget; finish them with tinylm train --resume DIR")  # fmt: skip
     if finished or partial:  # interrupted runs beside a study are named too, with no arm of their own
         wanted = RANK_BY[rank_by or "doc"]
-        studies.append(Study(group(finished, wanted), wanted, unfinished=partial))
+        root = Path(os.path.commonpath([p.resolve() for p in paths]))
+        studies.append(Study(group(finished, wanted), wanted, unfinished=partial, folder=root))
     return studies
 
 
@@ -61,7 +65,7 @@ def read_study(folder: Path, rank_by: str | None = None) -> Study:
     """The arms of folder/study.json per preset, in the study's order, each with its finished runs."""
     info = _read_info(folder / STUDY_FILE)
     wanted = RANK_BY[rank_by or _rank_by(info, folder)]
-    study = Study({}, wanted, str(info.get("study") or folder.name), info)
+    study = Study({}, wanted, str(info.get("study") or folder.name), info, folder=folder)
     presets = info.get("presets") or list(dict.fromkeys(p for a in info["arms"] for p in a.get("runs") or {}))
     for preset in presets:
         arms = [arm for entry in info["arms"] if (arm := _arm(folder, preset, entry, study)) is not None]
