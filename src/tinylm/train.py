@@ -20,7 +20,7 @@ from tinylm.errors import UserError
 from tinylm.metrics import truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
-from tinylm.paths import DirLock, check_writable_dir
+from tinylm.paths import DirLock, check_writable_dir, is_temporary
 from tinylm.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_config
 from tinylm.runtime import select_device, tune_for
 from tinylm.trainer import Progress, RunData, Trainer, TrainResult
@@ -134,7 +134,7 @@ def check_fresh_run_dir(run_dir: Path) -> None:
     if checkpoint.exists(run_dir) or (run_dir / SUMMARY_FILE).exists():
         raise UserError(f"{run_dir} holds another run; resume it with --resume {run_dir} or choose another --out")
     # A killed first write of config.json leaves only its temporary file: still ours to reclaim.
-    others = [e for e in run_dir.iterdir() if e.name != CONFIG_FILE + ".tmp"] if run_dir.is_dir() else []
+    others = [e for e in run_dir.iterdir() if not is_temporary(e.name, CONFIG_FILE)] if run_dir.is_dir() else []
     if others and not started_by_tinylm(run_dir):
         raise UserError(f"--out {run_dir} holds other files; choose a new or empty folder")
     check_writable_dir(run_dir, "--out")  # before the data is prepared: no minutes of tokenising first
