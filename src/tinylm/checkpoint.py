@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from tinylm.config import resume_edits_text
 from tinylm.errors import UserError, damaged, missing
 from tinylm.paths import is_temporary, replace_durably, write_atomic
 
@@ -174,7 +175,8 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         kill_point("checkpoint:before-pointer", step)
         files = {MODEL_FILE: weights_file, STATE_FILE: state_file}
         pointer = {"dir": name, "step": step, "files": {k: size for k, (size, _) in files.items()},
-                   "sha256": {k: sha for k, (_, sha) in files.items()}}  # fmt: skip
+                   "sha256": {k: sha for k, (_, sha) in files.items()},
+                   "settings": settings}  # fmt: skip  (sampling checks config.json against them)
         write_atomic(run_dir / POINTER_FILE, json.dumps(pointer) + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -327,17 +329,40 @@ def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
     return _load_weights_from(_require(run_dir), model)
 
 
-def _check_settings(run_dir: Path, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
-    """Refuse settings changed since the checkpoint (checkpoints from before it kept them: unchecked).
-    A setting the checkpoint lacks is one added to tinylm since: it keeps its default."""
+def changed_settings(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    """``train.lr 0.001 -> 0.002``: the settings that differ from a checkpoint's (one from before
+    checkpoints kept them: none). A setting the checkpoint lacks is one added to tinylm since: it
+    keeps its default. The data path is compared only where its content hash is not (an older checkpoint)."""
     if saved is None or now is None:
-        return
-    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+        return []
+    skip = {"train.data"} if "data.content" in saved and "data.content" in now else set()
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in skip and saved[k] != now[k]]
+
+
+def _check_settings(run_dir: Path, saved: dict[str, Any] | None, now: dict[str, Any] | None) -> None:
+    """Refuse settings changed since the checkpoint, listing them."""
+    changed = changed_settings(saved, now)
     if changed:
         raise UserError(
-            f"{run_dir}: settings differ from those its checkpoint was trained with ({', '.join(changed[:3])}); "
-            "a resume may change only --max-steps, --max-tokens, --max-time, --device and --compile: "
+            f"{run_dir}: settings differ from those its checkpoint was trained with ({', '.join(changed)}); "
+            f"a resume may change only {resume_edits_text()} (the same data at another path): "
             "put config.json back, or train a new run (--out NEW_DIR)"
+        )
+
+
+def check_config(run_dir: Path, config_file: Path, now: dict[str, Any]) -> None:
+    """For sampling, evaluation and export: the run's config.json must hold the settings its checkpoint
+    recorded (a flipped byte or an edit would build another model, or score other data, silently)."""
+    try:
+        saved = _read_pointer(run_dir).get("settings")
+    except UserError:
+        return  # the weights' own check names the damaged pointer
+    changed = changed_settings(saved if isinstance(saved, dict) else None, now)
+    if changed:
+        raise damaged(
+            config_file,
+            "put it back from a copy, or train the run again",
+            f"{', '.join(changed)}: not the settings its checkpoint recorded; altered since it was written",
         )
 
 

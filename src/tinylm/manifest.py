@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.errors import UserError, damaged
-from tinylm.paths import write_atomic
+from tinylm.paths import disk_full_is_one_line, write_atomic
 from tinylm.rundir import SUMMARY_FILE, read_summary
 from tinylm.study import Arm, flat
 from tinylm.studyplan import Plan
@@ -74,7 +74,9 @@ class Manifest:
             "budget": plan.budget, "lr_tune": study.lr_tune, "lr_tune_share": study.lr_tune_share,
             "presets": self.presets, "arms": arms, "definition": self.definition,
         }  # fmt: skip
-        write_atomic(self.path, json.dumps(data, indent=2) + "\n")
+        advice = "the finished runs are kept: make room and run the same command again, which goes on from them"
+        with disk_full_is_one_line(self.plan.out, advice):
+            write_atomic(self.path, json.dumps(data, indent=2) + "\n")
 
     def _merge_disk(self) -> None:
         """Take what another command wrote since this one started: `--phases a` and `--phases b` (or two

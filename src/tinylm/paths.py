@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from tinylm.errors import DISK_ERRORS, UserError
@@ -32,6 +35,45 @@ def is_temporary(name: str, of: str | None = None) -> bool:
     versions before temporary names held the process id wrote ``NAME.tmp``."""
     match = re.fullmatch(r"(.+?)(\.\d+)?" + re.escape(TMP_SUFFIX), name)
     return match is not None and (of is None or match.group(1) == of)
+
+
+_TMP_INFIX = ".tmp-"
+_HOST = socket.gethostname()
+
+
+def temporary_dir(directory: Path) -> Path:
+    """``NAME.tmp-HOST-PID`` beside ``directory``: where this process builds a folder that is renamed
+    to ``directory`` only once complete (prepared data, an export)."""
+    return directory.with_name(f"{directory.name}{_TMP_INFIX}{_HOST}-{os.getpid()}")
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary folders of ``directory`` (temporary_dir) whose process was killed.
+
+    A temporary folder is stale once the process named in it is gone (older versions named the
+    process alone). Folders of other hosts (a shared cache) are left alone: their process may live.
+    """
+    prefix = f"{directory.name}{_TMP_INFIX}"
+    if not directory.parent.is_dir():
+        return
+    for path in directory.parent.iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        host, _, pid = path.name[len(prefix) :].rpartition("-")
+        if host in (_HOST, "") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had this id; this one is not writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -81,16 +123,17 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def disk_full_is_one_line(folder: Path, then: str):
+def disk_full_is_one_line(folder: Path, then: str | Callable[[], str]):
     """Inside, a full disk (a spent quota, a read-only file system) is a one-line UserError naming
-    ``folder`` and ``then``: what is kept and how to go on. Whoever writes removes its own
-    temporary files; this only words the error."""
+    ``folder`` and ``then`` (or what ``then()`` says when it happens): what is kept and how to go on.
+    Whoever writes removes its own temporary files; this only words the error."""
     try:
         yield
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise
-        raise UserError(f"could not write {e.filename or 'a file'} in {folder}: {e.strerror}; {then}") from None
+        advice = then() if callable(then) else then
+        raise UserError(f"could not write {e.filename or 'a file'} in {folder}: {e.strerror}; {advice}") from None
 
 
 def replace_durably(src: Path, dest: Path) -> None:

@@ -117,6 +117,13 @@ class StopFlag:
                 signal.signal(s, h)
 
 
+def checkpoint_settings(cfg: RunConfig, data_meta: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of the run's settings, and a resume must match: the fixed ones
+    (RunConfig.fixed_settings), plus the data's path and content hash: a resume may move the data
+    (another path, the same prepared content), not change it."""
+    return {**cfg.fixed_settings(), "train.data": cfg.train.data, "data.content": data_meta["cache_key"]}
+
+
 def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -> tuple[list[Batch], int]:
     """This rank's micro-batches of optimizer step ``step``, and the real targets of the whole step.
 
@@ -295,8 +302,9 @@ class Trainer:
         p = self.progress
         if self.cluster.is_main and (final or p.step % (self.t.checkpoint_every or self.t.eval_every) == 0):
             p.stability = self.monitor.state_dict(p.step)
+            self.log.sync()  # the metrics this checkpoint covers are on disk before it is committed
             checkpoint.save(self.run_dir, self.model, self.optimizer, vars(p),  # vars: the snapshot is not copied
-                            self.cfg.fixed_settings())  # fmt: skip
+                            checkpoint_settings(self.cfg, self.data.meta))  # fmt: skip
 
     def write(self, record: dict[str, Any]) -> None:
         if self.log is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from tinylm.paths import write_atomic
 from tinylm.report.studies import Study
 
 RESULT_COLUMNS = ["study", "preset", "arm", "phase", "seed", "lr", "lr_factor", "params", "start_val_loss",
@@ -33,8 +35,9 @@ def result_rows(studies: list[Study]) -> list[dict]:
 def write_results(studies: list[Study], folder: Path) -> None:
     """results.json and results.csv in folder."""
     rows = result_rows(studies)
-    (folder / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_atomic(folder / "results.json", json.dumps(rows, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=RESULT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(folder / "results.csv", table.getvalue())
