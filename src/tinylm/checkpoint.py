@@ -325,8 +325,14 @@ def _load_weights_from(files: Files, model: torch.nn.Module) -> dict[str, str]:
 
 
 def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
-    """Load the current checkpoint's weights into model; returns the safetensors metadata."""
-    return _load_weights_from(_require(run_dir), model)
+    """Load the current checkpoint's weights into model; returns the safetensors metadata.
+
+    The trainer state is checked too (size and SHA-256, not read): a checkpoint is one unit, and a
+    damaged state is better named now than at the resume that needs it."""
+    files = _require(run_dir)
+    if files.checksums is not None:
+        _check_file(files.state, files)
+    return _load_weights_from(files, model)
 
 
 def changed_settings(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
