@@ -135,10 +135,10 @@ def last_good(run_dir: Path) -> str:
     except UserError:
         return f"its pointer {run_dir / POINTER_FILE} is damaged"
     if pointer:
-        return f"the last good checkpoint is {run_dir / pointer['dir']} (step {pointer['step']})"
+        return f"the last good checkpoint, untouched, is {run_dir / pointer['dir']} (step {pointer['step']})"
     if (run_dir / STATE_FILE).exists():
-        return f"the last good checkpoint is the one in {run_dir}"
-    return "there is no checkpoint yet"
+        return f"the last good checkpoint, untouched, is the one in {run_dir}"
+    return "there is no checkpoint yet (the run starts again)"
 
 
 def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any],
@@ -183,8 +183,8 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         if _current_dir(run_dir) != name:  # the switch did not happen: the new folder is a leftover
             shutil.rmtree(folder, ignore_errors=True)
         raise UserError(
-            f"could not write the checkpoint of step {step} in {run_dir}: {e.strerror or e}; {last_good(run_dir)}, "
-            f"untouched: make room and continue with tinylm train --resume {run_dir}"
+            f"could not write the checkpoint of step {step} in {run_dir}: {e.strerror or e}; {last_good(run_dir)}: "
+            f"make room and continue with tinylm train --resume {run_dir}"
         ) from e
     kill_point("checkpoint:after-pointer", step)
     discard_leftovers(run_dir)  # the previous checkpoint, now that the new one is in place
