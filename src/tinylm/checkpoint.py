@@ -129,7 +129,8 @@ def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> tuple[int, s
 
 
 def last_good(run_dir: Path) -> str:
-    """``the last good checkpoint is DIR/checkpoint-000010 (step 10)``, for the lines that say a write failed."""
+    """``the last good checkpoint, untouched, is DIR/checkpoint-000010 (step 10)``: for the lines that say a
+    write failed."""
     try:
         pointer = _read_pointer(run_dir)
     except UserError:
