@@ -50,7 +50,7 @@ def _repoint(run, path):
     """Make the pointer promise ``path`` as it is now: what someone crafting a run folder would do."""
     pointer = json.loads((run / checkpoint.POINTER_FILE).read_text())
     pointer["files"][path.name] = path.stat().st_size
-    pointer["sha256"][path.name] = checkpoint.file_sha256(path)
+    pointer[checkpoint.CHECKSUM][path.name] = checkpoint.file_checksum(path)
     (run / checkpoint.POINTER_FILE).write_text(json.dumps(pointer))
 
 
@@ -96,7 +96,7 @@ def test_a_checkpoint_written_before_checksums_and_weights_only_still_resumes(ru
     (run_copy / checkpoint.POINTER_FILE).write_text(json.dumps(old))
     assert main(["train", "--resume", str(run_copy), "--max-steps", "4", "--quiet"]) == 0, capsys.readouterr().err
     assert [r["step"] for r in read_metrics(run_copy) if "train_loss" in r] == [1, 2, 3, 4]
-    assert "sha256" in json.loads((run_copy / checkpoint.POINTER_FILE).read_text())  # its next save has them
+    assert checkpoint.CHECKSUM in json.loads((run_copy / checkpoint.POINTER_FILE).read_text())  # its next save has them
 
 
 def test_an_old_state_holding_other_objects_is_refused_with_how_to_go_on(run_copy, capsys):
@@ -153,7 +153,7 @@ def test_a_flipped_byte_is_one_line_naming_the_file_for_every_command(run_copy, 
 def test_checksums_are_recorded_for_each_file_and_match(finished):
     files = checkpoint.locate(finished)
     pointer = json.loads((finished / checkpoint.POINTER_FILE).read_text())
-    assert pointer["sha256"] == {p.name: checkpoint.file_sha256(p) for p in (files.model, files.state)}
+    assert pointer[checkpoint.CHECKSUM] == {p.name: checkpoint.file_checksum(p) for p in (files.model, files.state)}
 
 
 # --- 3. a full disk ----------------------------------------------------------------------------
