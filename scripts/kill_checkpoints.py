@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 TRAIN = ["--preset", "tiny", "--device", "cpu", "--checkpoint-every", "1", "--eval-every", "5", "--eval-tokens", "4096",
-         "--batch-size", "4", "--max-steps", "300",
+         "--batch-size", "4", "--max-steps", "60",
          "--quiet"]  # fmt: skip
 
 
