@@ -231,8 +231,30 @@ class TrainConfig:
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 """The TrainConfig fields that bound a run's length."""
 
-RESUMABLE = {f"train.{name}" for name in (*BUDGET_FIELDS, "device", "compile")}
-"""The settings a resumed run may change (its folder, train.out, may also be spelt otherwise)."""
+RESUME_EDITS: dict[str, str] = {
+    "train.max_steps": "the budget: where the run stops, not what a step computes",
+    "train.max_tokens": "the budget",
+    "train.max_time": "the budget",
+    "train.device": "where the same computation runs",
+    "train.compile": "how the same computation is compiled",
+    "train.eval_every": "when validation is measured (a guarded run's roll-back points move with it)",
+    "train.log_every": "how often metrics.jsonl gets a line",
+    "train.checkpoint_every": "how often the run is saved",
+    "train.tensorboard": "a second copy of the metrics",
+    "train.data": "a moved data path: accepted when the data prepared from it is the same (the checkpoint keeps "
+    "its content hash, data.content, and that is compared instead)",
+}
+"""The settings a resume may change, each with why it leaves the mathematics alone; every other
+setting is fixed by the checkpoint and a resume that changes it is refused. A new setting that a
+resume may change is one line here (docs/reliability.md lists them)."""
+
+RESUMABLE = frozenset(RESUME_EDITS)
+"""Their dotted names (the run's folder, train.out, may also be spelt otherwise)."""
+
+
+def resume_edits_text() -> str:
+    """``--max-steps, --max-tokens, ...``: the flags of RESUME_EDITS, for one-line errors."""
+    return ", ".join("--" + name.split(".")[-1].replace("_", "-") for name in RESUME_EDITS)
 
 
 @dataclass

@@ -12,7 +12,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -90,7 +92,10 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``tinylm <argv>`` under torchrun with nproc processes on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "tinylm", *argv]  # fmt: skip
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    errors: list[str] = []
+    reader = threading.Thread(target=_pass_stderr_until_an_error, args=(child.stderr, errors), daemon=True)
+    reader.start()
 
     # Ctrl-C or SIGTERM here goes on to torchrun, which stops the ranks gracefully (they
     # checkpoint); this process waits for them instead of dying first.
@@ -103,7 +108,44 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = child.wait()
+        reader.join()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if errors and not signalled:  # the ranks' one line, once, instead of torchrun's ChildFailedError report
+        sys.stderr.write("".join(errors))
+        sys.stderr.flush()
+        return 2
     return 130 if signalled and code != 0 else code
+
+
+_ERROR_MARK = b"tinylm: error:"
+
+
+def _pass_stderr_until_an_error(pipe: BinaryIO, errors: list[str]) -> None:
+    """Copy the ranks' stderr (progress bars, warnings) through as it comes, until a rank's one-line
+    error; what follows is the other ranks' copies of it and torchrun's report of a failed child, and
+    only the distinct error lines of it are kept, in ``errors``, for the caller to print once."""
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    held, failed = b"", False
+    while chunk := os.read(pipe.fileno(), 1 << 16):
+        held += chunk
+        if failed:
+            continue
+        at = held.find(_ERROR_MARK)
+        if at >= 0:
+            failed = True
+            passed, held = held[:at], held[at:]
+        else:  # keep back a tail that may be the start of the mark
+            cut = max(len(held) - len(_ERROR_MARK) + 1, 0)
+            passed, held = held[:cut], held[cut:]
+        if passed and out is not None:
+            out.write(passed)
+            out.flush()
+    if not failed:
+        if out is not None:
+            out.write(held)
+            out.flush()
+        return
+    lines = held.decode(errors="replace").splitlines()
+    errors.extend(dict.fromkeys(line + "\n" for line in lines if line.startswith(_ERROR_MARK.decode())))

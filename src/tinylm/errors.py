@@ -3,7 +3,12 @@ wording of its most common case: a file tinylm wrote that is now missing or dama
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+
+DISK_ERRORS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS}
+"""A full disk, a spent quota, a file system remounted read-only: wherever a write meets one, it is
+one line naming the folder, not a traceback (paths.disk_full_is_one_line)."""
 
 
 class UserError(Exception):

@@ -5,6 +5,8 @@ biases as a Qwen3ForCausalLM, and the tokenizer."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,7 +15,8 @@ from tinylm.config import ModelConfig
 from tinylm.data.tokenizer import EOT_TEXT, BPETokenizer, gpt2_ranks_path
 from tinylm.errors import UserError
 from tinylm.layers import NORM_EPS, swiglu_hidden
-from tinylm.paths import check_writable_dir
+from tinylm.paths import (check_writable_dir, disk_full_is_one_line, remove_stale_temporaries, replace_durably,
+                          temporary_dir)
 from tinylm.rundir import load_run
 
 # Our Linear layers store (out, in); GPT-2's Conv1D layers store (in, out).
@@ -188,6 +191,8 @@ def gpt2_hf_tokenizer():
 
 
 def export_hf(run_dir: Path, out: Path) -> Path:
+    """Write the run's Hugging Face folder to ``out``: built under a temporary name beside it and
+    renamed once complete, so ``out`` never holds half an export (a kill or a full disk leaves none)."""
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError as e:
@@ -198,8 +203,6 @@ def export_hf(run_dir: Path, out: Path) -> Path:
     run = load_run(run_dir)
     m = run.cfg.model
     hf = hf_model(run.model, run.tokenizer.eot_id)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out, safe_serialization=True)
     if isinstance(run.tokenizer, BPETokenizer):
         backend = run.tokenizer.backend
     else:
@@ -208,6 +211,22 @@ def export_hf(run_dir: Path, out: Path) -> Path:
         tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT
     )
     hf_tok.model_max_length = m.block_size
-    hf_tok.save_pretrained(out)
-    (out / "tinylm.json").write_text(json.dumps({"exported_from": str(run_dir), "preset": run.cfg.preset}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # a killed export's
+    tmp = temporary_dir(out)
+    try:
+        with disk_full_is_one_line(out.parent, f"nothing was exported (no {out.name}): make room and export again"):
+            tmp.mkdir()
+            hf.save_pretrained(tmp, safe_serialization=True)
+            hf_tok.save_pretrained(tmp)
+            info = {"exported_from": str(run_dir), "preset": run.cfg.preset}
+            (tmp / "tinylm.json").write_text(json.dumps(info, indent=2))
+            for path in tmp.iterdir():  # the files' bytes on disk before the rename makes them the export
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            if out.exists():
+                out.rmdir()  # empty, as checked above
+            replace_durably(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

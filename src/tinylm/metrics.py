@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,12 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
+
+    def sync(self) -> None:
+        """Make every line written so far durable (fsync): a checkpoint is committed only after the
+        metrics it covers, so a crash never leaves a checkpoint ahead of its metrics."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

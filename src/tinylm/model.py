@@ -91,6 +91,7 @@ class GPT(nn.Module):
         full_logits: bool = False,
         z_loss: float = 0.0,
         return_cross_entropy: bool = False,
+        vocab_size: int | None = None,
     ) -> tuple[torch.Tensor | None, ...]:
         """idx, targets, doc_ids: (B, T). Returns (logits, loss).
 
@@ -101,16 +102,21 @@ class GPT(nn.Module):
         z_loss: coefficient of the log-sum-exp² term added to the loss (training only).
         return_cross_entropy: return (logits, loss, cross-entropy), the last the loss without the
         z-loss term, detached: what training logs (the loss is what it backpropagates).
+        vocab_size: the tokenizer's; output rows beyond it (a vocabulary padded to a multiple of 64,
+        quality's 50304) stay out of the loss's softmax, as in evaluation (evaluate.validation_loss_sum)
+        and sampling: no target is ever a padding id, so training need not spend probability on them,
+        and the loss it logs is the one evaluation measures. None: every row.
         """
         x = self.hidden_states(idx, doc_ids)  # (B, T, C)
         if targets is None:
             return self.logits(x), None
         if full_logits:
-            logits = self.logits(x)  # (B, T, V)
+            logits = self.logits(x)[..., :vocab_size]  # (B, T, V)
             loss, cross_entropy = textbook_loss(logits.flatten(0, 1).float(), targets.flatten(), z_loss)
             return (logits, loss, cross_entropy) if return_cross_entropy else (logits, loss)
         loss, cross_entropy = linear_cross_entropy(
-            x.flatten(0, 1), self.lm_head.weight, targets.flatten(), softcap=self.config.logit_softcap, z_loss=z_loss,
+            x.flatten(0, 1), self.lm_head.weight[:vocab_size], targets.flatten(), softcap=self.config.logit_softcap,
+            z_loss=z_loss,
             return_cross_entropy=True,
         )  # fmt: skip
         return (None, loss, cross_entropy) if return_cross_entropy else (None, loss)

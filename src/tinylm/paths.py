@@ -4,11 +4,16 @@ a second process out of a folder being written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from tinylm.errors import UserError
+from tinylm.errors import DISK_ERRORS, UserError
 
 try:
     import fcntl
@@ -16,7 +21,59 @@ except ImportError:  # Windows: no flock, so a folder there is not guarded again
     fcntl = None
 
 TMP_SUFFIX = ".tmp"
-"""``NAME.tmp``: where write_atomic puts a file's new bytes before renaming them over ``NAME``."""
+"""``NAME.PID.tmp``: where write_atomic puts a file's new bytes before renaming them over ``NAME``."""
+
+
+def temporary_path(path: Path) -> Path:
+    """Where this process writes ``path``'s new bytes: named after the process, so that two writing
+    one file at once never share (and truncate) one temporary file."""
+    return path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def is_temporary(name: str, of: str | None = None) -> bool:
+    """Whether ``name`` is a temporary file of write_atomic (of the file named ``of``, if given);
+    versions before temporary names held the process id wrote ``NAME.tmp``."""
+    match = re.fullmatch(r"(.+?)(\.\d+)?" + re.escape(TMP_SUFFIX), name)
+    return match is not None and (of is None or match.group(1) == of)
+
+
+_TMP_INFIX = ".tmp-"
+_HOST = socket.gethostname()
+
+
+def temporary_dir(directory: Path) -> Path:
+    """``NAME.tmp-HOST-PID`` beside ``directory``: where this process builds a folder that is renamed
+    to ``directory`` only once complete (prepared data, an export)."""
+    return directory.with_name(f"{directory.name}{_TMP_INFIX}{_HOST}-{os.getpid()}")
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temporary folders of ``directory`` (temporary_dir) whose process was killed.
+
+    A temporary folder is stale once the process named in it is gone (older versions named the
+    process alone). Folders of other hosts (a shared cache) are left alone: their process may live.
+    """
+    prefix = f"{directory.name}{_TMP_INFIX}"
+    if not directory.parent.is_dir():
+        return
+    for path in directory.parent.iterdir():
+        if not path.name.startswith(prefix):
+            continue
+        host, _, pid = path.name[len(prefix) :].rpartition("-")
+        if host in (_HOST, "") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had this id; this one is not writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -48,11 +105,12 @@ def check_writable_file(path: Path, flag: str) -> None:
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Replace ``path`` with ``data`` so that a reader, or a kill at any instant, sees the old file or the new one.
 
-    The bytes go to ``NAME.tmp`` in the same folder (a rename is atomic only within one file
-    system), are fsynced, and only then renamed over ``path``. A failed write removes its
-    ``NAME.tmp``; one left over means a write was killed, and the next write replaces it.
+    The bytes go to ``NAME.PID.tmp`` in the same folder (a rename is atomic only within one file
+    system), are fsynced, and only then renamed over ``path``. A failed write (a full disk) removes
+    its temporary file; one left over means a write was killed, and the run folder's next start
+    removes it (checkpoint.discard_leftovers).
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -62,6 +120,20 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
         raise
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(folder: Path, then: str | Callable[[], str]):
+    """Inside, a full disk (a spent quota, a read-only file system) is a one-line UserError naming
+    ``folder`` and ``then`` (or what ``then()`` says when it happens): what is kept and how to go on.
+    Whoever writes removes its own temporary files; this only words the error."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        advice = then() if callable(then) else then
+        raise UserError(f"could not write {e.filename or 'a file'} in {folder}: {e.strerror}; {advice}") from None
 
 
 def replace_durably(src: Path, dest: Path) -> None:

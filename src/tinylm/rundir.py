@@ -120,6 +120,7 @@ class LoadedRun:
 def load_run(run_dir: Path, device: torch.device | None = None) -> LoadedRun:
     """A run's model (eval mode) and the tokenizer it was trained with."""
     cfg = read_config(run_dir)  # a missing or damaged file is a one-line UserError
+    checkpoint.check_config(run_dir, run_dir / CONFIG_FILE, cfg.fixed_settings())  # a valid but altered one too
     model = GPT(cfg.model)
     checkpoint.load_weights(run_dir, model)
     model.to(device or torch.device("cpu")).eval()

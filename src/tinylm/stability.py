@@ -84,6 +84,8 @@ class StabilityState:
     max_rise: float = 0.0
     max_rise_pct: float = 0.0
     val_rising: int = 0  # consecutive evaluations above the best by more than val_rise
+    ema_at_best_val: float | None = None  # the smoothed train loss when the best val loss was measured
+    overfitting: bool = False  # val has risen while train kept falling, and has not come back to its best
     # train side
     ema: float | None = None
     best_ema: float = math.inf
@@ -195,14 +197,21 @@ class StabilityMonitor:
             self._diverged(step, val, "validation loss is not finite")
             return
         if val < s.best_val:
-            s.best_val = val
+            s.best_val, s.ema_at_best_val = val, s.ema
             s.val_rising = 0
-            s.in_episode = False
+            s.in_episode = s.overfitting = False
             return
         rise = val - s.best_val
         s.max_rise = max(s.max_rise, rise)
         s.max_rise_pct = max(s.max_rise_pct, 100.0 * rise / s.best_val)
         if rise > self.th.val_rise * s.best_val:
+            if self._train_still_falling():  # the model fits its training data better and generalises worse
+                s.val_rising = 0
+                if not s.overfitting:
+                    s.overfitting = True
+                    self._event("overfitting", step, val_loss=val, best_val=s.best_val,
+                                train_ema=s.ema, train_ema_at_best_val=s.ema_at_best_val)  # fmt: skip
+                return
             s.val_rising += 1
             if s.val_rising >= self.th.val_patience or rise > self.th.val_hard_rise * s.best_val:
                 self._diverged(step, val, f"val loss {val:.3f} vs best {s.best_val:.3f}")
@@ -283,6 +292,7 @@ class StabilityMonitor:
             "nan_count": counts["nan"],
             "train_val_gap": None if gap is None else round(gap, 4),
             "divergence": bool(divergences),
+            "overfitting_steps": [e["step"] for e in s.events if e["event"] == "overfitting"],
             "divergence_steps": [e["step"] for e in divergences],
             "recoveries": sum(e["event"] == "recovery" for e in s.events),
             "gave_up": s.gave_up,
@@ -304,6 +314,13 @@ class StabilityMonitor:
     def _remember(self, history: list[float], value: float) -> None:
         history.append(value)
         del history[: -self.th.spike_window]
+
+    def _train_still_falling(self) -> bool:
+        """Whether the smoothed train loss is below where it stood at the best val loss, and not rising:
+        a val rise then is overfitting, not divergence (in which train loss rises too), and is reported
+        without a roll-back: going back would only repeat the same descent."""
+        s = self.state
+        return s.ema is not None and s.ema_at_best_val is not None and s.ema < s.ema_at_best_val and not s.train_rising
 
     def _observe_train(self, step: int, loss: float) -> None:
         s, d = self.state, self.th.ema_decay
@@ -384,6 +401,9 @@ def _label(
         return "unstable", f"divergence at step {first['step']}"
     if counts["nan"]:
         return "unstable", f"{counts['nan']} non-finite losses"
+    overfit = [e for e in s.events if e["event"] == "overfitting"]
+    if overfit:  # a rise of val alone, train falling: the training is sound, the data too small for it
+        return "ok", f"overfitting from step {overfit[0]['step']} (val rose {s.max_rise_pct:.1f}% while train fell)"
     if s.max_rise_pct > 10:
         return "unstable", f"val loss rose {s.max_rise_pct:.1f}% above its best"
     spikes = counts["loss_spike"] + counts["grad_spike"]

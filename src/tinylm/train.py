@@ -20,10 +20,10 @@ from tinylm.errors import UserError
 from tinylm.metrics import truncate_metrics
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
-from tinylm.paths import DirLock, check_writable_dir
+from tinylm.paths import DirLock, check_writable_dir, disk_full_is_one_line, is_temporary
 from tinylm.rundir import CONFIG_FILE, METRICS_FILE, RUN_LOG_FILE, SUMMARY_FILE, read_config
 from tinylm.runtime import select_device, tune_for
-from tinylm.trainer import Progress, RunData, Trainer, TrainResult
+from tinylm.trainer import Progress, RunData, Trainer, TrainResult, checkpoint_settings
 
 
 def train(
@@ -41,13 +41,19 @@ def train(
     run_dir = Path(cfg.train.out)
     try:
         # held by rank 0, the one that writes, to the end of the run
-        with DirLock(run_dir, lock_busy_message(run_dir)) as lock:
+        with disk_full_is_one_line(run_dir, lambda: disk_full_advice(run_dir)), \
+                DirLock(run_dir, lock_busy_message(run_dir)) as lock:  # fmt: skip
             device = select_device(device_name)
             trainer = build_trainer(cfg, resume, quiet or not cluster.is_main, cluster, device,
                                     lock if cluster.is_main else None)  # fmt: skip
             return trainer.fit(interrupt_after)
     finally:
         shutdown(cluster)
+
+
+def disk_full_advice(run_dir: Path) -> str:
+    """What a run stopped by a full disk keeps, and how it goes on."""
+    return f"{checkpoint.last_good(run_dir)}: make room and continue with tinylm train --resume {run_dir}"
 
 
 def lock_busy_message(run_dir: Path) -> str:
@@ -73,7 +79,7 @@ def build_trainer(cfg: RunConfig, resume: bool, quiet: bool, cluster: Cluster, d
     data = run_data(cfg, prepared, cluster)
     model, optimizer = build_model(cfg, device)
     if resume:
-        progress = resume_progress(cfg, run_dir, model, optimizer, cluster)
+        progress = resume_progress(cfg, run_dir, model, optimizer, cluster, prepared)
     else:
         if cluster.is_main:
             start_run_dir(cfg, run_dir, prepared, lock)
@@ -136,7 +142,9 @@ def check_fresh_run_dir(run_dir: Path) -> None:
     # A killed first write of config.json leaves only its temporary file: still ours to reclaim.
     # So does a study's log of this run, which its executor opened before the run started.
     others = (
-        [e for e in run_dir.iterdir() if e.name not in (CONFIG_FILE + ".tmp", RUN_LOG_FILE)] if run_dir.is_dir() else []
+        [e for e in run_dir.iterdir() if not is_temporary(e.name, CONFIG_FILE) and e.name != RUN_LOG_FILE]
+        if run_dir.is_dir()
+        else []
     )
     if others and not started_by_tinylm(run_dir):
         raise UserError(f"--out {run_dir} holds other files; choose a new or empty folder")
@@ -215,9 +223,11 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[GPT, torch.optim.
 
 
 def resume_progress(cfg: RunConfig, run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer,
-                    cluster: Cluster) -> Progress:  # fmt: skip
+                    cluster: Cluster, data: PreparedData) -> Progress:  # fmt: skip
     """Load the checkpoint into model and optimizer; returns where the run stands."""
-    progress = Progress(**checkpoint.load(run_dir, model, optimizer, cfg.fixed_settings()))
+    if cluster.is_main:  # under the lock: what a killed process left (a save's temporary folder) fills no disk
+        checkpoint.discard_leftovers(run_dir)
+    progress = Progress(**checkpoint.load(run_dir, model, optimizer, checkpoint_settings(cfg, data.meta)))
     if cluster.is_main:  # only now that the checkpoint loaded: a failed resume changes nothing
         cfg.save(run_dir / CONFIG_FILE)  # the budget or device this resume was given
         truncate_metrics(run_dir, progress.step)

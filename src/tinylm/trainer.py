@@ -117,6 +117,13 @@ class StopFlag:
                 signal.signal(s, h)
 
 
+def checkpoint_settings(cfg: RunConfig, data_meta: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of the run's settings, and a resume must match: the fixed ones
+    (RunConfig.fixed_settings), plus the data's path and content hash: a resume may move the data
+    (another path, the same prepared content), not change it."""
+    return {**cfg.fixed_settings(), "train.data": cfg.train.data, "data.content": data_meta["cache_key"]}
+
+
 def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -> tuple[list[Batch], int]:
     """This rank's micro-batches of optimizer step ``step``, and the real targets of the whole step.
 
@@ -134,10 +141,11 @@ def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -
 
 
 def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_real: int, cluster: Cluster,
-                         device: torch.device, z_loss: float = 0.0) -> torch.Tensor:  # fmt: skip
+                         device: torch.device, z_loss: float = 0.0, vocab_size: int | None = None) -> torch.Tensor:  # fmt: skip
     """Forward and backward of this rank's micro-batches; returns (summed target cross-entropies, summed
     z-loss terms) on the device. The gradients are of their sum; the cross-entropy alone is what is logged
     and judged as train_loss, so a z-loss arm's train loss and train/val gap compare with any other's.
+    vocab_size: the tokenizer's; a padded vocabulary's extra rows stay out of the softmax (GPT.forward).
 
     The step's gradient is the mean over all its real targets, whatever the split over
     micro-batches and ranks: the model's loss is a mean over one micro-batch's real targets,
@@ -151,7 +159,7 @@ def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_
         with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
             with autocast_for(device):
                 _, loss, cross_entropy = trainable(batch.x, batch.y, batch.doc_ids, z_loss=z_loss,
-                                                   return_cross_entropy=True)  # fmt: skip
+                                                   return_cross_entropy=True, vocab_size=vocab_size)  # fmt: skip
             # A divisor rather than a factor: with packed rows it is this rank's number of
             # micro-batches exactly, as it always was. Every row has a real target (a document's EOT).
             (loss / (step_real / (batch.real_tokens * cluster.world))).backward()
@@ -235,7 +243,8 @@ class Trainer:
         lr = self.schedule.lr(t, p.step, p.elapsed_s) * self.monitor.lr_scale
         set_lr(self.optimizer, lr)
         batches, step_real = step_batches(self.data.rows, t, p.step, self.cluster)
-        sums = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss)
+        sums = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss,
+                                    self.data.meta["vocab_size"])  # fmt: skip
         train_loss, z_term = (s / step_real for s in self.cluster.sum(sums.tolist(), self.device))
         grad_norm = clip_gradients(self.model, t.grad_clip)
         if self.monitor.allow_update(p.step, train_loss, grad_norm):
@@ -295,8 +304,9 @@ class Trainer:
         p = self.progress
         if self.cluster.is_main and (final or p.step % (self.t.checkpoint_every or self.t.eval_every) == 0):
             p.stability = self.monitor.state_dict(p.step)
+            self.log.sync()  # the metrics this checkpoint covers are on disk before it is committed
             checkpoint.save(self.run_dir, self.model, self.optimizer, vars(p),  # vars: the snapshot is not copied
-                            self.cfg.fixed_settings())  # fmt: skip
+                            checkpoint_settings(self.cfg, self.data.meta))  # fmt: skip
 
     def write(self, record: dict[str, Any]) -> None:
         if self.log is not None:

@@ -13,13 +13,12 @@ their help is the field's docstring. Precedence: preset < --config YAML < flags.
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 
 from tinylm.cli import data, runs, training
 from tinylm.cli.flags import Parser
 from tinylm.cli.settings import resolve_config
-from tinylm.errors import UserError
+from tinylm.errors import DISK_ERRORS, UserError
 
 __all__ = ["build_parser", "main", "resolve_config"]
 
@@ -61,10 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISK_ERRORS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS}
-"""A full disk, a spent quota, a file system remounted read-only: wherever a write meets one (a
-checkpoint save words its own), it is one line, not a traceback. Nothing is lost: a checkpoint is
-switched atomically, and resuming drops what was written past it."""
+# A full disk met where no command words it itself is still one line (errors.DISK_ERRORS). Nothing
+# is lost: a checkpoint is switched atomically, and resuming drops what was written past it.
 
 
 def main(argv: list[str] | None = None) -> int:

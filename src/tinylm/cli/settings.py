@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.cli.flags import given_settings
-from tinylm.config import BUDGET_FIELDS, PRESETS, RESUMABLE, ModelConfig, RunConfig, preset
+from tinylm.config import BUDGET_FIELDS, PRESETS, RESUMABLE, ModelConfig, RunConfig, preset, resume_edits_text
 from tinylm.errors import UserError
 from tinylm.fields import ConfigError, build, dotted, load_yaml, merge, nest
 
@@ -67,5 +67,5 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
     saved = RunConfig.load(run_dir / CONFIG_FILE)
     flags = given_settings(args)
     if set(dotted(flags)) - RESUMABLE or args.preset or args.config:
-        raise UserError("with --resume only --max-steps, --max-tokens, --max-time, --device and --compile may change")
+        raise UserError(f"with --resume only {resume_edits_text()} may change (they leave the mathematics alone)")
     return build(RunConfig, merge(saved.to_dict(), flags, {"train": {"out": str(run_dir)}}))

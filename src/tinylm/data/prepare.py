@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -27,12 +26,10 @@ from tqdm import tqdm
 from tinylm.data.sources import ReadOptions, Source, open_source
 from tinylm.data.tokenizer import BPETokenizer, Tokenizer, cache_dir, load_tokenizer, parse_bpe_size
 from tinylm.errors import UserError
-from tinylm.paths import replace_durably
+from tinylm.paths import disk_full_is_one_line, remove_stale_temporaries, replace_durably, temporary_dir
 
 FORMAT_VERSION = 2  # 2: a trained BPE encodes the text '<|endoftext|>' in a document as text
 _BATCH_CHARS = 1 << 22  # documents are tokenised in batches of about 4 MB of text
-_TMP_INFIX = ".tmp-"
-_HOST = socket.gethostname()
 
 
 @dataclass
@@ -117,12 +114,14 @@ def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = Fals
     elif directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} exists and is not a prepared data directory")
 
-    _remove_stale_temporaries(directory)
-    tmp = directory.with_name(f"{directory.name}{_TMP_INFIX}{_HOST}-{os.getpid()}")
+    remove_stale_temporaries(directory)
+    tmp = temporary_dir(directory)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    advice = "nothing was kept: make room, or prepare into a larger disk (--out, or TINYLM_CACHE for the cache)"
     try:
-        meta = _publish(_write(source, options, key, bpe_size, tmp, quiet), tmp, directory)
+        with disk_full_is_one_line(directory.parent, advice):
+            tmp.mkdir(parents=True)
+            meta = _publish(_write(source, options, key, bpe_size, tmp, quiet), tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
@@ -144,36 +143,6 @@ def _publish(meta: dict, tmp: Path, directory: Path) -> dict:
         if theirs.get("cache_key") != meta["cache_key"]:
             raise UserError(f"{directory} was just filled with data prepared from something else; choose another --out")
         return theirs
-
-
-def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete the temporary folders of prepares of ``directory`` that were killed.
-
-    A temporary folder is named after the host and process that writes it (older versions:
-    the process alone); it is stale once that process is gone. Folders of other hosts (a
-    shared cache) are left alone.
-    """
-    prefix = f"{directory.name}{_TMP_INFIX}"
-    if not directory.parent.is_dir():
-        return
-    for path in directory.parent.iterdir():
-        if not path.name.startswith(prefix):
-            continue
-        host, _, pid = path.name[len(prefix) :].rpartition("-")
-        if host in (_HOST, "") and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a leftover of an earlier process that had this id; this one is not writing it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
 
 
 def token_dtype(vocab_size: int) -> type:

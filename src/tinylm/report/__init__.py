@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tinylm.paths import disk_full_is_one_line, write_atomic
 from tinylm.report.effects import Effect, changes, measure_effects, seed_change
 from tinylm.report.findings import effect_text, effects_section
 from tinylm.report.markdown import PlotNames, comparison_section, render
@@ -37,6 +38,11 @@ def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None) 
     """Write out_file (Markdown) with its plots, results.csv and results.json beside it. rank_by ('doc' or
     'packed') overrides each study's own ranked metric (default: per-document where every run has it)."""
     studies = load_studies(paths, rank_by)
+    with disk_full_is_one_line(out_file.parent, "the runs are untouched: make room and run tinylm report again"):
+        return _write(studies, out_file)
+
+
+def _write(studies: list[Study], out_file: Path) -> Path:
     folder = out_file.parent
     folder.mkdir(parents=True, exist_ok=True)
     plot_names: list[PlotNames] = []
@@ -54,7 +60,7 @@ def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None) 
             plots[("comparison", "best")] = f"{stem}-best-loss.png"
             plot_comparison(study.groups, folder / plots[("comparison", "best")])
         plot_names.append(plots)
-    out_file.write_text(render(studies, plot_names))
+    write_atomic(out_file, render(studies, plot_names))
     write_results(studies, folder)
     return out_file
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tinylm.report.runs import Arm, setting_names, value_text
+from tinylm.report.runs import DOC, Arm, setting_names, value_text
 from tinylm.report.stats import Interval, Pairing, clear_leader, effect_interval, verdict
 
 
@@ -43,6 +43,16 @@ class Effect:
     @property
     def verdict(self) -> str:
         return verdict(self.interval)
+
+    @property
+    def caveat(self) -> str | None:
+        """Why the two arms' losses are not one measurement, when a step changed what is scored."""
+        if self.before.recipe.get("block_size") == self.arm.recipe.get("block_size"):
+            return None
+        if self.arm.metric is DOC:
+            return ("block_size changed: the per-document loss then scores other targets (each document is cut "
+                    "at block_size), so this difference mixes the model's change with the metric's")  # fmt: skip
+        return "block_size changed: the packed loss then scores the same tokens with other context lengths"
 
 
 def measure_effects(arms: list[Arm]) -> list[Effect]:

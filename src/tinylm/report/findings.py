@@ -33,7 +33,8 @@ def effects_table(arms: list[Arm]) -> list[str]:
     lines = [f"### Effects ({metric} best val loss, paired by seed, {CONFIDENCE:.0%} CI, Student t)", ""]
     lines += ["| Step | Against | Seeds | Δ best val loss | Verdict |", "| --- | --- | --- | ---: | --- |"]
     for e in effects:
-        lines.append(f"| {e.arm.name} | {e.before.name} | {pairs_text(e)} | {fmt_delta(e.interval)} | {e.verdict} |")
+        flag = " ⚠ block_size changed" if e.caveat else ""
+        lines.append(f"| {e.arm.name} | {e.before.name} | {pairs_text(e)} | {fmt_delta(e.interval)} | {e.verdict}{flag} |")
     if all(not e.interval.replicated for e in effects):
         lines += ["", "Every effect here is unreplicated (no two seeds in common): the differences carry no verdict."]
     return lines + [""]
@@ -71,6 +72,8 @@ def effect_text(e: Effect) -> str:
     k0, k1 = before.mean("skipped_updates"), arm.mean("skipped_updates")
     if k0 is not None and k1 is not None and k0 != k1:
         text += f"; skipped updates {k0:.3g} → {k1:.3g}"
+    if e.caveat:
+        text += f"; ⚠ {e.caveat}"
     return text
 
 

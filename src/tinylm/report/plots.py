@@ -4,12 +4,15 @@ train/validation curves of any runs."""
 
 from __future__ import annotations
 
+import io
+
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tinylm.paths import write_atomic
 from tinylm.report.effects import Effect
 from tinylm.report.runs import Arm, metric_label
 from tinylm.rundir import read_metrics, read_summary
@@ -30,7 +33,9 @@ def figure(path: Path, **subplots: Any) -> Iterator[Any]:
     try:
         yield axes
         fig.tight_layout()
-        fig.savefig(path, dpi=DPI)
+        image = io.BytesIO()
+        fig.savefig(image, dpi=DPI, format=path.suffix.lstrip(".") or "png")
+        write_atomic(path, image.getvalue())  # a full disk leaves no half-written image
     finally:
         plt.close(fig)
 

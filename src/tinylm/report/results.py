@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
+from tinylm.paths import write_atomic
 from tinylm.report.studies import Study
 
 RESULT_COLUMNS = ["study", "preset", "arm", "phase", "seed", "lr", "lr_factor", "params", "start_val_loss",
@@ -41,8 +43,9 @@ def _relative(run_dir: Path, folder: Path | None) -> str:
 def write_results(studies: list[Study], folder: Path) -> None:
     """results.json and results.csv in folder."""
     rows = result_rows(studies)
-    (folder / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_atomic(folder / "results.json", json.dumps(rows, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=RESULT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(folder / "results.csv", table.getvalue())

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.errors import UserError, damaged
-from tinylm.paths import DirLock, write_atomic
+from tinylm.paths import DirLock, disk_full_is_one_line, write_atomic
 from tinylm.rundir import SUMMARY_FILE, read_summary
 from tinylm.study.plan import Plan
 from tinylm.study.spec import Arm, flat
@@ -87,7 +87,9 @@ class Manifest:
             }  # fmt: skip
             if self.executor is not None:
                 data["executor"] = self.executor
-            write_atomic(self.path, json.dumps(data, indent=2) + "\n")
+            advice = "the finished runs are kept: make room and run the same command again, which goes on from them"
+            with disk_full_is_one_line(self.plan.out, advice):
+                write_atomic(self.path, json.dumps(data, indent=2) + "\n")
 
     def _merge_disk(self) -> None:
         """Take what another command wrote since this one started: `--phases a` and `--phases b` (or two
