@@ -166,18 +166,34 @@ def test_gpt2_training_matches_hugging_face_gpt2_with_torch_adamw(stories, tmp_p
 
     theirs = run_reference(hf.train(), optimizer, trainer, cross_entropy_of_logits)
     ours = run_tinylm(trainer)
-    check_agreement("GPT-2 vs GPT2LMHeadModel", ours, theirs, dict(hf.named_parameters()), gpt2_names(trainer.model.state_dict()))
+    check_agreement(
+        "GPT-2 vs GPT2LMHeadModel", ours, theirs, dict(hf.named_parameters()), gpt2_names(trainer.model.state_dict())
+    )
 
 
 def test_llama_mechanics_training_match_hugging_face_llama_with_torch_adamw(stories, tmp_path):
     trainer = tinylm_trainer(stories, tmp_path, LLAMA)
     m = trainer.model.config
     hidden = trainer.model.transformer.h[0].mlp.c_proj.weight.shape[1]
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.n_embd, intermediate_size=hidden, num_hidden_layers=m.n_layer,
-        num_attention_heads=m.n_head, num_key_value_heads=m.n_head, head_dim=m.n_embd // m.n_head,
-        max_position_embeddings=m.block_size, rms_norm_eps=1e-5, hidden_act="silu", attention_bias=False,
-        mlp_bias=False, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))  # fmt: skip
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=m.vocab_size,
+            hidden_size=m.n_embd,
+            intermediate_size=hidden,
+            num_hidden_layers=m.n_layer,
+            num_attention_heads=m.n_head,
+            num_key_value_heads=m.n_head,
+            head_dim=m.n_embd // m.n_head,
+            max_position_embeddings=m.block_size,
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )  # rope theta left at the default: 10000, as tinylm's
+    )
     hf.load_state_dict(llama_names(trainer.model.state_dict(), m.n_layer), strict=True)
     optimizer = adamw_decaying_matrices(hf.named_parameters())
 
@@ -208,7 +224,9 @@ def test_muon_training_matches_torch_muon_used_directly(stories, tmp_path):
                             momentum=MUON_MOMENTUM, nesterov=True)  # fmt: skip
     for group in muon.param_groups:
         group["lr_scale"] = MUON_LR / PEAK_LR
-    adamw = adamw_decaying_matrices(((n, p) for n, p in reference.named_parameters() if n not in muon_names), fused=True)
+    adamw = adamw_decaying_matrices(
+        ((n, p) for n, p in reference.named_parameters() if n not in muon_names), fused=True
+    )
 
     class Both:  # the two optimizers stepped as one by the reference loop
         param_groups = [*adamw.param_groups, *muon.param_groups]
