@@ -2,13 +2,13 @@
 # Mutation testing (mutmut) of the modules whose numbers users read. A slow job (an hour or more on
 # two cores), not CI.
 #
-#   scripts/mutation.sh                    # every module in MODULES below, from the working tree
-#   scripts/mutation.sh stats costs        # some of them
-#   REV=main scripts/mutation.sh costs     # the tree of a git revision (a "before" score)
+#   benchmarks/mutation.sh                    # every module in MODULES below, from the working tree
+#   benchmarks/mutation.sh stats costs        # some of them
+#   REV=main benchmarks/mutation.sh costs     # the tree of a git revision (a "before" score)
 #
 # Each module runs in its own scratch copy of the tree (OUT/<module>, default /tmp/tinylm-mutation),
 # mutating that one file. mutmut runs the module's tests once to learn which test reaches which
-# function, then per mutant only those tests, one process at a time, niced, so it can share a small
+# function, then per mutant only those tests, one process at a time, niced (NICE, default 10), so it can share a small
 # machine. Results: OUT/<module>/results.txt (each mutant's verdict; `mutmut show NAME` inside
 # OUT/<module> prints its diff) and a score line per module appended to OUT/scores.txt.
 #
@@ -60,7 +60,7 @@ for name in "${names[@]}"; do
   } >>"$work/pyproject.toml"
   echo "== $name: $target; tests: ${selection[*]}"
   start=$(date +%s)
-  (cd "$work" && env -u PYTHONPATH OMP_NUM_THREADS=1 nice -n 19 "$MUTMUT" run --max-children 1 >run.log 2>&1) || true
+  (cd "$work" && env -u PYTHONPATH OMP_NUM_THREADS=1 nice -n "${NICE:-10}" "$MUTMUT" run --max-children 1 >run.log 2>&1) || true
   (cd "$work" && "$MUTMUT" results --all true >results.txt 2>&1) || true
   count() { grep -cE ": ($1)\$" "$work/results.txt" || true; }
   killed=$(count killed) timeout=$(count timeout) survived=$(count survived) untested=$(count "no tests")
