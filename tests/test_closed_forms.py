@@ -157,3 +157,47 @@ def test_flops_per_token_of_the_basic_preset_written_out():
     assert costs.output_layer_flop_share == pytest.approx(12_865_792 / forward)
     # parameters: V C tied embedding + T C positions + 4 x (12 C^2 + 9 C biases + 4 C norm) + 2 C final norm
     assert costs.params == 50257 * 128 + 512 * 128 + 4 * (12 * 128**2 + 9 * 128 + 4 * 128) + 2 * 128 == 7_291_776
+
+
+def test_the_interval_edges_one_value_and_none():
+    from tinylm.report.stats import Interval
+
+    assert t_interval([0.25]) == Interval(0.25, None, 1)  # one value: a mean without an interval
+    with pytest.raises(ValueError, match="at least one value"):
+        t_interval([])
+    # touching intervals share a point: neither is clear of the other, in either order
+    a, b = Interval(-0.5, 0.1, 3), Interval(-0.3, 0.1, 3)  # a.high == b.low == -0.4
+    assert not a.clear_of(b) and not b.clear_of(a)
+    assert Interval(-0.5, 0.1, 3).clear_of(Interval(-0.3, 0.09, 3))
+
+
+def test_an_interval_whose_low_end_is_zero_is_within_noise():
+    from tinylm.report.stats import Interval, verdict
+
+    assert verdict(Interval(0.5, 0.5, 3)) == "within noise (±0.500)"
+    assert verdict(Interval(-0.5, 0.5, 3)) == "within noise (±0.500)"
+
+
+def test_the_spread_of_two_seeds_has_a_standard_deviation():
+    from tinylm.report.stats import spread
+
+    s = spread([5.0, 5.2])
+    assert s.std == pytest.approx(0.2 / math.sqrt(2)) and (s.n, s.low, s.high) == (2, 5.0, 5.2)
+
+
+def test_effect_interval_pairs_by_seed_or_falls_back_to_the_difference_of_means():
+    from scipy import stats
+
+    from tinylm.report.stats import effect_interval
+
+    before = {1: 6.0, 2: 6.3, 3: 6.1, 9: 1.0}
+    after = {1: 5.8, 2: 6.2, 3: 5.8, 7: 9.0}
+    interval, pairing = effect_interval(before, after)
+    diffs = [-0.2, -0.1, -0.3]  # seeds 1, 2, 3; 7 and 9 have no partner
+    assert pairing.diffs == pytest.approx({1: -0.2, 2: -0.1, 3: -0.3}) and pairing.unpaired == [7, 9]
+    low, high = stats.t.interval(0.95, df=2, loc=-0.2, scale=stats.sem(diffs))
+    assert (interval.n, interval.low, interval.high) == (3, pytest.approx(low), pytest.approx(high))
+    unpaired, pairing = effect_interval({1: 6.0, 2: 6.4}, {3: 5.5, 4: 5.7})
+    assert (unpaired.mean, unpaired.half_width, unpaired.n) == (pytest.approx(5.6 - 6.2), None, 0)
+    assert pairing.diffs == {} and pairing.unpaired == [1, 2, 3, 4]
+    assert effect_interval({}, after) is None and effect_interval(before, {}) is None
