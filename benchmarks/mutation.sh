@@ -18,7 +18,7 @@
 set -euo pipefail
 
 declare -A MODULES=(
-  [costs]="src/tinylm/costs.py|tests/test_mechanics.py tests/test_optim.py tests/test_closed_forms.py|cost_model or memory_estimate or info_estimates or flops_per_token"
+  [costs]="src/tinylm/costs.py|tests/test_mechanics.py tests/test_optim.py tests/test_closed_forms.py|cost_model or memory_estimate or info_estimates or flops_per_token or memory_of"
   [stats]="src/tinylm/report/stats.py|tests/test_report_stats.py tests/test_closed_forms.py|hand_computed or verdict_follows or pairing_by_seed or noise_floor_is or contributor_is_named or students or t_table or edges or low_end or spread_of or effect_interval"
   [evaluate]="src/tinylm/evaluate.py|tests/test_use.py tests/test_doc_eval.py tests/test_closed_forms.py|bits_per_byte or eval or beyond or per_document"
   [optim]="src/tinylm/optim.py|tests/test_optim.py tests/test_closed_forms.py tests/test_reference.py|not bits_per_byte and not interval and not flops"

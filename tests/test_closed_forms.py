@@ -201,3 +201,17 @@ def test_effect_interval_pairs_by_seed_or_falls_back_to_the_difference_of_means(
     assert (unpaired.mean, unpaired.half_width, unpaired.n) == (pytest.approx(5.6 - 6.2), None, 0)
     assert pairing.diffs == {} and pairing.unpaired == [1, 2, 3, 4]
     assert effect_interval({}, after) is None and effect_interval(before, {}) is None
+
+
+@pytest.mark.parametrize("bytes_per_value, device_type", [(4, "cpu"), (2, "cuda")])
+def test_memory_of_the_basic_preset_written_out(bytes_per_value, device_type):
+    # batch 8 x 512 positions = 4,096 tokens; P = 7,291,776 parameters. Weights and gradients in the
+    # compute dtype; AdamW's two fp32 moments; activations 16 C values a token and layer plus 4 C
+    # (4,096 x (4 x 16 x 128 + 4 x 128) = 35,651,584 values); the logits chunk twice (values and
+    # gradients) in fp32: 2^23 elements on a CPU, and on a GPU all 4,096 x 50,257 (under its 2^28).
+    costs = model_costs(preset("basic"), batch_size=8, bytes_per_value=bytes_per_value, device_type=device_type)
+    P = 7_291_776
+    logits = 2 * 4 * (2**23 if device_type == "cpu" else 4_096 * 50_257)
+    expected = {"weights": P * bytes_per_value, "gradients": P * bytes_per_value, "optimizer": 2 * P * 4,
+                "activations": 35_651_584 * bytes_per_value, "logits_chunk": logits}  # fmt: skip
+    assert costs.memory_bytes == {**expected, "total": sum(expected.values())}
