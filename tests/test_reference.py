@@ -33,10 +33,12 @@ SETTINGS = dict(max_steps=STEPS, warmup_steps=WARMUP, lr=PEAK_LR, min_lr_ratio=M
 LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
 
 LOSS_TOLERANCE = 2e-5
-"""Largest allowed per-step difference in train loss (nats); measured differences are near 1e-6."""
-WEIGHT_TOLERANCE = 2e-5
-"""Largest allowed elementwise difference of the weights after 20 steps; a step moves a weight by up to
-lr = 3e-3, and decay on a norm gain (which must not happen) moves it by lr * wd = 3e-4 a step."""
+"""Largest allowed per-step difference in train loss (nats). Measured (fp32, Zen 4 CPU): under 1e-6;
+with clipping off, decay on every parameter or Muon's decay unscaled: over 1e-3."""
+WEIGHT_TOLERANCE = 1e-4
+"""Largest allowed elementwise difference of the weights after 20 steps. Measured: under 1e-5 (AdamW
+amplifies rounding where a gradient is near zero); with any of those changes: over 2e-3. Decay on a
+norm gain, which must not happen, moves it by lr x wd = 3e-4 a step."""
 
 
 def reference_lr(step: int) -> float:
