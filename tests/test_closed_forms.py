@@ -209,7 +209,8 @@ def test_memory_of_the_basic_preset_written_out(bytes_per_value, device_type):
     # compute dtype; AdamW's two fp32 moments; activations 16 C values a token and layer plus 4 C
     # (4,096 x (4 x 16 x 128 + 4 x 128) = 35,651,584 values); the logits chunk twice (values and
     # gradients) in fp32: 2^23 elements on a CPU, and on a GPU all 4,096 x 50,257 (under its 2^28).
-    costs = model_costs(preset("basic"), batch_size=8, bytes_per_value=bytes_per_value, device_type=device_type)
+    gpu = dict(bytes_per_value=bytes_per_value, device_type=device_type) if device_type == "cuda" else {}
+    costs = model_costs(preset("basic"), **gpu)  # on a CPU the defaults: batch 8, fp32
     P = 7_291_776
     logits = 2 * 4 * (2**23 if device_type == "cpu" else 4_096 * 50_257)
     expected = {"weights": P * bytes_per_value, "gradients": P * bytes_per_value, "optimizer": 2 * P * 4,
