@@ -163,7 +163,7 @@ def test_the_interval_edges_one_value_and_none():
     from tinylm.report.stats import Interval
 
     assert t_interval([0.25]) == Interval(0.25, None, 1)  # one value: a mean without an interval
-    with pytest.raises(ValueError, match="at least one value"):
+    with pytest.raises(ValueError, match=r"^an interval needs at least one value$"):
         t_interval([])
     # touching intervals share a point: neither is clear of the other, in either order
     a, b = Interval(-0.5, 0.1, 3), Interval(-0.3, 0.1, 3)  # a.high == b.low == -0.4
