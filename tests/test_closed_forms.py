@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from tinylm.config import TrainConfig, preset
-from tinylm.costs import model_costs
+from tinylm.costs import model_costs, optimizer_state_values
 from tinylm.data.batching import validation_batches
 from tinylm.data.prepare import PrepareOptions, prepare
 from tinylm.data.tokenizer import GPT2Tokenizer
@@ -216,3 +216,4 @@ def test_memory_of_the_basic_preset_written_out(bytes_per_value, device_type):
     expected = {"weights": P * bytes_per_value, "gradients": P * bytes_per_value, "optimizer": 2 * P * 4,
                 "activations": 35_651_584 * bytes_per_value, "logits_chunk": logits}  # fmt: skip
     assert costs.memory_bytes == {**expected, "total": sum(expected.values())}
+    assert optimizer_state_values(preset("basic"), P) == 2 * P  # AdamW's two moments unless told otherwise
