@@ -74,6 +74,8 @@ def test_constant_is_the_peak_at_every_step_and_time():
 def test_time_budget_schedules_warm_up_then_follow_the_fraction_of_time(schedule, fraction, expected):
     cfg = TrainConfig(max_time=60.0, lr=1e-3, min_lr_ratio=0.1, schedule=schedule, decay_fraction=0.2)
     assert learning_rate(cfg, 7, None, fraction) == pytest.approx(expected, rel=1e-9)
+    if fraction == 0.0:
+        assert learning_rate(cfg, 7, None) == pytest.approx(expected)  # no fraction given: the start
     span = ScheduleSpan(steps=None, time_s=60.0)  # the trainer's path: elapsed seconds over the budget
     assert span.lr(cfg, 7, 60.0 * fraction) == pytest.approx(expected, rel=1e-9)
 
