@@ -198,3 +198,42 @@ def test_z_loss_resume_equals_uninterrupted(stories, tmp_path):
     records = _without_time(read_metrics(resumed.run_dir))
     assert _without_time(read_metrics(whole.run_dir)) == records
     assert all("train_z_loss" in r for r in records if "train_loss" in r)
+
+
+def test_a_longer_budget_is_described_in_steps_or_seconds():
+    from tinylm.optim import SCHEDULE_EXTENSION_RULE, ScheduleSpan, describe_extension
+
+    by_steps = ScheduleSpan(steps=100, time_s=None).extension(150, None)
+    assert by_steps == {"from_steps": 100, "to_steps": 150, "rule": SCHEDULE_EXTENSION_RULE}
+    assert describe_extension(by_steps) == "the schedule spans the first 100 steps; steps 101-150 keep its last LR"
+    by_time = ScheduleSpan(steps=None, time_s=60.0).extension(None, 90.0)
+    assert by_time == {"from_time_s": 60.0, "to_time_s": 90.0, "rule": SCHEDULE_EXTENSION_RULE}
+    assert describe_extension(by_time) == "the schedule spans the first 60 s; the time up to 90 s keep its last LR"
+    assert ScheduleSpan(steps=100, time_s=None).extension(100, None) is None
+    assert ScheduleSpan(steps=None, time_s=60.0).extension(None, 60.0) is None
+
+
+def test_muon_and_adamw_state_round_trips_and_refuses_another_optimizers(stories, tmp_path):
+    from tinylm.errors import UserError
+
+    cfg = tiny_config(stories, tmp_path, optimizer="muon")
+    model = GPT(preset("tiny"))
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    x = torch.randint(0, 100, (2, 16))
+    model(x, x)[1].backward()
+    opt.zero_grad(set_to_none=False)  # kept, as zeros
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    model(x, x)[1].backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    saved = opt.state_dict()
+    fresh = build_optimizer(model, cfg.train, torch.device("cpu"))
+    fresh.load_state_dict(saved)
+    for before, after in zip(opt.optimizers, fresh.optimizers):
+        for p in before.state:
+            for key, value in before.state[p].items():
+                assert torch.equal(after.state[p][key], value)
+    for wrong in ({"state": {}, "param_groups": []}, {"optimizers": [saved["optimizers"][0]]}):
+        with pytest.raises(UserError, match="from another --optimizer"):
+            fresh.load_state_dict(wrong)
