@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tinylm.cli.flags import Parser
+from tinylm.cli.flags import Parser, add_settings_flags
 from tinylm.errors import UserError
 from tinylm.study import slurm
 from tinylm.study.executor import TASKS_FILE, Outcome, Task, outcome_path
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def flags(*argv: str) -> argparse.Namespace:
     parser = Parser(prog="tinylm ablate")
-    slurm.add_flags(parser)
+    slurm.add_flags(parser, add_settings_flags)
     return parser.parse_args(list(argv))
 
 

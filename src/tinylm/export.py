@@ -15,8 +15,13 @@ from tinylm.config import ModelConfig
 from tinylm.data.tokenizer import EOT_TEXT, BPETokenizer, gpt2_ranks_path
 from tinylm.errors import UserError
 from tinylm.layers import NORM_EPS, swiglu_hidden
-from tinylm.paths import (check_writable_dir, disk_full_is_one_line, remove_stale_temporaries, replace_durably,
-                          temporary_dir)
+from tinylm.paths import (
+    check_writable_dir,
+    disk_full_is_one_line,
+    remove_stale_temporaries,
+    replace_durably,
+    temporary_dir,
+)
 from tinylm.rundir import load_run
 
 # Our Linear layers store (out, in); GPT-2's Conv1D layers store (in, out).

@@ -171,7 +171,7 @@ def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
         except UserError:  # not part of this tinylm (or its package is missing): --launcher NAME says so
             continue
         if hasattr(module, "add_flags"):
-            module.add_flags(group)
+            module.add_flags(group, add_settings_flags)
 
 
 def add_status(sub) -> None:

@@ -116,7 +116,7 @@ def effects_table(rows: list[dict], study: dict) -> str:
 
 def phase_table(rows: list[dict], longer: list[dict] | None = None) -> str:
     """The seed study's phases: what each adds, start → best validation loss, real share of the token slots."""
-    from tinylm.study.runner import PHASES
+    from tinylm.study.spec import PHASES
 
     by_arm = {_arm(r): r for r in longer or []}
     body = []

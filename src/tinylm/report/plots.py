@@ -5,7 +5,6 @@ train/validation curves of any runs."""
 from __future__ import annotations
 
 import io
-
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -15,7 +15,7 @@ from tinylm.config import PRESETS, ModelConfig, RunConfig, TrainConfig
 from tinylm.errors import UserError
 from tinylm.rundir import CONFIG_FILE, SUMMARY_FILE, read_metrics, read_summary
 from tinylm.stability import LABELS
-from tinylm.study.runner import PHASES
+from tinylm.study.spec import PHASES
 
 # Settings that say where and how a run is logged, not what it trains: they never separate arms.
 BOOKKEEPING = frozenset({"out", "log_every", "checkpoint_every", "tensorboard"})

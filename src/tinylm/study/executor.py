@@ -20,7 +20,9 @@ started, and the tasks go to one executor:
   another executor see it: a rerun retries failed tasks, skips done ones, and resumes the rest.
 
 An executor is a module of this package named by ``--launcher`` (``local.py``, ``slurm.py``),
-holding ``make_executor(args) -> Executor`` and, if it has flags, ``add_flags(parser)``.
+holding ``make_executor(args) -> Executor`` and, if it has flags, ``add_flags(parser, settings_flags)``:
+``settings_flags`` is the CLI's flag maker for a config dataclass, passed in so that no executor
+imports the CLI (which imports the study package).
 """
 
 from __future__ import annotations

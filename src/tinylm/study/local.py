@@ -29,7 +29,7 @@ HEARTBEAT_S = 60.0
 """The overall progress line is printed at least this often while runs train."""
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, settings_flags: Callable | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="runs trained at once, each in its own process (default 1 on CPU; on CUDA the visible "
                              "GPUs x --runs-per-gpu); on CPU the cores are shared out among them")  # fmt: skip

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +22,10 @@ from tinylm.paths import write_atomic
 from tinylm.study.executor import TASKS_FILE, Executor, Outcome, Task
 from tinylm.study.manifest import Manifest, study_lock
 from tinylm.study.plan import Plan, trial_config
-from tinylm.study.spec import DEFAULT_STUDY, Arm, Study, dotted, load_study
+from tinylm.study.spec import DEFAULT_STUDY, PHASES, Arm, Phase, Study, dotted, load_study
 
 __all__ = ["PHASES", "Phase", "StudyFailed", "ablate", "parse_phases", "phase_config", "plan_tasks", "run_study",
            "select_arms"]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Phase:
-    """An arm of the seed study, by the three settings its phases change (what the report groups by)."""
-
-    name: str
-    key_change: str
-    init: str
-    schedule: str
-    batching: str
-
-
-def _seed_phases() -> dict[str, Phase]:
-    study = load_study(DEFAULT_STUDY)
-    phases = {}
-    for arm in study.arms:
-        train = {**study.base.get("train", {}), **arm.changes.get("train", {})}
-        phases[arm.name] = Phase(arm.name, arm.key_change, train["init"], train["schedule"], train["batching"])
-    return phases
-
-
-PHASES: dict[str, Phase] = _seed_phases()
 
 
 def select_arms(study: Study, text: str | None) -> list[Arm]:

@@ -140,7 +140,7 @@ class Study:
 def _check_launch(launch: Any) -> None:
     """The ``launch:`` block: a known launcher, and Slurm settings that read (tinylm.study.slurm)."""
     from tinylm.study.executor import LAUNCHERS
-    from tinylm.study.slurm import read_options
+    from tinylm.study.slurm_options import read_options
 
     if not isinstance(launch, dict):
         raise ConfigError("launch", f"must be a mapping such as {{launcher: slurm, slurm: {{time: 60}}}}, got {launch!r}")
@@ -319,3 +319,26 @@ def _build(kind: type, values: dict[str, Any], where: str) -> Any:
         return kind(**values)
     except UserError as e:
         raise UserError(f"{where}{e}") from None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """An arm of the seed study, by the three settings its phases change (what the report groups by)."""
+
+    name: str
+    key_change: str
+    init: str
+    schedule: str
+    batching: str
+
+
+def _seed_phases() -> dict[str, Phase]:
+    study = load_study(DEFAULT_STUDY)
+    phases = {}
+    for arm in study.arms:
+        train = {**study.base.get("train", {}), **arm.changes.get("train", {})}
+        phases[arm.name] = Phase(arm.name, arm.key_change, train["init"], train["schedule"], train["batching"])
+    return phases
+
+
+PHASES: dict[str, Phase] = _seed_phases()
