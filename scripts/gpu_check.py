@@ -199,7 +199,7 @@ def study_runs_per_gpu(check: Check) -> None:
     process start-up included). CUDA only: separate processes time-slice the GPU."""
     tokens = 8 * 512 * 120
     for k in STUDY_RUNS_PER_GPU:
-        if not check.only:  # minutes each: beyond the default budget, so only when named
+        if check.cuda and not check.only:  # minutes each: beyond the default budget, so only when named
             check._record(PartResult(f"study-gpu-k{k}", "skipped", "name it in --only (a few minutes each)"))
             continue
         out = check.work / f"study-k{k}"
