@@ -24,7 +24,7 @@ declare -A MODULES=(
   [optim]="src/tinylm/optim.py|tests/test_optim.py tests/test_train.py tests/test_closed_forms.py tests/test_reference.py|cosine or wsd or warmup or constant or time_budget or span_holds or muon_takes or schedule_scales or longer_budget or learning_rate_schedules or round_trips or gpt2_training or muon_training"
   [loss]="src/tinylm/loss.py|tests/test_loss.py tests/test_reference.py|not cuda"
   [trainer]="src/tinylm/trainer.py|tests/test_train.py tests/test_reference.py|not slow"
-  [studyplan]="src/tinylm/studyplan.py|tests/test_study.py|not slow"
+  [studyplan]="src/tinylm/study/plan.py|tests/test_study.py|not slow"
 )
 ORDER=(costs stats evaluate optim loss trainer studyplan)
 
@@ -40,6 +40,7 @@ for name in "${names[@]}"; do
   spec=${MODULES[$name]:-}
   [[ -n $spec ]] || { echo "mutation.sh: unknown module $name (known: ${ORDER[*]})" >&2; exit 2; }
   IFS='|' read -r target files filter <<<"$spec"
+  [[ $name != studyplan || -e $ROOT/$target ]] || target=src/tinylm/studyplan.py  # before the study package
   work=$OUT/$name
   rm -rf "$work" && mkdir -p "$work"
   if [[ -n ${REV:-} ]]; then

@@ -86,6 +86,9 @@ def test_a_span_holds_its_last_lr_past_its_budget():
     last = learning_rate(cfg, 99, 100)
     assert span.lr(cfg, 99, 0.0) == last and span.lr(cfg, 150, 0.0) == last
     assert ScheduleSpan(steps=None, time_s=10.0).lr(cfg, 3, 25.0) == pytest.approx(1e-4)  # time past: the floor
+    # asked directly for a step past the budget, the schedule stays at its floor (the cosine does not rise)
+    assert learning_rate(cfg, 150, 100) == pytest.approx(1e-4)
+    assert learning_rate(_cfg("cosine", warmup_steps=1), 2, 2) == pytest.approx(1e-4)  # one step to decay over
 
 
 # --- perplexity and bits per byte ----------------------------------------------------------

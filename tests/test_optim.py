@@ -237,3 +237,12 @@ def test_muon_and_adamw_state_round_trips_and_refuses_another_optimizers(stories
     for wrong in ({"state": {}, "param_groups": []}, {"optimizers": [saved["optimizers"][0]]}):
         with pytest.raises(UserError, match="from another --optimizer"):
             fresh.load_state_dict(wrong)
+
+
+def test_muon_on_a_torch_without_it_is_one_line(stories, tmp_path, monkeypatch):
+    from tinylm.errors import UserError
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    cfg = tiny_config(stories, tmp_path, optimizer="muon")
+    with pytest.raises(UserError, match=r"--optimizer muon needs torch.optim.Muon \(torch 2.9 or later\)"):
+        build_optimizer(GPT(preset("tiny")), cfg.train, torch.device("cpu"))
