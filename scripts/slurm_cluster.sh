@@ -108,7 +108,7 @@ start_munge() {
 }
 
 running() {  # a daemon's pid file names a live process
-  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+  [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null
 }
 
 start() {
