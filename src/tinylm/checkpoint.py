@@ -266,7 +266,7 @@ def _check_settings(run_dir: Path, saved: dict[str, Any] | None, now: dict[str, 
     if changed:
         raise UserError(
             f"{run_dir}: settings differ from those its checkpoint was trained with ({', '.join(changed[:3])}); "
-            "a resume may change only --max-steps, --max-tokens, --max-time, --device and --compile: "
+            "a resume may change only --max-steps, --max-tokens, --max-time, --device, --compile and --tracker: "
             "put config.json back, or train a new run (--out NEW_DIR)"
         )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tinylm.errors import UserError
-from tinylm.fields import ConfigError, dotted, from_mapping
+from tinylm.fields import ConfigError, dotted, from_mapping, read_as
 from tinylm.fields import read_fields as _read_fields
 from tinylm.fields import require as _require
 from tinylm.paths import write_atomic
@@ -97,6 +97,7 @@ Init = Literal["scaled", "naive"]
 Schedule = Literal["constant", "cosine", "wsd"]
 Batching = Literal["padded", "packed"]
 Optimizer = Literal["adamw", "muon"]
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
 
 
 @dataclass
@@ -175,8 +176,10 @@ class TrainConfig:
     """Steps between metrics.jsonl lines."""
     checkpoint_every: int | None = None
     """Steps between checkpoints; default: at every evaluation."""
-    tensorboard: bool = False
-    """Also write metrics as TensorBoard events under OUT/tensorboard."""
+    tracker: Tracker = "none"
+    """Also send the metrics.jsonl records and the run's settings to an experiment tracker: 'tensorboard'
+    (events under OUT/tensorboard), 'wandb' or 'mlflow' (optional extras: pip install 'tinylm[wandb]').
+    It changes nothing the run trains, so a resume may switch it."""
 
     # --- stability guard ---
     guard: bool = True
@@ -215,7 +218,7 @@ class TrainConfig:
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time")
 """The TrainConfig fields that bound a run's length."""
 
-RESUMABLE = {f"train.{name}" for name in (*BUDGET_FIELDS, "device", "compile")}
+RESUMABLE = {f"train.{name}" for name in (*BUDGET_FIELDS, "device", "compile", "tracker")}
 """The settings a resumed run may change (its folder, train.out, may also be spelt otherwise)."""
 
 
@@ -243,7 +246,7 @@ class RunConfig:
     def from_dict(cls, raw: Any) -> RunConfig:
         if not isinstance(raw, dict):
             raise UserError("must hold an object with 'model' and 'train' settings")
-        return from_mapping(cls, raw)
+        return from_mapping(cls, renamed_settings(raw))
 
     def save(self, path: Path) -> None:
         write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -267,6 +270,19 @@ class RunConfig:
             return cls.from_dict(raw)
         except UserError as e:
             raise UserError(f"{path}: {e}; fix that value or train the run again") from None
+
+
+def renamed_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """Settings as an older tinylm saved them, in today's names: ``tensorboard: true`` (before there was a
+    choice of trackers) is ``tracker: tensorboard``. Flat or sectioned, as :func:`tinylm.fields.nest` reads."""
+    raw = dict(raw)
+    if isinstance(raw.get("train"), dict):
+        raw["train"] = renamed_settings(raw["train"])
+    if "tensorboard" in raw:
+        on = read_as("tensorboard", bool, raw.pop("tensorboard"))
+        if on and "tracker" not in raw:
+            raw["tracker"] = "tensorboard"
+    return raw
 
 
 _LOST_CONFIG = "the run's settings are lost: restore the file from a copy or train the run again"

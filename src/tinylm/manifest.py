@@ -42,8 +42,8 @@ class Manifest:
 
     def __init__(self, plan: Plan):
         self.plan, self.path = plan, plan.out / STUDY_FILE
-        self.definition = _plain({"study": plan.study.to_dict(), "settings": plan.settings, "seeds": plan.seeds,
-                                  "budget": plan.budget})  # fmt: skip
+        self.definition = _plain({"study": plan.study.to_dict(), "settings": _without_tracker(plan.settings),
+                                  "seeds": plan.seeds, "budget": plan.budget})  # fmt: skip
         old = read_manifest(plan.out) or {}
         if old and old.get("definition") != self.definition:
             raise_changed(plan.out)
@@ -97,6 +97,14 @@ class Manifest:
             for key in PER_PRESET:  # an arm this plan runs: its other presets' values are the file's
                 theirs = {p: v for p, v in (entry.get(key) or {}).items() if p not in self.plan.presets}
                 self.arms[name][key] = {**theirs, **self.arms[name].get(key, {})}
+
+
+def _without_tracker(settings: dict[str, Any]) -> dict[str, Any]:
+    """The flags but --tracker: which dashboard gets a copy of the metrics makes no other study."""
+    train = settings.get("train") or {}
+    if "tracker" not in train:
+        return settings
+    return {**settings, "train": {k: v for k, v in train.items() if k != "tracker"}}
 
 
 def raise_changed(out: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.cli.flags import given_settings
-from tinylm.config import BUDGET_FIELDS, RESUMABLE, RunConfig, preset
+from tinylm.config import BUDGET_FIELDS, RESUMABLE, RunConfig, preset, renamed_settings
 from tinylm.errors import UserError
 from tinylm.fields import ConfigError, build, dotted, load_yaml, merge, nest
 
@@ -28,7 +28,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Preset, then the YAML recipe (``--config``), then explicit flags; a bad value that came from
     the recipe is reported with the recipe's name."""
     source = getattr(args, "config", None)
-    recipe = nest(RunConfig, load_yaml(source), source) if source else {}
+    recipe = nest(RunConfig, renamed_settings(load_yaml(source)), source) if source else {}
     flags = given_settings(args)
     name = getattr(args, "preset", None) or recipe.get("preset") or "basic"
     if not isinstance(name, str):
@@ -53,5 +53,6 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
     saved = RunConfig.load(run_dir / CONFIG_FILE)
     flags = given_settings(args)
     if set(dotted(flags)) - RESUMABLE or args.preset or args.config:
-        raise UserError("with --resume only --max-steps, --max-tokens, --max-time, --device and --compile may change")
+        raise UserError("with --resume only --max-steps, --max-tokens, --max-time, --device, --compile and --tracker "
+                        "may change")
     return build(RunConfig, merge(saved.to_dict(), flags, {"train": {"out": str(run_dir)}}))
