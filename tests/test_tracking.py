@@ -6,8 +6,8 @@ import struct
 
 import pytest
 import yaml
-from conftest import tiny_config
 
+from conftest import tiny_config
 from tinylm import tracking
 from tinylm.ablation import run_study
 from tinylm.cli import main
@@ -242,7 +242,9 @@ def test_a_tracker_failing_warns_once_and_the_run_finishes_with_every_record(sto
 
 def test_a_tracker_without_its_package_is_one_line_naming_the_extra(stories, tmp_path, monkeypatch, capsys):
     real = tracking.importlib.util.find_spec
-    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(
+        tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
     code = main(["train", "--preset", "tiny", "--data", str(stories), "--max-steps", "1", "--device", "cpu",
                  "--tracker", "wandb", "--out", str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err

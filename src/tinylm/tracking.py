@@ -91,7 +91,7 @@ def _place_in_study(manifest: dict[str, Any], where: str) -> dict[str, str] | No
     if len(parts) == 3 and parts[0] == TRIALS_DIR:  # a trial is listed only once it has run: read its name
         for name in sorted((a["name"] for a in arms), key=len, reverse=True):  # "a-b" before "a"
             if parts[2].startswith(f"{name}-lr"):
-                return {"arm": name, "preset": parts[1], "seed_index": "0", "trial": f"lr x{parts[2][len(name) + 3:]}"}
+                return {"arm": name, "preset": parts[1], "seed_index": "0", "trial": f"lr x{parts[2][len(name) + 3 :]}"}
     return None
 
 
