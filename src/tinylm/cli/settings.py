@@ -53,6 +53,7 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
     saved = RunConfig.load(run_dir / CONFIG_FILE)
     flags = given_settings(args)
     if set(dotted(flags)) - RESUMABLE or args.preset or args.config:
-        raise UserError("with --resume only --max-steps, --max-tokens, --max-time, --device, --compile and --tracker "
-                        "may change")
+        raise UserError(
+            "with --resume only --max-steps, --max-tokens, --max-time, --device, --compile and --tracker may change"
+        )
     return build(RunConfig, merge(saved.to_dict(), flags, {"train": {"out": str(run_dir)}}))

@@ -9,7 +9,14 @@ import os
 from pathlib import Path
 from typing import get_args
 
-from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
+from tinylm.cli.flags import (
+    TARGET_HALFWIDTH_HELP,
+    add_settings_flags,
+    at_least,
+    given_settings,
+    integer,
+    positive_number,
+)
 from tinylm.cli.settings import resolve_config, resume_config
 from tinylm.config import PRESETS, ModelConfig, Optimizer, RunConfig, preset
 from tinylm.fields import sections
@@ -128,6 +135,7 @@ def add_ablate(sub) -> None:
     p.add_argument("--out", required=True, help="study directory (rerun the command to finish an interrupted one)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--nproc-per-node", type=at_least(1), default=1, help="data-parallel processes per run (torchrun)")
+    p.add_argument("--target-halfwidth", type=positive_number, metavar="LOSS", help=TARGET_HALFWIDTH_HELP)
     add_run_flags(p, "training (over the study's base; a step's own settings cannot be given)", skip=("out",))
     p.set_defaults(func=cmd_ablate)
 
@@ -150,6 +158,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     check_writable_dir(out, "--out")
     run_study(study, names, flags, out, arms, seeds=args.seeds, quiet=args.quiet,
               nproc_per_node=args.nproc_per_node)  # fmt: skip
-    report = write_report([out], out / "report.md")
+    report = write_report([out], out / "report.md", target_halfwidth=args.target_halfwidth)
     print(f"report written to {report}")
     return 0

@@ -33,9 +33,12 @@ __all__ = [
 ]  # fmt: skip
 
 
-def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None) -> Path:
+def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None,
+                 target_halfwidth: float | None = None) -> Path:  # fmt: skip
     """Write out_file (Markdown) with its plots, results.csv and results.json beside it. rank_by ('doc' or
-    'packed') overrides each study's own ranked metric (default: per-document where every run has it)."""
+    'packed') overrides each study's own ranked metric (default: per-document where every run has it).
+    target_halfwidth: the interval half-width the effects table counts the seeds needed for (default: each
+    effect's measured size)."""
     studies = load_studies(paths, rank_by)
     folder = out_file.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +57,7 @@ def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None) 
             plots[("comparison", "best")] = f"{stem}-best-loss.png"
             plot_comparison(study.groups, folder / plots[("comparison", "best")])
         plot_names.append(plots)
-    out_file.write_text(render(studies, plot_names))
+    out_file.write_text(render(studies, plot_names, target_halfwidth))
     write_results(studies, folder)
     return out_file
 
