@@ -74,7 +74,8 @@ def test_a_tiny_study_in_an_mlflow_file_store_has_its_runs_tagged_with_the_final
         run = tracked[(row["arm"], row["preset"], row["seed"])]
         assert run["tags.study"] == "pair" and run["status"] == "FINISHED"
         assert run["metrics.val_loss"] == row["final_val_loss"]  # the last one logged
-        assert run["metrics.best_val_loss_doc"] == row["best_val_loss_doc"]
+        assert run["metrics.summary/best_val_loss_doc"] == row["best_val_loss_doc"]
+        assert run["metrics.summary/final_val_loss"] == row["final_val_loss"]
         assert run["params.train.lr"] == str(row["lr"]) and run["params.model.qk_norm"] == str(row["arm"] == "qk")
         history = client.get_metric_history(run["run_id"], "val_loss")
         run_dir = out / "tiny" / f"{row['arm']}-seed{run['tags.seed_index']}"

@@ -259,7 +259,7 @@ class WandbBackend:
 
 class MlflowBackend:
     """An MLflow run in experiment $MLFLOW_EXPERIMENT_NAME, else the study's name, else tinylm; tags study,
-    arm, preset and seed; every setting a parameter. Store: $MLFLOW_TRACKING_URI, else a file store
+    arm, preset and seed; every setting a parameter; the summary's figures as summary/<key> at the last step. Store: $MLFLOW_TRACKING_URI, else a file store
     ``mlruns`` in the study's folder (a run outside a study: beside its folder)."""
 
     def __init__(self, run: TrackedRun, resuming: bool):
@@ -294,8 +294,8 @@ class MlflowBackend:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
+        try:  # the kind tells MLflow 3's UI to open on training runs (not on LLM traces)
+            return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:  # made meanwhile by another run of the study
             found = self.client.get_experiment_by_name(name)
             if found is None:
@@ -307,7 +307,9 @@ class MlflowBackend:
         self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, step) for k, v in values.items()])
 
     def finish(self, summary: dict[str, Any]) -> None:
-        self.log(int(summary.get("steps") or 0), _final_figures(summary))
+        # summary/...: MLflow's charts put them in a section of their own, apart from the curves
+        final = {f"summary/{k}": v for k, v in _final_figures(summary).items()}
+        self.log(int(summary.get("steps") or 0), final)
         self.client.set_terminated(self.run_id, "FINISHED" if summary.get("completed", True) else "KILLED")
 
 
