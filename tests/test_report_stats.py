@@ -12,7 +12,17 @@ from tinylm.cli import main
 from tinylm.config import ModelConfig, RunConfig, TrainConfig
 from tinylm.errors import UserError
 from tinylm.report import load_studies, write_report
-from tinylm.report.stats import Interval, clear_leader, pair_by_seed, spread, t_interval, verdict
+from tinylm.report.stats import (
+    Interval,
+    clear_leader,
+    half_width,
+    pair_by_seed,
+    seed_plan,
+    seeds_needed,
+    spread,
+    t_interval,
+    verdict,
+)
 
 STABLE = {"label": "very stable", "reason": "no divergence, tight train/val gap", "train_val_gap": 0.02}
 
@@ -72,6 +82,69 @@ def test_the_interval_matches_a_hand_computed_example():
     assert iv.half_width == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-6)
     assert iv.half_width == pytest.approx(0.0497, abs=5e-5)
     assert (iv.low, iv.high, iv.n) == (pytest.approx(-0.1497, abs=5e-5), pytest.approx(-0.0503, abs=5e-5), 3)
+
+
+def test_the_half_width_is_students_t_on_n_minus_1_degrees_with_the_sample_sd():
+    from scipy.stats import t
+
+    # sd 0.02 over 3 seeds: t(0.975, 2) = 4.3027 -> 0.04968; z (1.96) would give 0.02263, t on 3 degrees 0.03675
+    assert half_width(0.02, 3) == pytest.approx(0.049682, rel=1e-4)
+    assert half_width(0.02, 3) == pytest.approx(float(t.ppf(0.975, 2)) * 0.02 / math.sqrt(3), rel=1e-12)
+    plan = seed_plan([-0.10, -0.12, -0.08])
+    assert plan.sd == pytest.approx(0.02)  # the sample sd (n - 1); the population sd would be 0.01633
+    assert plan.detectable == pytest.approx(0.049682, rel=1e-4) == t_interval([-0.10, -0.12, -0.08]).half_width
+
+
+@pytest.mark.parametrize("sd, target, needed", [
+    (0.02, 0.10, 3),   # z: 2 seeds; t on n - 1 degrees: 2 give ±0.180, 3 give ±0.0497
+    (0.02, 0.03, 5),   # z: 2; t on n degrees: 4; t on n - 1: 4 give ±0.0318, 5 give ±0.0248
+    (0.02, 0.01, 18),  # z: 16; 17 seeds give ±0.01028, 18 give ±0.00995
+    (0.01, 0.01, 7),
+    (0.0, 0.01, 2),    # no spread at all: the fewest seeds an interval has
+])  # fmt: skip
+def test_the_seeds_needed_are_the_fewest_whose_t_half_width_is_below_the_target(sd, target, needed):
+    from scipy.stats import t
+
+    assert seeds_needed(sd, target) == needed
+
+    def exact(n):  # scipy's t, independently of the code under test
+        return float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+    assert exact(needed) < target and (needed == 2 or exact(needed - 1) >= target)
+
+
+def test_the_seed_plan_targets_the_measured_effect_or_the_half_width_asked_for():
+    diffs = [-0.10, -0.12, -0.08]  # mean -0.10, sd 0.02
+    assert (seed_plan(diffs).target, seed_plan(diffs).needed) == (pytest.approx(0.10), 3)
+    assert (seed_plan(diffs, 0.01).target, seed_plan(diffs, 0.01).needed) == (0.01, 18)
+    one, none = seed_plan([-0.1]), seed_plan([])
+    assert (one.sd, one.detectable, one.needed) == (None, None, None) and "one paired seed" in one.reason
+    assert none.needed is None and none.reason == "no seed in common"
+    flat = seed_plan([0.1, -0.1])  # an effect of exactly 0 has no size to resolve
+    assert flat.sd == pytest.approx(0.1414, abs=1e-4) and flat.needed is None and "effect is 0" in flat.reason
+    with pytest.raises(ValueError):
+        seeds_needed(0.02, 0.0)
+
+
+def test_the_effects_table_says_how_many_seeds_each_effect_needs(tmp_path, capsys):
+    three_arms(tmp_path)
+    report = write_report([tmp_path], tmp_path / "report.md").read_text()
+    assert "| Paired sd | Smallest detectable | Seeds for half-width < \\|Δ\\| |" in report
+    # rope - base: -0.10, -0.12, -0.08 (sd 0.020, ±0.050): 3 seeds resolve 0.10. swiglu - rope: 0.05, 0.03, 0.04
+    assert "| rope | base | 3 paired seeds | -0.100 ± 0.050 | improvement | 0.020 | 0.050 | 3 (have 3) |" in report
+    assert "| swiglu | rope | 3 paired seeds | +0.040 ± 0.025 | regression | 0.010 | 0.025 | 3 (have 3) |" in report
+    out = tmp_path / "target" / "report.md"
+    assert main(["report", str(tmp_path), "--out", str(out), "--target-halfwidth", "0.01"]) == 0
+    report = out.read_text()
+    assert "Seeds for half-width < 0.01 |" in report
+    assert "| improvement | 0.020 | 0.050 | 18 (15 more) |" in report
+    assert "| regression | 0.010 | 0.025 | 7 (4 more) |" in report
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["report", str(tmp_path), "--out", str(out), "--target-halfwidth", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--target-halfwidth: must be a positive number, got 0" in err
 
 
 def test_the_verdict_follows_the_interval():
@@ -248,7 +321,7 @@ def test_one_seed_is_unreplicated_and_carries_no_verdict_words(tmp_path):
     write_study(tmp_path, [("base", {}, None, [6.0], [6.3]), ("rope", {"position": "rope"}, "base", [5.0], [5.3])],
                 seeds=1)  # fmt: skip
     report = write_report([tmp_path], tmp_path / "report.md").read_text()
-    assert "| rope | base | 1 paired seed | -1.000 | unreplicated |" in report
+    assert "| rope | base | 1 paired seed | -1.000 | unreplicated | n/a | n/a | n/a (one paired seed" in report
     effects = report.split("### Effects")[1]
     for word in ("improvement", "regression", "within noise", "single contributor"):
         assert word not in effects

@@ -17,7 +17,8 @@ _HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def test_every_file_of_a_run_is_named_by_the_run_directory_module(stories, tmp_path):
-    result = train(tiny_config(stories, tmp_path / "run", max_steps=4, tensorboard=_HAS_TENSORBOARD), quiet=True)
+    result = train(tiny_config(stories, tmp_path / "run", max_steps=4, tracker="tensorboard" if _HAS_TENSORBOARD else "none"),
+                   quiet=True)  # fmt: skip
     names = {getattr(rundir, n) for n in rundir.__all__ if n.endswith(("_FILE", "_DIR"))}
     for entry in result.run_dir.iterdir():
         assert entry.name in names or (entry.is_dir() and entry.name == "checkpoint-000004"), entry.name

@@ -138,15 +138,16 @@ def test_a_flag_of_the_wrong_type_is_one_line_naming_it(capsys, flag, value, sho
     assert len(err) == 1 and shown in err[0], err
 
 
-def test_resume_takes_only_budget_device_and_compile(tmp_path):
+def test_resume_takes_only_budget_device_compile_and_tracker(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     RunConfig(model=ModelConfig(n_layer=2, n_head=2, n_embd=32), train=TrainConfig(max_steps=4, out="elsewhere")).save(
         run / "config.json"
     )
     parse = build_parser().parse_args
-    cfg = resume_config(parse(["train", "--resume", str(run), "--max-steps", "9", "--compile"]))
+    cfg = resume_config(parse(["train", "--resume", str(run), "--max-steps", "9", "--compile", "--tracker", "mlflow"]))
     assert cfg.train.max_steps == 9 and cfg.train.compile and cfg.train.out == str(run) and cfg.model.n_layer == 2
+    assert cfg.train.tracker == "mlflow"  # where a copy of the metrics goes: not a setting of the mathematics
     for extra in (["--n-layer", "3"], ["--lr", "0.1"], ["--preset", "tiny"]):
         with pytest.raises(UserError, match="with --resume only"):
             resume_config(parse(["train", "--resume", str(run), *extra]))

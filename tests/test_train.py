@@ -217,8 +217,15 @@ def test_cpu_is_chosen_when_no_gpu(stories, tmp_path):
 
 def test_tensorboard_events_are_written_when_asked(stories, tmp_path):
     pytest.importorskip("tensorboard")
-    train(tiny_config(stories, tmp_path / "run", max_steps=2, tensorboard=True), quiet=True)
-    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(stories, tmp_path / "run", max_steps=4, tracker="tensorboard"), quiet=True)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("val_loss")]
+    expected = [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert [s for s, _ in logged] == [s for s, _ in expected] == [0, 4]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)  # events hold float32
 
 
 def test_a_vocabulary_larger_than_the_embedding_is_refused(stories, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tinylm.errors import UserError
-from tinylm.fields import ConfigError, dotted, from_mapping
+from tinylm.fields import ConfigError, dotted, from_mapping, read_as
 from tinylm.fields import read_fields as _read_fields
 from tinylm.fields import require as _require
 from tinylm.paths import write_atomic
@@ -102,6 +102,7 @@ Init = Literal["scaled", "naive"]
 Schedule = Literal["constant", "cosine", "wsd"]
 Batching = Literal["padded", "packed"]
 Optimizer = Literal["adamw", "muon"]
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
 
 
 @dataclass
@@ -188,8 +189,10 @@ class TrainConfig:
     """Steps between metrics.jsonl lines."""
     checkpoint_every: int | None = None
     """Steps between checkpoints (default: at every evaluation)."""
-    tensorboard: bool = False
-    """Also write the metrics as TensorBoard events, in the run directory's tensorboard/ folder."""
+    tracker: Tracker = "none"
+    """Also send the metrics.jsonl records and the run's settings to an experiment tracker: 'tensorboard'
+    (events under OUT/tensorboard), 'wandb' or 'mlflow' (optional extras: pip install 'tinylm[wandb]').
+    It changes nothing the run trains, so a resume may switch it."""
 
     # --- stability guard ---
     guard: bool = True
@@ -240,7 +243,7 @@ RESUME_EDITS: dict[str, str] = {
     "train.eval_every": "when validation is measured (a guarded run's roll-back points move with it)",
     "train.log_every": "how often metrics.jsonl gets a line",
     "train.checkpoint_every": "how often the run is saved",
-    "train.tensorboard": "a second copy of the metrics",
+    "train.tracker": "where a copy of the metrics goes",
     "train.data": "a moved data path: accepted when the data prepared from it is the same (the checkpoint keeps "
     "its content hash, data.content, and that is compared instead)",
 }
@@ -281,7 +284,7 @@ class RunConfig:
     def from_dict(cls, raw: Any) -> RunConfig:
         if not isinstance(raw, dict):
             raise UserError("must hold an object with 'model' and 'train' settings")
-        return from_mapping(cls, raw)
+        return from_mapping(cls, renamed_settings(raw))
 
     def save(self, path: Path) -> None:
         write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -305,6 +308,19 @@ class RunConfig:
             return cls.from_dict(raw)
         except UserError as e:
             raise UserError(f"{path}: {e}; fix that value or train the run again") from None
+
+
+def renamed_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """Settings as an older tinylm saved them, in today's names: ``tensorboard: true`` (before there was a
+    choice of trackers) is ``tracker: tensorboard``. Flat or sectioned, as :func:`tinylm.fields.nest` reads."""
+    raw = dict(raw)
+    if isinstance(raw.get("train"), dict):
+        raw["train"] = renamed_settings(raw["train"])
+    if "tensorboard" in raw:
+        on = read_as("tensorboard", bool, raw.pop("tensorboard"))
+        if on and "tracker" not in raw:
+            raw["tracker"] = "tensorboard"
+    return raw
 
 
 _LOST_CONFIG = "the run's settings are lost: restore the file from a copy or train the run again"

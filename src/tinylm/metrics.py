@@ -1,4 +1,4 @@
-"""The run's metrics log: one JSON object per line in metrics.jsonl, optionally TensorBoard too."""
+"""The run's metrics log: one JSON object per line in metrics.jsonl, optionally an experiment tracker too."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.paths import write_atomic
-from tinylm.rundir import METRICS_FILE, TENSORBOARD_DIR, read_metrics
+from tinylm.rundir import METRICS_FILE, read_metrics
+from tinylm.tracking import Tracking
 
 __all__ = ["METRICS_FILE", "MetricsLog", "read_metrics", "truncate_metrics"]  # read_metrics: its old import path
 
@@ -22,22 +23,18 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
+    """metrics.jsonl, and the run's tracker (tinylm.tracking), which gets every record written here."""
+
+    def __init__(self, run_dir: Path, tracking: Tracking | None = None):
         self.path = run_dir / METRICS_FILE
         self._file = open(self.path, "a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+        self.tracking = tracking
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._file.flush()
-        if self._tb is not None and "step" in record:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
+        if self.tracking is not None:
+            self.tracking.log(record)
 
     def sync(self) -> None:
         """Make every line written so far durable (fsync): a checkpoint is committed only after the
@@ -45,10 +42,11 @@ class MetricsLog:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Close the file, and end the tracked run with the run's summary (its final figures)."""
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self.tracking is not None:
+            self.tracking.finish(summary)
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:

@@ -9,7 +9,9 @@
     DIR/checkpoint-NNNNNN/   its weights and trainer state                   (checkpoint.py)
     DIR/tokenizer.json       a trained BPE (absent for gpt2)
     DIR/eval.json            tinylm eval's result
-    DIR/tensorboard/         with --tensorboard
+    DIR/tensorboard/         with --tracker tensorboard
+    DIR/wandb/               with --tracker wandb (its local files; the MLflow store is beside the runs)
+    DIR/tracking.json        the tracker's run ids, so that a resume goes on in the same tracked run
     DIR/train.log            the run's output, when a study's executor ran it (tinylm.study)
 
 Every whole-file write goes through :func:`write_atomic`, so a kill leaves the old file or
@@ -39,9 +41,8 @@ from tinylm.paths import write_atomic
 
 __all__ = [
     "CONFIG_FILE", "EVAL_FILE", "METRICS_FILE", "MODEL_FILE", "POINTER_FILE", "RUN_LOG_FILE", "STATE_FILE",
-    "SUMMARY_FILE",
-    "TENSORBOARD_DIR", "TOKENIZER_FILE", "LoadedRun", "load_run", "read_config", "read_metrics", "read_summary",
-    "tokenizer_file", "write_atomic",
+    "SUMMARY_FILE", "TENSORBOARD_DIR", "TOKENIZER_FILE", "TRACKING_FILE", "LoadedRun", "load_run", "read_config",
+    "read_metrics", "read_summary", "tokenizer_file", "write_atomic",
 ]  # fmt: skip
 
 CONFIG_FILE = "config.json"
@@ -53,6 +54,7 @@ start in a folder that holds only this (and keeps appending to it)."""
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 TENSORBOARD_DIR = "tensorboard"
+TRACKING_FILE = "tracking.json"
 TOKENIZER_FILE = BPETokenizer.FILE  # the tokenizer module reads and writes it, in prepared data too
 
 

@@ -23,6 +23,7 @@ from tinylm.optim import build_optimizer
 from tinylm.paths import DirLock, check_writable_dir, disk_full_is_one_line, is_temporary
 from tinylm.rundir import CONFIG_FILE, METRICS_FILE, RUN_LOG_FILE, SUMMARY_FILE, read_config
 from tinylm.runtime import select_device, tune_for
+from tinylm.tracking import check_tracker
 from tinylm.trainer import Progress, RunData, Trainer, TrainResult, checkpoint_settings
 
 
@@ -66,6 +67,7 @@ def build_trainer(cfg: RunConfig, resume: bool, quiet: bool, cluster: Cluster, d
     known to be usable: a refused run leaves no folder behind. ``lock``: taken before the run's
     folder is read or changed, so that a second process in it is refused."""
     run_dir = Path(cfg.train.out)
+    check_tracker(cfg.train.tracker)  # a missing package: one line before minutes of data preparation
     lock_on_every_rank(lock, run_dir, cluster, device)
     resolve_grad_accum(cfg, cluster.world, run_dir, resume)
     if not resume:

@@ -30,6 +30,7 @@ from tinylm.optim import ScheduleSpan, describe_extension, set_lr
 from tinylm.runtime import autocast_for
 from tinylm.stability import StabilityMonitor
 from tinylm.summary import write_summary
+from tinylm.tracking import open_tracking
 
 
 @dataclass
@@ -194,7 +195,10 @@ class Trainer:
         self.schedule_extended = self.schedule.extension(steps_budget, self.t.max_time)
         self.monitor = StabilityMonitor(self.t.guard, progress.stability)
         self.monitor.resume_from(model, optimizer)
-        self.log = MetricsLog(self.run_dir, self.t.tensorboard) if cluster.is_main else None
+        self.log = None
+        if cluster.is_main:
+            resuming = bool(progress.val_losses)  # metrics.jsonl holds an earlier process's records
+            self.log = MetricsLog(self.run_dir, open_tracking(cfg, self.run_dir, resuming, quiet))
 
     # --- the loop ---
 
@@ -340,9 +344,9 @@ class Trainer:
                     f"(val loss {kept['val_loss']:.4f})",
                     flush=True,
                 )
-            self.log.close()
             summary = write_summary(self.run_dir, self.progress, self.run_facts(), self.monitor, interrupted,
                                     self.steps_budget)  # fmt: skip
+            self.log.close(summary)
         self.cluster.barrier()  # no rank leaves before the checkpoint and summary are written
         return TrainResult(self.run_dir, summary, interrupted)
 

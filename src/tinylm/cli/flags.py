@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from tinylm.fields import OFF, ON, READERS, as_int, base_type, field_docs, sections, unflatten
+from tinylm.fields import OFF, ON, READERS, as_float, as_int, base_type, field_docs, sections, unflatten
 
 Switch = argparse.BooleanOptionalAction
 """The one spelling of a boolean option: ``--flag`` turns it on, ``--no-flag`` off."""
@@ -124,6 +125,21 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return reader(check, "integer")
+
+
+def _positive(text: str) -> float:
+    value = as_float(text)
+    if not (0 < value < math.inf):
+        raise ValueError(f"must be a positive number, got {text}")
+    return value
+
+
+positive_number = reader(_positive, "number")
+
+
+TARGET_HALFWIDTH_HELP = ("the half-width of the paired 95%% interval the report counts seeds for (default: each "
+                         "effect's own size, the seeds a clear verdict on it needs)")  # fmt: skip
+"""--target-halfwidth of report and ablate."""
 
 
 def _value_kwargs(name: str, hint: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tinylm.cli.flags import Switch, at_least, field_help, integer
+from tinylm.cli.flags import TARGET_HALFWIDTH_HELP, Switch, at_least, field_help, integer, positive_number
 from tinylm.config import TrainConfig
 from tinylm.errors import UserError
 from tinylm.paths import check_writable_file
@@ -45,6 +45,7 @@ def add_report(sub) -> None:
     p.add_argument("--rank-by", choices=["doc", "packed"], default=None,
                    help="the validation loss that ranks arms: per-document (default; a study's own rank_by "
                         "otherwise) or the packed stream; runs lacking the per-document one fall back to packed")  # fmt: skip
+    p.add_argument("--target-halfwidth", type=positive_number, metavar="LOSS", help=TARGET_HALFWIDTH_HELP)
     p.set_defaults(func=cmd_report)
 
 
@@ -52,7 +53,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tinylm.report import write_report
 
     out = beside_runs(args.dirs, args.out, "report.md")
-    return _written(out, "report", lambda out: write_report([Path(p) for p in args.dirs], out, args.rank_by))
+    dirs = [Path(p) for p in args.dirs]
+    return _written(out, "report", lambda out: write_report(dirs, out, args.rank_by, args.target_halfwidth))
 
 
 def add_plot(sub) -> None:

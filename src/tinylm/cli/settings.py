@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.cli.flags import given_settings
-from tinylm.config import BUDGET_FIELDS, PRESETS, RESUMABLE, ModelConfig, RunConfig, preset, resume_edits_text
+from tinylm.config import (
+    BUDGET_FIELDS,
+    PRESETS,
+    RESUMABLE,
+    ModelConfig,
+    RunConfig,
+    preset,
+    renamed_settings,
+    resume_edits_text,
+)
 from tinylm.errors import UserError
 from tinylm.fields import ConfigError, build, dotted, load_yaml, merge, nest
 
@@ -42,7 +51,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Preset, then the YAML recipe (``--config``), then explicit flags; a bad value that came from
     the recipe is reported with the recipe's name."""
     source = getattr(args, "config", None)
-    recipe = nest(RunConfig, load_yaml(source), source) if source else {}
+    recipe = nest(RunConfig, renamed_settings(load_yaml(source)), source) if source else {}
     flags = given_settings(args)
     name = getattr(args, "preset", None) or recipe.get("preset") or DEFAULT_PRESET
     if not isinstance(name, str):

@@ -9,7 +9,16 @@ import os
 from pathlib import Path
 from typing import get_args
 
-from tinylm.cli.flags import Refused, Switch, add_settings_flags, at_least, given_settings, integer
+from tinylm.cli.flags import (
+    TARGET_HALFWIDTH_HELP,
+    Refused,
+    Switch,
+    add_settings_flags,
+    at_least,
+    given_settings,
+    integer,
+    positive_number,
+)
 from tinylm.cli.settings import BUDGET_DEFAULTS, DEFAULT_PRESET, preset_defaults, resolve_config, resume_config
 from tinylm.config import PRESETS, ModelConfig, Optimizer, RunConfig, TrainConfig, preset
 from tinylm.fields import sections
@@ -148,6 +157,7 @@ def add_ablate(sub) -> None:
     p.add_argument("--quiet", action=Switch, default=False, help="no progress output")
     p.add_argument("--nproc-per-node", type=at_least(1), default=1,
                    help="data-parallel processes per run on this machine (more than 1 starts torchrun)")  # fmt: skip
+    p.add_argument("--target-halfwidth", type=positive_number, metavar="LOSS", help=TARGET_HALFWIDTH_HELP)
     add_launcher_flags(p)
     titles = {"model": "model (over the preset and the study's base; defaults as shown otherwise)",
               "train": "training (over the study's base; defaults as shown otherwise; a step's own settings "
@@ -218,11 +228,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         run_tasks(out, tasks, executor)
     except StudyFailed as e:
         try:
-            print(f"report of the finished runs written to {write_report([out], out / 'report.md')}")
+            report = write_report([out], out / "report.md", target_halfwidth=args.target_halfwidth)
+            print(f"report of the finished runs written to {report}")
         except UserError:  # no run finished yet: nothing to report
             pass
         print(f"tinylm: error: {e}", file=sys.stderr)
         return 1
-    report = write_report([out], out / "report.md")
+    report = write_report([out], out / "report.md", target_halfwidth=args.target_halfwidth)
     print(f"report written to {report}")
     return 0

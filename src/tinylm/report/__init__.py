@@ -34,15 +34,18 @@ __all__ = [
 ]  # fmt: skip
 
 
-def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None) -> Path:
+def write_report(paths: list[Path], out_file: Path, rank_by: str | None = None,
+                 target_halfwidth: float | None = None) -> Path:  # fmt: skip
     """Write out_file (Markdown) with its plots, results.csv and results.json beside it. rank_by ('doc' or
-    'packed') overrides each study's own ranked metric (default: per-document where every run has it)."""
+    'packed') overrides each study's own ranked metric (default: per-document where every run has it).
+    target_halfwidth: the interval half-width the effects table counts the seeds needed for (default: each
+    effect's measured size)."""
     studies = load_studies(paths, rank_by)
     with disk_full_is_one_line(out_file.parent, "the runs are untouched: make room and run tinylm report again"):
-        return _write(studies, out_file)
+        return _write(studies, out_file, target_halfwidth)
 
 
-def _write(studies: list[Study], out_file: Path) -> Path:
+def _write(studies: list[Study], out_file: Path, target_halfwidth: float | None) -> Path:
     folder = out_file.parent
     folder.mkdir(parents=True, exist_ok=True)
     plot_names: list[PlotNames] = []
@@ -60,7 +63,7 @@ def _write(studies: list[Study], out_file: Path) -> Path:
             plots[("comparison", "best")] = f"{stem}-best-loss.png"
             plot_comparison(study.groups, folder / plots[("comparison", "best")])
         plot_names.append(plots)
-    write_atomic(out_file, render(studies, plot_names))
+    write_atomic(out_file, render(studies, plot_names, target_halfwidth))
     write_results(studies, folder)
     return out_file
 

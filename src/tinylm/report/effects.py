@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tinylm.report.runs import DOC, Arm, setting_names, value_text
-from tinylm.report.stats import Interval, Pairing, clear_leader, effect_interval, verdict
+from tinylm.report.stats import Interval, Pairing, SeedPlan, clear_leader, effect_interval, seed_plan, verdict
 
 
 def changes(before: Arm, after: Arm) -> list[str]:
@@ -53,6 +53,10 @@ class Effect:
             return ("block_size changed: the per-document loss then scores other targets (each document is cut "
                     "at block_size), so this difference mixes the model's change with the metric's")  # fmt: skip
         return "block_size changed: the packed loss then scores the same tokens with other context lengths"
+
+    def seeds(self, target_halfwidth: float | None = None) -> SeedPlan:
+        """The seeds this effect needs for a verdict (its half-width below the effect, or below the target)."""
+        return seed_plan(list(self.pairing.diffs.values()), target_halfwidth)
 
 
 def measure_effects(arms: list[Arm]) -> list[Effect]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tinylm.report.effects import Effect, clear_contributor, measure_effects, ranked_effects, seed_change
 from tinylm.report.runs import Arm
-from tinylm.report.stats import CONFIDENCE, Interval, spread
+from tinylm.report.stats import CONFIDENCE, Interval, SeedPlan, spread
 
 
 def fmt_delta(interval: Interval) -> str:
@@ -24,20 +24,40 @@ def pairs_text(effect: Effect) -> str:
     return text
 
 
-def effects_table(arms: list[Arm]) -> list[str]:
-    """One row per measured effect, in the arms' order: its interval over paired seeds and its verdict."""
+def effects_table(arms: list[Arm], target_halfwidth: float | None = None) -> list[str]:
+    """One row per measured effect, in the arms' order: its interval over paired seeds, its verdict, and
+    how many seeds a verdict needs (see seeds_cells)."""
     effects = measure_effects(arms)
     if not effects:
         return []
     metric = arms[0].metric.name
+    target = "\\|Δ\\|" if target_halfwidth is None else f"{target_halfwidth:g}"
     lines = [f"### Effects ({metric} best val loss, paired by seed, {CONFIDENCE:.0%} CI, Student t)", ""]
-    lines += ["| Step | Against | Seeds | Δ best val loss | Verdict |", "| --- | --- | --- | ---: | --- |"]
+    lines += [f"| Step | Against | Seeds | Δ best val loss | Verdict | Paired sd | Smallest detectable "
+              f"| Seeds for half-width < {target} |",
+              "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]  # fmt: skip
     for e in effects:
         flag = " ⚠ block_size changed" if e.caveat else ""
-        lines.append(f"| {e.arm.name} | {e.before.name} | {pairs_text(e)} | {fmt_delta(e.interval)} | {e.verdict}{flag} |")
+        lines.append(f"| {e.arm.name} | {e.before.name} | {pairs_text(e)} | {fmt_delta(e.interval)} | {e.verdict}{flag} "
+                     f"| {' | '.join(seeds_cells(e.seeds(target_halfwidth)))} |")  # fmt: skip
     if all(not e.interval.replicated for e in effects):
         lines += ["", "Every effect here is unreplicated (no two seeds in common): the differences carry no verdict."]
+    lines += ["", f"Paired sd: the standard deviation of the per-seed differences. Smallest detectable: the "
+              f"smallest effect these seeds tell from zero at {CONFIDENCE:.0%}, t · sd / √n (the interval's "
+              f"half-width). Seeds for half-width < {target}: the seeds whose interval would be narrower than "
+              + ("the measured effect" if target_halfwidth is None else f"±{target_halfwidth:g}")
+              + ", if the differences keep this sd (an estimate for planning, not a promise)."]  # fmt: skip
     return lines + [""]
+
+
+def seeds_cells(plan: SeedPlan) -> list[str]:
+    """Paired sd, smallest detectable effect, seeds needed (with how many to add); n/a with the reason."""
+    if plan.sd is None or plan.detectable is None:
+        return ["n/a", "n/a", f"n/a ({plan.reason})"]
+    if plan.needed is None:
+        return [f"{plan.sd:.3f}", f"{plan.detectable:.3f}", f"n/a ({plan.reason})"]
+    more = f"{plan.needed - plan.n} more" if plan.needed > plan.n else f"have {plan.n}"
+    return [f"{plan.sd:.3f}", f"{plan.detectable:.3f}", f"{plan.needed} ({more})"]
 
 
 def noise_floor_table(arms: list[Arm]) -> list[str]:

@@ -49,8 +49,9 @@ def _worst_text(arms: list[Arm]) -> str:
     return "–" if worst is None else f"{worst:.2f}"
 
 
-def render(studies: list[Study], plot_names: list[PlotNames]) -> str:
-    """The report; plot_names[i] names the plots of studies[i]."""
+def render(studies: list[Study], plot_names: list[PlotNames], target_halfwidth: float | None = None) -> str:
+    """The report; plot_names[i] names the plots of studies[i]. target_halfwidth: the half-width the effects
+    table counts seeds for (default: each effect's own size)."""
     lines: list[str] = ["# tinylm ablation report", ""]
     lines.append("Every number below is measured: it comes from the runs' `summary.json` and `metrics.jsonl`.")
     lines.append("")
@@ -63,7 +64,7 @@ def render(studies: list[Study], plot_names: list[PlotNames]) -> str:
         if not study.groups:  # interrupted runs alone, named above
             continue
         for preset, arms in study.groups.items():
-            lines += preset_section(study, preset, arms, plots)
+            lines += preset_section(study, preset, arms, plots, target_halfwidth)
         lines += comparison_section(study.groups)
         if (best := plots.get(("comparison", "best"))) is not None:
             lines += [f"![best validation loss per preset and phase]({best})", ""]
@@ -98,7 +99,8 @@ def study_intro(study: Study) -> list[str]:
     return lines
 
 
-def preset_section(study: Study, preset: str, arms: list[Arm], plots: PlotNames) -> list[str]:
+def preset_section(study: Study, preset: str, arms: list[Arm], plots: PlotNames,
+                   target_halfwidth: float | None = None) -> list[str]:  # fmt: skip
     """One preset: its timeline, final metrics, plots, effects with intervals, noise floor and ranking."""
     lines = [f"## {preset.upper()} MODEL ({fmt_params(arms)} params)", ""]
     _, note = choose_metric(study.wanted, [r for a in arms for r in a.runs])
@@ -107,7 +109,7 @@ def preset_section(study: Study, preset: str, arms: list[Arm], plots: PlotNames)
     lines += timeline_table(arms) + final_metrics_table(arms) + arm_metrics_table(arms) + trials_table(arms)
     if (curves := plots.get((preset, "curves"))) is not None:
         lines += [f"![validation loss, {preset}]({curves})", ""]
-    lines += effects_table(arms) + noise_floor_table(arms)
+    lines += effects_table(arms, target_halfwidth) + noise_floor_table(arms)
     if (effects := plots.get((preset, "effects"))) is not None:
         lines += [f"![effect of each step, {preset}]({effects})", ""]
     return lines + effects_section(arms)

@@ -18,7 +18,7 @@ from tinylm.stability import LABELS
 from tinylm.study.spec import PHASES
 
 # Settings that say where and how a run is logged, not what it trains: they never separate arms.
-BOOKKEEPING = frozenset({"out", "log_every", "checkpoint_every", "tensorboard"})
+BOOKKEEPING = frozenset({"out", "log_every", "checkpoint_every", "tracker"})
 # The settings the ablation's phases change, named first when a difference is listed.
 PHASE_SETTINGS = ("init", "schedule", "batching")
 # Keys every tinylm version writes to summary.json and the report reads.

@@ -1,4 +1,5 @@
-"""The report's statistics: paired differences by seed, Student-t intervals, verdicts and noise floors.
+"""The report's statistics: paired differences by seed, Student-t intervals, verdicts, noise floors and
+the seeds an effect needs.
 
 Pure arithmetic over numbers already read from runs. Seed k of every arm of a study shares its
 initialisation seed and data order, so an effect is measured as the per-seed differences between
@@ -43,18 +44,22 @@ class Interval:
         return self.replicated and other.replicated and (self.high < other.low or other.high < self.low)
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """mean ± t(1 - (1 - confidence)/2, n - 1) · sd / √n; one value gives an unreplicated interval."""
+def half_width(sd: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """t(1 - (1 - confidence)/2, n - 1) · sd / √n: the half-width of the interval of n values whose sample
+    standard deviation is sd (n ≥ 2)."""
     from scipy.stats import t
 
+    return float(t.ppf(1 - (1 - confidence) / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """mean ± t(1 - (1 - confidence)/2, n - 1) · sd / √n; one value gives an unreplicated interval."""
     if not values:
         raise ValueError("an interval needs at least one value")
     mean = statistics.fmean(values)
     if len(values) < 2:
         return Interval(mean, None, len(values))
-    sd = statistics.stdev(values)
-    quantile = float(t.ppf(1 - (1 - confidence) / 2, len(values) - 1))
-    return Interval(mean, quantile * sd / math.sqrt(len(values)), len(values))
+    return Interval(mean, half_width(statistics.stdev(values), len(values), confidence), len(values))
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,52 @@ def effect_interval(before: Mapping[int, float], after: Mapping[int, float]) -> 
     if pairing.diffs:
         return t_interval(list(pairing.diffs.values())), pairing
     return Interval(statistics.fmean(after.values()) - statistics.fmean(before.values()), None, 0), pairing
+
+
+def seeds_needed(sd: float, target: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest seeds (at least 2) whose interval's half-width is below ``target`` when the differences
+    keep the standard deviation sd. The t quantile shrinks as seeds are added, so n is searched for,
+    starting from the normal distribution's answer: t exceeds z at every n, so no fewer seeds can do."""
+    if target <= 0:
+        raise ValueError(f"the target half-width must be positive, got {target}")
+    z = statistics.NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    n = max(2, math.ceil((z * sd / target) ** 2))
+    while half_width(sd, n, confidence) >= target:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """How many seeds an effect needs, from its paired differences; figures None (n/a) with a reason."""
+
+    n: int
+    """Paired seeds measured."""
+    sd: float | None
+    """Sample standard deviation of the paired differences (n − 1 in the denominator)."""
+    detectable: float | None
+    """The smallest effect these seeds tell from zero at CONFIDENCE: the interval's half-width, t · sd / √n."""
+    target: float | None
+    """The half-width wanted: the measured effect's size, or the one asked for."""
+    needed: int | None
+    """Seeds for the half-width to fall below target, if the differences keep this standard deviation."""
+    reason: str | None = None
+    """Why the figures are n/a."""
+
+
+def seed_plan(diffs: Sequence[float], target_halfwidth: float | None = None,
+              confidence: float = CONFIDENCE) -> SeedPlan:  # fmt: skip
+    """The seeds an effect needs: for its interval's half-width to fall below the measured effect
+    (|mean difference|), or below ``target_halfwidth`` when given."""
+    n = len(diffs)
+    if n < 2:
+        why = "no seed in common" if n == 0 else "one paired seed: no spread to measure; run 2 or more seeds"
+        return SeedPlan(n, None, None, target_halfwidth, None, why)
+    sd = statistics.stdev(diffs)
+    target = abs(statistics.fmean(diffs)) if target_halfwidth is None else target_halfwidth
+    if target == 0:
+        return SeedPlan(n, sd, half_width(sd, n, confidence), target, None, "the measured effect is 0: give a target")
+    return SeedPlan(n, sd, half_width(sd, n, confidence), target, seeds_needed(sd, target, confidence))
 
 
 def verdict(interval: Interval) -> str:

@@ -48,7 +48,8 @@ class Manifest:
 
     def __init__(self, plan: Plan):
         self.plan, self.path = plan, plan.out / STUDY_FILE
-        self.definition = _plain({"study": plan.study.to_dict(), "settings": plan.settings, "budget": plan.budget})
+        self.definition = _plain({"study": plan.study.to_dict(), "settings": _without_tracker(plan.settings),
+                                  "budget": plan.budget})  # fmt: skip
         self.executor: dict[str, Any] | None = None
         """The executor training the study now (``Executor.describe()``), for tinylm status."""
         old = read_manifest(plan.out) or {}
@@ -164,6 +165,14 @@ def grown_definition(old: Any, new: dict[str, Any], out: Path) -> dict[str, Any]
 def _without_steps(definition: dict[str, Any]) -> dict[str, Any]:
     study = {k: v for k, v in (definition.get("study") or {}).items() if k not in ("steps", "seeds")}
     return {**{k: v for k, v in definition.items() if k != "seeds"}, "study": study}
+
+
+def _without_tracker(settings: dict[str, Any]) -> dict[str, Any]:
+    """The flags but --tracker: which dashboard gets a copy of the metrics makes no other study."""
+    train = settings.get("train") or {}
+    if "tracker" not in train:
+        return settings
+    return {**settings, "train": {k: v for k, v in train.items() if k != "tracker"}}
 
 
 def raise_changed(out: Path) -> None:

@@ -136,6 +136,7 @@ def check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
     saved = RunConfig.load(saved_path)
     saved.model.vocab_size = cfg.model.vocab_size  # a trained BPE resizes it at run time
     saved.train.out = cfg.train.out  # the folder, which a resume may spell otherwise (absolute, relative)
+    saved.train.tracker = cfg.train.tracker  # where a copy of the metrics goes, not what the run trains
     if cfg.train.grad_accum is None:  # resolved from the process count at run time
         saved.train.grad_accum = None
     if saved.to_dict() != cfg.to_dict():
