@@ -120,9 +120,9 @@ def test_every_boolean_setting_is_a_switch_wherever_it_is_a_flag():
 
 
 def test_switches_set_settings_both_ways():
-    args = build_parser().parse_args(["train", "--no-guard", "--tensorboard", "--doc-mask", "--no-bias", "--quiet"])
+    args = build_parser().parse_args(["train", "--no-guard", "--compile", "--doc-mask", "--no-bias", "--quiet"])
     cfg = resolve_config(args)
-    assert cfg.train.guard is False and cfg.train.tensorboard is True and cfg.train.doc_mask is True
+    assert cfg.train.guard is False and cfg.train.compile is True and cfg.train.doc_mask is True
     assert cfg.model.bias is False and args.quiet is True
     assert resolve_config(build_parser().parse_args(["train"])).train.guard is True
 
@@ -134,7 +134,7 @@ def test_switches_set_settings_both_ways():
         (["train", "--guard", "off"], "write --no-guard instead of '--guard off'"),
         (["ablate", "--out", "x", "--bias", "false"], "write --no-bias"),
         (["train", "--doc-mask=true"], "write --doc-mask instead"),
-        (["train", "--tensorboard=maybe"], "write --tensorboard or --no-tensorboard"),
+        (["train", "--compile=maybe"], "write --compile or --no-compile"),
         (["bench", "--memory", "no"], "write --no-memory"),
         (["info", "--json", "1"], "write --json"),
     ],

@@ -251,7 +251,7 @@ def test_metrics_are_synced_before_the_checkpoint_that_covers_them(stories, tmp_
 # --- 5. resume edits ---------------------------------------------------------------------------
 
 
-def test_a_resume_takes_cadence_tensorboard_and_moved_data_and_trains_the_same(stories, tmp_path):
+def test_a_resume_takes_cadence_tracker_and_moved_data_and_trains_the_same(stories, tmp_path):
     whole = train(tiny_config(stories, tmp_path / "whole", max_steps=6, checkpoint_every=2), quiet=True).run_dir
     run = tmp_path / "run"
     train(tiny_config(stories, run, max_steps=6, checkpoint_every=2), quiet=True, interrupt_after=2)
@@ -259,7 +259,7 @@ def test_a_resume_takes_cadence_tensorboard_and_moved_data_and_trains_the_same(s
     moved.parent.mkdir()
     shutil.copy(stories, moved)
     argv = ["train", "--resume", run, "--quiet", "--data", moved, "--log-every", 3, "--eval-every", 3,
-            "--checkpoint-every", 3, "--tensorboard"]  # fmt: skip
+            "--checkpoint-every", 3, "--tracker", "tensorboard"]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     train_losses = {r["step"]: r["train_loss"] for r in read_metrics(run) if "train_loss" in r}
     expected = {r["step"]: r["train_loss"] for r in read_metrics(whole) if "train_loss" in r}
