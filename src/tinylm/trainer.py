@@ -134,7 +134,7 @@ def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -
 
 
 def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_real: int, cluster: Cluster,
-                         device: torch.device, z_loss: float = 0.0) -> torch.Tensor:  # fmt: skip
+                         device: torch.device, z_loss: float = 0.0, precision: str = "fp32") -> torch.Tensor:  # fmt: skip
     """Forward and backward of this rank's micro-batches; returns (summed target cross-entropies, summed
     z-loss terms) on the device. The gradients are of their sum; the cross-entropy alone is what is logged
     and judged as train_loss, so a z-loss arm's train loss and train/val gap compare with any other's.
@@ -149,7 +149,7 @@ def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_
         batch = batch.to(device)
         last = i == len(batches) - 1
         with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
-            with autocast_for(device):
+            with autocast_for(device, precision):
                 _, loss, cross_entropy = trainable(batch.x, batch.y, batch.doc_ids, z_loss=z_loss,
                                                    return_cross_entropy=True)  # fmt: skip
             # A divisor rather than a factor: with packed rows it is this rank's number of
@@ -235,7 +235,8 @@ class Trainer:
         lr = self.schedule.lr(t, p.step, p.elapsed_s) * self.monitor.lr_scale
         set_lr(self.optimizer, lr)
         batches, step_real = step_batches(self.data.rows, t, p.step, self.cluster)
-        sums = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss)
+        sums = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss,
+                                    t.precision)  # fmt: skip
         train_loss, z_term = (s / step_real for s in self.cluster.sum(sums.tolist(), self.device))
         grad_norm = clip_gradients(self.model, t.grad_clip)
         if self.monitor.allow_update(p.step, train_loss, grad_norm):
@@ -263,8 +264,8 @@ class Trainer:
         The guard judges the packed one (as it always has) and may keep this state as good.
         """
         p, monitor, vocab = self.progress, self.monitor, self.data.meta["vocab_size"]
-        packed = validation_loss_sum(self.model, self.data.val_batches, self.device, vocab)
-        per_doc = validation_loss_sum(self.model, self.data.val_doc_batches, self.device, vocab)
+        packed = validation_loss_sum(self.model, self.data.val_batches, self.device, vocab, self.t.precision)
+        per_doc = validation_loss_sum(self.model, self.data.val_doc_batches, self.device, vocab, self.t.precision)
         loss_sum, tokens, doc_sum, doc_tokens = self.cluster.sum([*packed, *per_doc], self.device)
         loss, loss_doc = loss_sum / max(tokens, 1), doc_sum / max(doc_tokens, 1)
         p.val_losses.append((p.step, loss))
@@ -344,6 +345,7 @@ class Trainer:
             "params": self.model.num_params(),
             "params_non_embedding": self.model.num_params(non_embedding=True),
             "device": str(self.device),
+            "precision": t.precision,  # as resolved: fp32 or bf16
             "world_size": self.cluster.world,
             "grad_accum": t.grad_accum,
             "global_batch_rows": t.grad_accum * t.batch_size,

@@ -88,6 +88,9 @@ def add_eval(sub) -> None:
     p.add_argument("--eval-tokens", type=at_least(1), default=None)
     p.add_argument("--out", help="JSON file (default RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["run", "fp32", "bf16"], default="run",
+                   help="arithmetic of the evaluation: the run's own (as its val_loss), or fp32 / bf16 "
+                        "(score runs trained in different precisions with the same one)")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
 
@@ -98,8 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run_dir) / EVAL_FILE
     if args.out:
         check_writable_file(out, "--out")
-    result = evaluate_run(Path(args.run_dir), args.data, args.eval_tokens, args.device)
-    for key in ("data", "tokens", "bytes", "loss", "perplexity", "bits_per_byte", "loss_doc", "tokens_doc"):
+    precision = None if args.precision == "run" else args.precision
+    result = evaluate_run(Path(args.run_dir), args.data, args.eval_tokens, args.device, precision)
+    for key in ("data", "precision", "tokens", "bytes", "loss", "perplexity", "bits_per_byte", "loss_doc", "tokens_doc"):
         value = result[key]
         print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
     print("loss, perplexity, bits_per_byte: the packed validation stream; loss_doc: each document from its start")
