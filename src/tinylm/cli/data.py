@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
-from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer
+from tinylm.cli.flags import add_settings_flags, at_least, given_settings, integer, reader
 from tinylm.config import PRESETS, ModelConfig, TrainConfig, preset
 from tinylm.fields import build, merge
 from tinylm.paths import check_writable_dir
@@ -67,6 +68,9 @@ def add_bench(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--compile", action="store_true", help="torch.compile the tinylm step's blocks (as train --compile)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", type=reader(precision_list, "precisions"), default=["auto"],
+                   help="the step's arithmetic, or several separated by commas, timed alternately: auto, fp32, "
+                        "bf16 (default auto: what train --precision auto picks on this device)")  # fmt: skip
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or this process's CPU time (steadier on a shared CPU; see README)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", nargs="?", const="-",
@@ -75,6 +79,15 @@ def add_bench(sub) -> None:
     others = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in BENCH_TRAIN_SETTINGS]
     add_settings_flags(p, TrainConfig, "training (what changes a step's cost: optimizer, z-loss)", "train.", others)
     p.set_defaults(func=cmd_bench)
+
+
+def precision_list(text: str) -> list[str]:
+    """'fp32,bf16' -> ['fp32', 'bf16']: each one of auto, fp32, bf16."""
+    names = [name.strip() for name in text.split(",")]
+    wrong = [name for name in names if name not in ("auto", "fp32", "bf16")]
+    if wrong or not names:
+        raise ValueError(f"{', '.join(wrong) or text!r}: choose from auto, fp32, bf16 (several separated by commas)")
+    return names
 
 
 BENCH_TRAIN_SETTINGS = ("optimizer", "muon_lr", "muon_momentum", "z_loss")
@@ -90,7 +103,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     train = build(TrainConfig, merge(BENCH_TRAIN, flags.get("train", {})), "train.")
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
                    measure_memory=not args.no_memory, compile=args.compile, model=model, clock=args.clock,
-                   train=train)  # fmt: skip
+                   train=train, precisions=args.precision)  # fmt: skip
+    report["command"] = shlex.join(["tinylm", *args.argv])  # what made the figures, for whoever reads the JSON
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0
