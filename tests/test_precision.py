@@ -212,3 +212,55 @@ def test_eval_scores_in_the_runs_precision_or_the_one_asked(stories, tmp_path):
     fp32 = evaluate_run(tmp_path / "run", device_name="cpu", precision="fp32")
     assert own["precision"] == "bf16" and own["loss"] == result.summary["final_val_loss"]
     assert fp32["precision"] == "fp32" and fp32["loss"] != own["loss"] and abs(fp32["loss"] - own["loss"]) < 0.05
+
+
+# --- bench per precision --------------------------------------------------------------------------
+
+
+def test_bench_times_each_precision_alternately_against_its_own_peak(tmp_path):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--preset", "tiny", "--batch-size", "2", "--repeats", "2", "--warmup", "1", "--no-memory",
+                 "--device", "cpu", "--precision", "fp32,bf16", "--compare-textbook", "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert code == 0 and report["precisions"] == ["fp32", "bf16"]
+    assert report["command"].startswith("tinylm bench --preset tiny") and report["cpu"] and report["repeats"] == 2
+    assert [(r["name"], r["precision"]) for r in report["results"]] == [
+        ("tinylm", "fp32"), ("textbook", "fp32"), ("tinylm", "bf16"), ("textbook", "bf16")]
+    peaks = report["matmul_peaks"]
+    assert peaks["bf16"]["source"] == "measured: best 2048x2048 bf16 matmul" and peaks["fp32"]["gflops"] > 0
+    for r in report["results"]:
+        assert len(r["step_times_s"]) == 2
+        assert r["mfu"] == pytest.approx(r["gflops"] / peaks[r["precision"]]["gflops"])
+    assert set(report["speedup_vs_textbook_by_precision"]) == {"fp32", "bf16"}
+    fp32, bf16 = (next(r for r in report["results"] if r["name"] == "tinylm" and r["precision"] == p)
+                  for p in ("fp32", "bf16"))  # fmt: skip
+    assert report["bf16_over_fp32"] == pytest.approx(fp32["median_s"] / bf16["median_s"])
+    assert len(report["bf16_over_fp32_per_repeat"]) == 2
+
+
+def test_bench_refuses_an_unknown_precision(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--precision", "fp32,fp16"])
+    assert e.value.code == 2 and "fp16: choose from auto, fp32, bf16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpu, precision, tflops", [("NVIDIA H200", "bf16", 989.5), ("NVIDIA H100 PCIe", "fp32", 378.0),
+                                                     ("NVIDIA A100-SXM4-80GB", "bf16", 312.0)])  # fmt: skip
+def test_a_known_gpu_is_measured_against_its_data_sheet(monkeypatch, gpu, precision, tflops):
+    from tinylm import bench
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    gflops, source = bench.peak_for(CUDA, precision)
+    assert gflops == tflops * 1000 and source.startswith("data sheet: ") and f"{tflops:g} TFLOP/s" in source
+
+
+def test_the_profile_names_where_a_cpu_step_spends_its_time():
+    from tinylm.bench import StepRunner, format_profile, profile_step
+    from tinylm.config import preset
+
+    profile = profile_step(StepRunner("tinylm", preset("tiny"), 2, CPU, precision="bf16"), steps=2, top=5)
+    assert profile["precision"] == "bf16" and profile["device_busy_ms_per_step"] is None  # no kernels on a CPU
+    assert len(profile["top"]) == 5 and profile["top"][0]["ms_per_step"] >= profile["top"][-1]["ms_per_step"] > 0
+    assert any(row["name"] == "_LinearCrossEntropy" or "mm" in row["name"] for row in profile["top"])
+    table = format_profile(profile)
+    assert table.startswith("profile (bf16, 2 steps): ") and "self CPU time" in table

@@ -242,6 +242,7 @@ def bench(
     clock: str = "wall",
     train: TrainConfig | None = None,
     precisions: list[str] | None = None,
+    profile: bool = False,
 ) -> dict:
     """Time the step of ``model`` (default: the preset's shape, GPT-2 mechanics) trained with
     ``train``'s optimizer and z-loss (default: AdamW, no z-loss), in each of ``precisions`` ('fp32',
@@ -270,6 +271,7 @@ def bench(
             if i >= warmup:
                 times[v].append(now() - start)
                 kernel[v] = [a + b - c for a, b, c in zip(kernel[v], _kernel_counts(), before)]
+    profiles = {p: profile_step(runners["tinylm", p]) for p in precisions} if profile else None
     del runners
     results = {}
     for v in variants:
@@ -310,11 +312,80 @@ def bench(
         by_precision = {p: results["tinylm", p].tokens_per_s / results["textbook", p].tokens_per_s for p in precisions}
         report["speedup_vs_textbook"] = by_precision[first]
         report["speedup_vs_textbook_by_precision"] = by_precision
+    if profiles:
+        report["profiles"] = profiles
     if {"fp32", "bf16"} <= set(precisions):
         fp32, bf16 = times["tinylm", "fp32"], times["tinylm", "bf16"]
         report["bf16_over_fp32"] = statistics.median(fp32) / statistics.median(bf16)
         report["bf16_over_fp32_per_repeat"] = [a / b for a, b in zip(fp32, bf16)]  # paired: timed one after the other
     return report
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+"""CUDA runtime calls that make the host wait for the GPU: cudaMemcpy (not ...Async) is what .item()
+and .tolist() of a device tensor end in."""
+
+
+def profile_step(runner: StepRunner, steps: int = 3, top: int = 15) -> dict:
+    """Where a step's time goes, from torch.profiler over ``steps`` steps (after one unprofiled one).
+
+    Per step: the wall time (with the profiler's own cost), the time the device was running kernels
+    (CUDA; its share of the wall time is how little of the step is launch overhead, host waits and
+    Python), kernel launches, host synchronisations, and the top operators: by time in kernels on a
+    GPU, by self CPU time on a CPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    runner.step()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.step()
+    wall_ms = (time.perf_counter() - start) * 1000 / steps
+    events = prof.key_averages()
+
+    def per_step(e, attribute):
+        return getattr(e, attribute, 0.0) / 1000 / steps  # profiler times are microseconds
+
+    kernels = [e for e in events if cuda and per_step(e, "self_device_time_total") > 0]
+    device_ms = sum(per_step(e, "self_device_time_total") for e in kernels)
+    launch_calls = [e for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")]
+    syncs = [e for e in events if e.key in SYNC_CALLS]
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ranked = sorted(kernels if cuda else events, key=lambda e: -getattr(e, key, 0.0))[:top]
+    total = device_ms if cuda else sum(per_step(e, "self_cpu_time_total") for e in events)
+    return {
+        "precision": runner.precision,
+        "steps": steps,
+        "wall_ms_per_step": wall_ms,
+        "device_busy_ms_per_step": device_ms if cuda else None,
+        "device_busy_share": device_ms / wall_ms if cuda else None,
+        "kernel_launches_per_step": sum(e.count for e in launch_calls) / steps if cuda else None,
+        "launch_cpu_ms_per_step": sum(per_step(e, "self_cpu_time_total") for e in launch_calls) if cuda else None,
+        "host_syncs_per_step": sum(e.count for e in syncs) / steps if cuda else None,
+        "ranked_by": "time in kernels" if cuda else "self CPU time",
+        "top": [
+            {"name": e.key, "calls_per_step": e.count / steps, "ms_per_step": per_step(e, key),
+             "share": per_step(e, key) / total if total else 0.0}
+            for e in ranked
+        ],  # fmt: skip
+    }
+
+
+def format_profile(p: dict) -> str:
+    """The profile as a table: the step's totals, then its top operators."""
+    head = f"profile ({p['precision']}, {p['steps']} steps): {p['wall_ms_per_step']:.1f} ms a step (profiled)"
+    if p["device_busy_ms_per_step"] is not None:
+        head += (f"; kernels {p['device_busy_ms_per_step']:.1f} ms ({100 * p['device_busy_share']:.0f}% of it), "
+                 f"{p['kernel_launches_per_step']:.0f} launches ({p['launch_cpu_ms_per_step']:.1f} ms of CPU), "
+                 f"{p['host_syncs_per_step']:.0f} host syncs a step")  # fmt: skip
+    lines = [head, f"{'operator (by ' + p['ranked_by'] + ')':<60} {'calls':>6} {'ms/step':>9} {'share':>6}"]
+    for row in p["top"]:
+        lines.append(f"{row['name'][:60]:<60} {row['calls_per_step']:>6.0f} {row['ms_per_step']:>9.2f} "
+                     f"{100 * row['share']:>5.1f}%")  # fmt: skip
+    return "\n".join(lines)
 
 
 def train_settings(train: TrainConfig) -> dict:
@@ -365,6 +436,8 @@ def format_report(report: dict) -> str:
         lines.append(f"tinylm / textbook tokens/s, {p}: {ratio:.2f}x")
     if "speedup_vs_textbook" in report and "speedup_vs_textbook_by_precision" not in report:
         lines.append(f"tinylm / textbook tokens/s: {report['speedup_vs_textbook']:.2f}x")
+    for p in report.get("profiles", {}).values():
+        lines += ["", format_profile(p)]
     if "bf16_over_fp32" in report:
         paired = report["bf16_over_fp32_per_repeat"]
         lines.append(f"tinylm bf16 / fp32 tokens/s: {report['bf16_over_fp32']:.2f}x "

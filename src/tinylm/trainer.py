@@ -160,9 +160,10 @@ def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_
     return sums
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip to max_norm (0: no clipping); returns the norm before clipping, which the guard judges."""
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf")).item()
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to max_norm (0: no clipping); returns the norm before clipping, which the guard judges, on the
+    device (clipping itself needs no host read)."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
 
 class Trainer:
@@ -237,8 +238,11 @@ class Trainer:
         batches, step_real = step_batches(self.data.rows, t, p.step, self.cluster)
         sums = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss,
                                     t.precision)  # fmt: skip
-        train_loss, z_term = (s / step_real for s in self.cluster.sum(sums.tolist(), self.device))
         grad_norm = clip_gradients(self.model, t.grad_clip)
+        # The guard decides on this step's update from its loss and gradient norm: the one host read of the
+        # step, both values at once (on a GPU, the one wait for its queue of kernels).
+        *loss_sums, grad_norm = torch.cat([sums, grad_norm.double().view(1)]).tolist()
+        train_loss, z_term = (s / step_real for s in self.cluster.sum(loss_sums, self.device))
         if self.monitor.allow_update(p.step, train_loss, grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

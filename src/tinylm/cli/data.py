@@ -71,6 +71,9 @@ def add_bench(sub) -> None:
     p.add_argument("--precision", type=reader(precision_list, "precisions"), default=["auto"],
                    help="the step's arithmetic, or several separated by commas, timed alternately: auto, fp32, "
                         "bf16 (default auto: what train --precision auto picks on this device)")  # fmt: skip
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False,
+                   help="also profile the tinylm step (torch.profiler): time in kernels against the step's, "
+                        "launches, host syncs, top operators")  # fmt: skip
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or this process's CPU time (steadier on a shared CPU; see README)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", nargs="?", const="-",
@@ -85,8 +88,8 @@ def precision_list(text: str) -> list[str]:
     """'fp32,bf16' -> ['fp32', 'bf16']: each one of auto, fp32, bf16."""
     names = [name.strip() for name in text.split(",")]
     wrong = [name for name in names if name not in ("auto", "fp32", "bf16")]
-    if wrong or not names:
-        raise ValueError(f"{', '.join(wrong) or text!r}: choose from auto, fp32, bf16 (several separated by commas)")
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: choose from auto, fp32, bf16 (several separated by commas)")
     return names
 
 
@@ -103,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     train = build(TrainConfig, merge(BENCH_TRAIN, flags.get("train", {})), "train.")
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
                    measure_memory=not args.no_memory, compile=args.compile, model=model, clock=args.clock,
-                   train=train, precisions=args.precision)  # fmt: skip
+                   train=train, precisions=args.precision, profile=args.profile)  # fmt: skip
     report["command"] = shlex.join(["tinylm", *args.argv])  # what made the figures, for whoever reads the JSON
     if args.json == "-":
         print(json.dumps(report, indent=2))
