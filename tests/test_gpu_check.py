@@ -24,6 +24,8 @@ def test_gpu_check_runs_every_part_and_names_what_needs_cuda(stories, tmp_path):
     assert parts["bench-tiny"]["status"] == "passed"
     assert parts["bench-tiny"]["figures"]["tinylm_tokens_per_s"] > 0
     assert parts["ablation"]["status"] == "passed"
+    assert parts["profile-tiny"]["status"] == "passed"
+    assert parts["profile-tiny"]["figures"]["fp32"]["top"][0]["ms_per_step"] > 0  # the CPU profile of the step
     assert set(parts["ablation"]["figures"]["phases"]) == {"baseline", "init", "cosine", "packed"}
     assert (out / "ablation-report.md").exists() and (out / "summary.md").exists()
     if not torch.cuda.is_available():

@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -33,7 +33,7 @@ from tinylm.costs import model_costs
 from tinylm.errors import UserError
 from tinylm.model import GPT
 from tinylm.optim import build_optimizer
-from tinylm.runtime import autocast_for, select_device, tune_for
+from tinylm.runtime import autocast_for, cpuinfo_bf16_flags, resolve_precision, select_device, tune_for
 
 
 @dataclass
@@ -50,6 +50,10 @@ class StepTiming:
     system_s_per_step: float | None = None
     """Kernel CPU seconds per timed step, all threads: mostly those page faults; it varies with the
     machine's memory state, and with it the steps that fault."""
+    precision: str = "fp32"
+    """The arithmetic of the step ('fp32', or 'bf16': bf16 autocast); MFU is against that precision's peak."""
+    step_times_s: list[float] = field(default_factory=list)
+    """Every timed step, in order: the spread behind the median."""
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -60,9 +64,22 @@ them and counts workers spinning at barriers while another waits for a core, so 
 seconds would be neither its time nor steady; bench refuses that."""
 
 
-def matmul_peak_gflops(device: torch.device, repeats: int = 10, clock: str = "wall") -> float:
-    """Best observed GFLOP/s of a large square matmul: fp32 on CPU, bf16 on GPU."""
-    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+DATASHEET_DENSE_TFLOPS = {
+    "H200": {"bf16": 989.5, "fp32": 494.5},
+    "H100 80GB HBM3": {"bf16": 989.5, "fp32": 494.5},  # the SXM H100's name
+    "H100 PCIe": {"bf16": 756.5, "fp32": 378.0},
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+}
+"""Dense tensor-core TFLOP/s of NVIDIA's data sheets (half their 'with sparsity' figures), by a part of the
+device's name. fp32 is TF32: on CUDA, fp32 matmuls run in TF32 (runtime.tune_for)."""
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 10, clock: str = "wall", precision: str | None = None) -> float:
+    """Best observed GFLOP/s of a large square matmul in ``precision`` (default: fp32 on CPU, bf16 on GPU)."""
+    precision = precision or ("fp32" if device.type == "cpu" else "bf16")
+    n, dtype = (2048 if device.type == "cpu" else 8192), _DTYPES[precision]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best, now = float("inf"), CLOCKS[clock]
@@ -73,6 +90,31 @@ def matmul_peak_gflops(device: torch.device, repeats: int = 10, clock: str = "wa
         _sync(device)
         best = min(best, now() - start)
     return 2 * n**3 / best / 1e9
+
+
+def peak_for(device: torch.device, precision: str, clock: str = "wall") -> tuple[float, str]:
+    """(GFLOP/s, where the figure comes from) that MFU in ``precision`` is measured against: the data
+    sheet's dense figure for a GPU it names, else the best square matmul measured here."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for part, figures in DATASHEET_DENSE_TFLOPS.items():
+            if part in name:
+                kind = "BF16" if precision == "bf16" else "TF32"
+                return figures[precision] * 1000, f"data sheet: {part} dense {kind} {figures[precision]:g} TFLOP/s"
+    n = 2048 if device.type == "cpu" else 8192
+    return matmul_peak_gflops(device, clock=clock, precision=precision), f"measured: best {n}x{n} {precision} matmul"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _kernel_counts() -> tuple[int, float]:
@@ -105,8 +147,10 @@ class StepRunner:
         seed: int = 0,
         compile: bool = False,
         train: TrainConfig | None = None,
+        precision: str = "fp32",
     ):
         torch.manual_seed(seed)
+        self.precision = precision
         self.model = GPT(cfg).to(device)
         self.model.init_weights("scaled", seed=seed)
         self.textbook = variant == "textbook"
@@ -125,7 +169,7 @@ class StepRunner:
         self.device = device
 
     def step(self) -> float:
-        with autocast_for(self.device):
+        with autocast_for(self.device, self.precision):
             _, loss = self.model(self.x, self.y, full_logits=self.textbook, z_loss=self.z_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -135,13 +179,12 @@ class StepRunner:
         return loss.item()
 
 
-def peak_memory_mb(
-    variant: str, cfg: ModelConfig, batch_size: int, device: torch.device, compile: bool, train: TrainConfig
-) -> float:
+def peak_memory_mb(variant: str, cfg: ModelConfig, batch_size: int, device: torch.device, compile: bool,
+                   train: TrainConfig, precision: str = "fp32") -> float:  # fmt: skip
     """Peak memory of a few steps of one variant, in a fresh process (RSS on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        runner = StepRunner(variant, cfg, batch_size, device, compile=compile, train=train)
+        runner = StepRunner(variant, cfg, batch_size, device, compile=compile, train=train, precision=precision)
         for _ in range(2):
             runner.step()
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -153,7 +196,7 @@ def peak_memory_mb(
         "from tinylm.config import ModelConfig, TrainConfig; "
         "from tinylm.runtime import tune_for; tune_for(torch.device('cpu')); "
         f"r = StepRunner({variant!r}, ModelConfig(**{asdict(cfg)!r}), {batch_size}, torch.device('cpu'), "
-        f"compile={compile}, train=TrainConfig(**{asdict(train)!r})); "
+        f"compile={compile}, train=TrainConfig(**{asdict(train)!r}), precision={precision!r}); "
         "[r.step() for _ in range(2)]; "
         "print(own_peak_rss_kib())"
     )
@@ -198,39 +241,48 @@ def bench(
     model: ModelConfig | None = None,
     clock: str = "wall",
     train: TrainConfig | None = None,
+    precisions: list[str] | None = None,
+    profile: bool = False,
 ) -> dict:
     """Time the step of ``model`` (default: the preset's shape, GPT-2 mechanics) trained with
-    ``train``'s optimizer and z-loss (default: AdamW, no z-loss); see the module doc."""
+    ``train``'s optimizer and z-loss (default: AdamW, no z-loss), in each of ``precisions`` ('fp32',
+    'bf16', 'auto'; default: what train's --precision auto picks here); see the module doc."""
     device = select_device(device_name)
     check_clock(clock, device)
     tune_for(device)  # the same process settings as training, for both steps
-    peak = matmul_peak_gflops(device, clock=clock)
+    precisions = list(dict.fromkeys(resolve_precision(p, device) for p in (precisions or ["auto"])))
+    peaks = {p: peak_for(device, p, clock) for p in precisions}
     now = CLOCKS[clock]
     cfg = model or preset(preset_name)
     train = train or TrainConfig(**BENCH_TRAIN)
     flops_per_token = model_costs(cfg, batch_size).flops_per_token_train
     tokens = batch_size * cfg.block_size
-    variants = ["tinylm"] + (["textbook"] if compare_textbook else [])
-    runners = {v: StepRunner(v, cfg, batch_size, device, compile=compile, train=train) for v in variants}
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    steps = ["tinylm"] + (["textbook"] if compare_textbook else [])
+    variants = [(step, p) for p in precisions for step in steps]
+    runners = {v: StepRunner(v[0], cfg, batch_size, device, compile=compile, train=train, precision=v[1])
+               for v in variants}  # fmt: skip
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
     kernel = {v: [0, 0.0] for v in variants}  # page faults, system seconds over the timed steps
     for i in range(warmup + repeats):
-        for v in variants:  # alternate, so drift on a shared machine hits both alike
+        for v in variants:  # alternate, so drift on a shared machine hits every variant alike
             before = _kernel_counts()
             start = now()
             runners[v].step()
             if i >= warmup:
                 times[v].append(now() - start)
                 kernel[v] = [a + b - c for a, b, c in zip(kernel[v], _kernel_counts(), before)]
+    profiles = {p: profile_step(runners["tinylm", p]) for p in precisions} if profile else None
     del runners
-    results = []
+    results = {}
     for v in variants:
         median = statistics.median(times[v])
         tps = tokens / median
         gflops = tps * flops_per_token / 1e9
-        memory = peak_memory_mb(v, cfg, batch_size, device, compile, train) if measure_memory else None
+        memory = peak_memory_mb(v[0], cfg, batch_size, device, compile, train, v[1]) if measure_memory else None
         faults, system_s = (x / repeats if resource else None for x in kernel[v])
-        results.append(StepTiming(v, median, tps, gflops, gflops / peak, memory, faults, system_s))
+        results[v] = StepTiming(v[0], median, tps, gflops, gflops / peaks[v[1]][0], memory, faults, system_s,
+                                precision=v[1], step_times_s=times[v])  # fmt: skip
+    first = precisions[0]
     report = {
         "preset": preset_name,
         "model": asdict(cfg),
@@ -239,20 +291,101 @@ def bench(
         "batch_size": batch_size,
         "block_size": cfg.block_size,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "precisions": precisions,
+        "dtype": ", ".join("bf16 autocast" if p == "bf16" else "fp32" for p in precisions),
         "threads": torch.get_num_threads(),
         "compiled_blocks": compile,
         "clock": clock,
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_bf16_flags": list(cpuinfo_bf16_flags()),  # the bf16 units --precision auto looks for
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector width ATen's kernels use
-        "matmul_peak_gflops": peak,
+        "torch": torch.__version__,
+        "matmul_peak_gflops": peaks[first][0],  # the first precision's, as before bench took several
+        "matmul_peaks": {p: {"gflops": g, "source": source} for p, (g, source) in peaks.items()},
         "flops_per_token": flops_per_token,
         "repeats": repeats,
-        "results": [asdict(r) for r in results],
+        "warmup": warmup,
+        "results": [asdict(r) for r in results.values()],
     }
     if compare_textbook:
-        report["speedup_vs_textbook"] = results[0].tokens_per_s / results[1].tokens_per_s
+        by_precision = {p: results["tinylm", p].tokens_per_s / results["textbook", p].tokens_per_s for p in precisions}
+        report["speedup_vs_textbook"] = by_precision[first]
+        report["speedup_vs_textbook_by_precision"] = by_precision
+    if profiles:
+        report["profiles"] = profiles
+    if {"fp32", "bf16"} <= set(precisions):
+        fp32, bf16 = times["tinylm", "fp32"], times["tinylm", "bf16"]
+        report["bf16_over_fp32"] = statistics.median(fp32) / statistics.median(bf16)
+        report["bf16_over_fp32_per_repeat"] = [a / b for a, b in zip(fp32, bf16)]  # paired: timed one after the other
     return report
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+"""CUDA runtime calls that make the host wait for the GPU: cudaMemcpy (not ...Async) is what .item()
+and .tolist() of a device tensor end in."""
+
+
+def profile_step(runner: StepRunner, steps: int = 3, top: int = 15) -> dict:
+    """Where a step's time goes, from torch.profiler over ``steps`` steps (after one unprofiled one).
+
+    Per step: the wall time (with the profiler's own cost), the time the device was running kernels
+    (CUDA; its share of the wall time is how little of the step is launch overhead, host waits and
+    Python), kernel launches, host synchronisations, and the top operators: by time in kernels on a
+    GPU, by self CPU time on a CPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    runner.step()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.step()
+    wall_ms = (time.perf_counter() - start) * 1000 / steps
+    events = prof.key_averages()
+
+    def per_step(e, attribute):
+        return getattr(e, attribute, 0.0) / 1000 / steps  # profiler times are microseconds
+
+    kernels = [e for e in events if cuda and per_step(e, "self_device_time_total") > 0]
+    device_ms = sum(per_step(e, "self_device_time_total") for e in kernels)
+    launch_calls = [e for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")]
+    syncs = [e for e in events if e.key in SYNC_CALLS]
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ranked = sorted(kernels if cuda else events, key=lambda e: -getattr(e, key, 0.0))[:top]
+    total = device_ms if cuda else sum(per_step(e, "self_cpu_time_total") for e in events)
+    return {
+        "precision": runner.precision,
+        "steps": steps,
+        "wall_ms_per_step": wall_ms,
+        "device_busy_ms_per_step": device_ms if cuda else None,
+        "device_busy_share": device_ms / wall_ms if cuda else None,
+        "kernel_launches_per_step": sum(e.count for e in launch_calls) / steps if cuda else None,
+        "launch_cpu_ms_per_step": sum(per_step(e, "self_cpu_time_total") for e in launch_calls) if cuda else None,
+        "host_syncs_per_step": sum(e.count for e in syncs) / steps if cuda else None,
+        "ranked_by": "time in kernels" if cuda else "self CPU time",
+        "top": [
+            {"name": e.key, "calls_per_step": e.count / steps, "ms_per_step": per_step(e, key),
+             "share": per_step(e, key) / total if total else 0.0}
+            for e in ranked
+        ],  # fmt: skip
+    }
+
+
+def format_profile(p: dict) -> str:
+    """The profile as a table: the step's totals, then its top operators."""
+    head = f"profile ({p['precision']}, {p['steps']} steps): {p['wall_ms_per_step']:.1f} ms a step (profiled)"
+    if p["device_busy_ms_per_step"] is not None:
+        head += (f"; kernels {p['device_busy_ms_per_step']:.1f} ms ({100 * p['device_busy_share']:.0f}% of it), "
+                 f"{p['kernel_launches_per_step']:.0f} launches ({p['launch_cpu_ms_per_step']:.1f} ms of CPU), "
+                 f"{p['host_syncs_per_step']:.0f} host syncs a step")  # fmt: skip
+    lines = [head, f"{'operator (by ' + p['ranked_by'] + ')':<60} {'calls':>6} {'ms/step':>9} {'share':>6}"]
+    for row in p["top"]:
+        lines.append(f"{row['name'][:60]:<60} {row['calls_per_step']:>6.0f} {row['ms_per_step']:>9.2f} "
+                     f"{100 * row['share']:>5.1f}%")  # fmt: skip
+    return "\n".join(lines)
 
 
 def train_settings(train: TrainConfig) -> dict:
@@ -278,22 +411,35 @@ def describe_steps(report: dict) -> str:
 def format_report(report: dict) -> str:
     compiled = ", compiled blocks" if report.get("compiled_blocks") else ""
     compiled += ", CPU time" if report.get("clock") == "cpu" else ""
+    peaks = report.get("matmul_peaks") or {report.get("precisions", ["fp32"])[0]: {"gflops": report["matmul_peak_gflops"]}}
+    peak_text = "; ".join(f"{p} {v['gflops']:.1f} GFLOP/s" + (f" ({v['source']})" if "source" in v else "")
+                          for p, v in peaks.items())  # fmt: skip
     header = (
         f"{report['preset']}, batch {report['batch_size']} x block {report['block_size']} on {report['device']} "
-        f"({report['dtype']}, {report['threads']} threads{compiled}); matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s"
+        f"({report['dtype']}, {report['threads']} threads{compiled}); matmul peak {peak_text}"
     )
     lines = [
         header,
         describe_steps(report),
-        f"{'step':<10} {'median s':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'MFU':>6} {'peak MB':>8} "
-        f"{'faults/step':>12} {'kernel s':>9}",
+        f"{'step':<10} {'precision':<9} {'median s':>9} {'min-max s':>13} {'tokens/s':>10} {'GFLOP/s':>9} "
+        f"{'MFU':>6} {'peak MB':>8} {'faults/step':>12} {'kernel s':>9}",
     ]
     for r in report["results"]:
         mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         faults = "-" if r.get("page_faults_per_step") is None else f"{r['page_faults_per_step']:,.0f}"
         system_s = "-" if r.get("system_s_per_step") is None else f"{r['system_s_per_step']:.3f}"
-        lines.append(f"{r['name']:<10} {r['median_s']:>9.3f} {r['tokens_per_s']:>10,.0f} {r['gflops']:>9.1f} "
-                     f"{100 * r['mfu']:>5.1f}% {mem:>8} {faults:>12} {system_s:>9}")  # fmt: skip
-    if "speedup_vs_textbook" in report:
+        spread = f"{min(r['step_times_s']):.3f}-{max(r['step_times_s']):.3f}" if r.get("step_times_s") else "-"
+        lines.append(f"{r['name']:<10} {r.get('precision', 'fp32'):<9} {r['median_s']:>9.3f} {spread:>13} "
+                     f"{r['tokens_per_s']:>10,.0f} {r['gflops']:>9.1f} {100 * r['mfu']:>5.1f}% {mem:>8} "
+                     f"{faults:>12} {system_s:>9}")  # fmt: skip
+    for p, ratio in report.get("speedup_vs_textbook_by_precision", {}).items():
+        lines.append(f"tinylm / textbook tokens/s, {p}: {ratio:.2f}x")
+    if "speedup_vs_textbook" in report and "speedup_vs_textbook_by_precision" not in report:
         lines.append(f"tinylm / textbook tokens/s: {report['speedup_vs_textbook']:.2f}x")
+    for p in report.get("profiles", {}).values():
+        lines += ["", format_profile(p)]
+    if "bf16_over_fp32" in report:
+        paired = report["bf16_over_fp32_per_repeat"]
+        lines.append(f"tinylm bf16 / fp32 tokens/s: {report['bf16_over_fp32']:.2f}x "
+                     f"(each repeat's pair: {min(paired):.2f}-{max(paired):.2f}x)")  # fmt: skip
     return "\n".join(lines)

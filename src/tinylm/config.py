@@ -103,6 +103,7 @@ Schedule = Literal["constant", "cosine", "wsd"]
 Batching = Literal["padded", "packed"]
 Optimizer = Literal["adamw", "muon"]
 Tracker = Literal["none", "tensorboard", "wandb", "mlflow"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass
@@ -201,6 +202,11 @@ class TrainConfig:
     # --- run ---
     seed: int = 1337
     """Random seed of the initial weights and of the order of the training rows."""
+    precision: Precision = "auto"
+    """Arithmetic of the forward and backward passes: 'bf16' (bf16 autocast: bf16 matmuls, the loss and
+    softmax statistics summed in fp32, weights and optimizer in fp32), 'fp32', or 'auto': bf16 on CUDA
+    and on CPUs with bf16 units (AMX or AVX512-BF16), fp32 elsewhere. A run saves the precision auto chose
+    and resumes in it; evaluation during training runs in it too."""
     compile: bool = False
     """torch.compile each transformer block (all blocks share one compiled graph); the first steps
     wait for the compilation. Meant for GPUs.

@@ -56,8 +56,8 @@ def linear_cross_entropy(
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS.get(hidden.device.type, _CHUNK_ELEMENTS["cpu"]) // weight.shape[0])
     compute_dtype = hidden.dtype
-    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
-        compute_dtype = torch.get_autocast_dtype("cuda")
+    if torch.is_autocast_enabled(hidden.device.type):  # bf16 matmuls under autocast, on CPU as on CUDA
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         loss, cross_entropy = _LinearCrossEntropy.apply(
             hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss
@@ -95,27 +95,60 @@ ran 1.13x (one thread) and 1.22x (two) faster than MKL at mid's shape here, the 
 once per call, a copy of its size (39 MB for mid)."""
 
 
-def _cpu_fp32(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _on_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether these operands take oneDNN's kernels: CPU tensors in fp32 or bf16 (the bf16 ones ran as fast
+    as MKL's for the logits and 1.2x faster for the hidden states' gradient; scripts/bench_levers.py)."""
+    return _ONEDNN and all(t.device.type == "cpu" and t.dtype in _ONEDNN_DTYPES for t in tensors)
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """h @ w.T: (n, C) x (V, C) -> (n, V)."""
-    if _ONEDNN and _cpu_fp32(h, w):
+    if _on_onednn(h, w):
         return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
     return h @ w.t()
 
 
 def _hidden_grad_weight(w: torch.Tensor) -> torch.Tensor | None:
     """w.T as a contiguous (C, V) matrix where the hidden states' gradient runs on oneDNN, else None."""
-    return w.t().contiguous() if _ONEDNN_HIDDEN_GRAD and _cpu_fp32(w) else None
+    return w.t().contiguous() if _ONEDNN_HIDDEN_GRAD and _on_onednn(w) else None
 
 
 def _times_weight(g: torch.Tensor, w: torch.Tensor, w_t: torch.Tensor | None) -> torch.Tensor:
     """g @ w: (n, V) x (V, C) -> (n, C); w_t from _hidden_grad_weight."""
-    if w_t is not None and _cpu_fp32(g):
+    if w_t is not None and _on_onednn(g):
         return torch.ops.mkldnn._linear_pointwise(g, w_t, None, "none", [], "")
     return g @ w
+
+
+class _WeightGrad:
+    """The output weight's gradient, summed over the chunks in the accumulation dtype.
+
+    In fp32 each chunk's g.T @ h is added by addmm_, the kernel the identical-mathematics tests fix.
+    In a lower precision each chunk's product is formed in it and added in fp32. On CPU that sum is
+    kept as the transposed (C, V) matrix: h.T @ g ran 1.3x faster there than g.T @ h at the basic
+    preset's shape (4096 x 128 x 50257 in bf16, one thread), and one transposing copy at the end costs
+    a fraction of one chunk's product.
+    """
+
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, acc: torch.dtype):
+        self.transposed = compute_dtype != acc and weight.device.type == "cpu"
+        shape = weight.shape[::-1] if self.transposed else weight.shape
+        self.total = torch.zeros(shape, dtype=acc, device=weight.device)
+        self.exact = compute_dtype == acc
+
+    def add(self, grad_logits: torch.Tensor, h_scaled: torch.Tensor) -> None:
+        if self.exact:
+            self.total.addmm_(grad_logits.t(), h_scaled)
+        elif self.transposed:
+            self.total.add_(h_scaled.t() @ grad_logits)  # in-place add: converted to fp32 as it is read
+        else:
+            self.total += (grad_logits.t() @ h_scaled).to(self.total.dtype)
+
+    def result(self) -> torch.Tensor:
+        return self.total.t().contiguous() if self.transposed else self.total
 
 
 def _accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -207,7 +240,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         grad_hidden = torch.empty_like(hidden)
         acc = _accumulation_dtype(compute_dtype)
-        grad_weight = torch.zeros_like(weight, dtype=acc)
+        grad_weight = _WeightGrad(weight, compute_dtype, acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         cross_entropy = torch.zeros((), dtype=acc, device=hidden.device)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -227,12 +260,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = probs.to(compute_dtype)
                 row_scale = (keep.to(acc) / n_valid)[:, None]  # (n, 1)
                 grad_hidden[start : start + chunk_rows] = _times_weight(grad_logits, w, w_t) * row_scale
-                h_scaled = (h * row_scale).to(compute_dtype)
-                if compute_dtype == acc:
-                    grad_weight.addmm_(grad_logits.t(), h_scaled)
-                else:
-                    grad_weight += (grad_logits.t() @ h_scaled).to(acc)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+                grad_weight.add(grad_logits, (h * row_scale).to(compute_dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight.result().to(weight.dtype))
         cross_entropy = cross_entropy / n_valid
         ctx.mark_non_differentiable(cross_entropy)  # logged only; the gradients are of the loss
         return total / n_valid, cross_entropy

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 import platform
 
 import torch
@@ -29,10 +30,76 @@ def select_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}") from e
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; fp32 elsewhere (this project's CPUs have no bf16 units)."""
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""/proc/cpuinfo flags of the x86 units that multiply bf16 natively (Intel AMX; AVX512-BF16 on recent
+Intel and AMD Zen 4+). Without them torch still computes in bf16, by conversion, slower than in fp32.
+torch's own checks do not tell the two apart: torch.ops.mkldnn._is_mkldnn_bf16_supported() is true on
+any AVX-512 CPU and torch.backends.cpu.get_cpu_capability() names the vector width only."""
+
+
+CPU_BF16_ENV = "TINYLM_CPU_BF16"
+"""Environment variable that overrides the detection: 1 (the CPU has bf16 units), 0 (it has none).
+The test suite sets 0, so that its runs compute the same on every CPU."""
+
+
+def cpu_bf16_units() -> tuple[str, ...]:
+    """What makes --precision auto pick bf16 on this CPU: its bf16 unit flags, or the override; empty: none."""
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise UserError(f"{CPU_BF16_ENV} must be 0 or 1, not {forced!r}")
+        return (f"{CPU_BF16_ENV}=1",) if forced == "1" else ()
+    return cpuinfo_bf16_flags()
+
+
+@functools.cache
+def cpuinfo_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The bf16 unit flags this CPU reports (empty where none, or without /proc/cpuinfo: not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return tuple(flag for flag in BF16_CPU_FLAGS if flag in flags)
+    except OSError:
+        pass
+    return ()
+
+
+def resolve_precision(setting: str, device: torch.device, *, saved_before_precision: bool = False) -> str:
+    """'fp32' or 'bf16' for a --precision setting on ``device``.
+
+    saved_before_precision: the setting is the default 'auto' of a run saved before tinylm kept its
+    precision; such a run keeps what tinylm used then, bf16 autocast on CUDA and fp32 elsewhere.
+    """
+    if setting != "auto":
+        return setting
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16"
+    if device.type == "cpu" and not saved_before_precision and cpu_bf16_units():
+        return "bf16"
+    return "fp32"
+
+
+def describe_precision(setting: str, chosen: str, device: torch.device) -> str:
+    """One line saying which precision a run uses and, for auto, why."""
+    if setting != "auto":
+        return f"precision: {chosen} (--precision {setting})"
+    if device.type == "cuda":
+        why = "CUDA"
+    elif chosen == "bf16":
+        why = f"this CPU has bf16 units: {', '.join(cpu_bf16_units())}"
+    else:
+        why = f"no bf16 units on this {device.type}"
+    return f"precision: {chosen} (auto: {why})"
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The context the forward pass runs in: bf16 autocast for 'bf16' (on CPU too), none for 'fp32'."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision {precision!r} is not resolved to fp32 or bf16")
     return contextlib.nullcontext()
 
 

@@ -22,7 +22,7 @@ from tinylm.model import GPT
 from tinylm.optim import build_optimizer
 from tinylm.paths import DirLock, check_writable_dir, disk_full_is_one_line, is_temporary
 from tinylm.rundir import CONFIG_FILE, METRICS_FILE, RUN_LOG_FILE, SUMMARY_FILE, read_config
-from tinylm.runtime import select_device, tune_for
+from tinylm.runtime import describe_precision, resolve_precision, select_device, tune_for
 from tinylm.tracking import check_tracker
 from tinylm.trainer import Progress, RunData, Trainer, TrainResult, checkpoint_settings
 
@@ -74,6 +74,7 @@ def build_trainer(cfg: RunConfig, resume: bool, quiet: bool, cluster: Cluster, d
         check_fresh_run_dir(run_dir)
     elif not checkpoint.exists(run_dir):  # killed before its first checkpoint: start it again
         resume = False
+    fix_precision(cfg, device, resume, quiet)
     prepared = prepare_data_on_every_rank(cfg, quiet, cluster, device)
     fit_vocabulary(cfg, prepared)
     cluster.check_same("config", cfg.to_dict(), device)
@@ -125,6 +126,17 @@ def resolve_grad_accum(cfg: RunConfig, world: int, run_dir: Path, resume: bool) 
         else:
             fix = f"make --grad-accum a multiple of {world}, or leave it out for one micro-batch per process"
         raise UserError(f"{world} processes cannot share {t.grad_accum} micro-batches per step; {fix}")
+
+
+def fix_precision(cfg: RunConfig, device: torch.device, resume: bool, quiet: bool) -> None:
+    """Replace --precision auto by what it chooses here, so config.json and every checkpoint hold it and
+    a resume keeps it, on any machine. A resume cannot change it (config.RESUMABLE): mixing two
+    arithmetics in one run would make its loss curve neither arm's. A resumed run that holds 'auto' was
+    saved before tinylm kept its precision and keeps the one it had then."""
+    setting = cfg.train.precision
+    cfg.train.precision = resolve_precision(setting, device, saved_before_precision=resume and setting == "auto")
+    if not quiet:
+        print(describe_precision(setting, cfg.train.precision, device), flush=True)
 
 
 def total_steps(cfg: RunConfig) -> int | None:

@@ -142,7 +142,8 @@ def step_batches(rows: RowSource, t: TrainConfig, step: int, cluster: Cluster) -
 
 
 def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_real: int, cluster: Cluster,
-                         device: torch.device, z_loss: float = 0.0, vocab_size: int | None = None) -> torch.Tensor:  # fmt: skip
+                         device: torch.device, z_loss: float = 0.0, vocab_size: int | None = None,
+                         precision: str = "fp32") -> torch.Tensor:  # fmt: skip
     """Forward and backward of this rank's micro-batches; returns (summed target cross-entropies, summed
     z-loss terms) on the device. The gradients are of their sum; the cross-entropy alone is what is logged
     and judged as train_loss, so a z-loss arm's train loss and train/val gap compare with any other's.
@@ -158,7 +159,7 @@ def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_
         batch = batch.to(device)
         last = i == len(batches) - 1
         with trainable.no_sync() if cluster.active and not last else contextlib.nullcontext():
-            with autocast_for(device):
+            with autocast_for(device, precision):
                 _, loss, cross_entropy = trainable(batch.x, batch.y, batch.doc_ids, z_loss=z_loss,
                                                    return_cross_entropy=True, vocab_size=vocab_size)  # fmt: skip
             # A divisor rather than a factor: with packed rows it is this rank's number of
@@ -169,9 +170,10 @@ def accumulate_gradients(trainable: torch.nn.Module, batches: list[Batch], step_
     return sums
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip to max_norm (0: no clipping); returns the norm before clipping, which the guard judges."""
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf")).item()
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to max_norm (0: no clipping); returns the norm before clipping, which the guard judges, on the
+    device (clipping itself needs no host read)."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
 
 class Trainer:
@@ -248,9 +250,12 @@ class Trainer:
         set_lr(self.optimizer, lr)
         batches, step_real = step_batches(self.data.rows, t, p.step, self.cluster)
         sums = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss,
-                                    self.data.meta["vocab_size"])  # fmt: skip
-        train_loss, z_term = (s / step_real for s in self.cluster.sum(sums.tolist(), self.device))
+                                    self.data.meta["vocab_size"], t.precision)  # fmt: skip
         grad_norm = clip_gradients(self.model, t.grad_clip)
+        # The guard decides on this step's update from its loss and gradient norm: the one host read of the
+        # step, both values at once (on a GPU, the one wait for its queue of kernels).
+        *loss_sums, grad_norm = torch.cat([sums, grad_norm.double().view(1)]).tolist()
+        train_loss, z_term = (s / step_real for s in self.cluster.sum(loss_sums, self.device))
         if self.monitor.allow_update(p.step, train_loss, grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -276,8 +281,8 @@ class Trainer:
         The guard judges the packed one (as it always has) and may keep this state as good.
         """
         p, monitor, vocab = self.progress, self.monitor, self.data.meta["vocab_size"]
-        packed = validation_loss_sum(self.model, self.data.val_batches, self.device, vocab)
-        per_doc = validation_loss_sum(self.model, self.data.val_doc_batches, self.device, vocab)
+        packed = validation_loss_sum(self.model, self.data.val_batches, self.device, vocab, self.t.precision)
+        per_doc = validation_loss_sum(self.model, self.data.val_doc_batches, self.device, vocab, self.t.precision)
         loss_sum, tokens, doc_sum, doc_tokens = self.cluster.sum([*packed, *per_doc], self.device)
         loss, loss_doc = loss_sum / max(tokens, 1), doc_sum / max(doc_tokens, 1)
         p.val_losses.append((p.step, loss))
@@ -358,6 +363,7 @@ class Trainer:
             "params": self.model.num_params(),
             "params_non_embedding": self.model.num_params(non_embedding=True),
             "device": str(self.device),
+            "precision": t.precision,  # as resolved: fp32 or bf16
             "world_size": self.cluster.world,
             "grad_accum": t.grad_accum,
             "global_batch_rows": t.grad_accum * t.batch_size,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
-from tinylm.cli.flags import Switch, add_settings_flags, at_least, field_help, given_settings, integer
+from tinylm.cli.flags import Switch, add_settings_flags, at_least, field_help, given_settings, integer, reader
 from tinylm.cli.settings import DEFAULT_PRESET, preset_defaults
 from tinylm.config import PRESETS, ModelConfig, TrainConfig, preset
 from tinylm.fields import build, merge
@@ -73,6 +74,12 @@ def add_bench(sub) -> None:
     p.add_argument("--compile", action=Switch, default=False,
                    help="torch.compile the tinylm step's blocks, as train --compile does")  # fmt: skip
     p.add_argument("--device", default="auto", help=field_help(TrainConfig, "device"))
+    p.add_argument("--precision", type=reader(precision_list, "precisions"), default=["auto"],
+                   help="the step's arithmetic, or several separated by commas, timed alternately: auto, fp32, "
+                        "bf16 (default auto: what train --precision auto picks on this device)")  # fmt: skip
+    p.add_argument("--profile", action=Switch, default=False,
+                   help="also profile the tinylm step (torch.profiler): time in kernels against the step's, "
+                        "launches, host syncs, top operators")  # fmt: skip
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or this process's CPU time (steadier when other programs share the CPU)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", nargs="?", const="-",
@@ -83,6 +90,15 @@ def add_bench(sub) -> None:
     others = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in BENCH_TRAIN_SETTINGS]
     add_settings_flags(p, TrainConfig, "training (what changes a step's cost: optimizer, z-loss)", "train.", others)
     p.set_defaults(func=cmd_bench)
+
+
+def precision_list(text: str) -> list[str]:
+    """'fp32,bf16' -> ['fp32', 'bf16']: each one of auto, fp32, bf16."""
+    names = [name.strip() for name in text.split(",")]
+    wrong = [name for name in names if name not in ("auto", "fp32", "bf16")]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: choose from auto, fp32, bf16 (several separated by commas)")
+    return names
 
 
 BENCH_TRAIN_SETTINGS = ("optimizer", "muon_lr", "muon_momentum", "z_loss")
@@ -98,7 +114,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     train = build(TrainConfig, merge(BENCH_TRAIN, flags.get("train", {})), "train.")
     report = bench(args.preset, args.batch_size, args.repeats, args.warmup, args.compare_textbook, args.device,
                    measure_memory=args.memory, compile=args.compile, model=model, clock=args.clock,
-                   train=train)  # fmt: skip
+                   train=train, precisions=args.precision, profile=args.profile)  # fmt: skip
+    report["command"] = shlex.join(["tinylm", *args.argv])  # what made the figures, for whoever reads the JSON
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0

@@ -116,6 +116,9 @@ def add_eval(sub) -> None:
                    help="validation tokens to score (default: the run's --eval-tokens)")  # fmt: skip
     p.add_argument("--out", metavar="FILE", help="JSON file (default: RUN_DIR/eval.json)")
     p.add_argument("--device", default="auto", help=field_help(TrainConfig, "device"))
+    p.add_argument("--precision", choices=["run", "fp32", "bf16"], default="run",
+                   help="arithmetic of the evaluation: the run's own (as its val_loss), or fp32 / bf16 "
+                        "(score runs trained in different precisions with the same one)")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
 
@@ -126,8 +129,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run_dir) / EVAL_FILE
     if args.out:
         check_writable_file(out, "--out")
-    result = evaluate_run(Path(args.run_dir), args.data, args.eval_tokens, args.device)
-    for key in ("data", "tokens", "bytes", "loss", "perplexity", "bits_per_byte", "loss_doc", "tokens_doc"):
+    precision = None if args.precision == "run" else args.precision
+    result = evaluate_run(Path(args.run_dir), args.data, args.eval_tokens, args.device, precision)
+    for key in ("data", "precision", "tokens", "bytes", "loss", "perplexity", "bits_per_byte", "loss_doc", "tokens_doc"):
         value = result[key]
         print(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
     print("loss, perplexity, bits_per_byte: the packed validation stream; loss_doc: each document from its start")

@@ -139,6 +139,8 @@ def check_same_recipe(saved_path: Path, cfg: RunConfig) -> None:
     saved.train.tracker = cfg.train.tracker  # where a copy of the metrics goes, not what the run trains
     if cfg.train.grad_accum is None:  # resolved from the process count at run time
         saved.train.grad_accum = None
+    if cfg.train.precision == "auto":  # resolved from the device at run time
+        saved.train.precision = "auto"
     if saved.to_dict() != cfg.to_dict():
         raise UserError(
             f"{saved_path.parent} was started with other settings; rerun the original command or use another --out"
