@@ -6,7 +6,6 @@ import struct
 
 import pytest
 import yaml
-from tinylm.ablation import run_study
 
 from conftest import tiny_config
 from tinylm import tracking
@@ -15,7 +14,8 @@ from tinylm.cli.flags import Parser
 from tinylm.cli.settings import resolve_config
 from tinylm.config import RunConfig
 from tinylm.rundir import read_metrics, read_summary
-from tinylm.study import read_study
+from tinylm.study.runner import run_study
+from tinylm.study.spec import read_study
 from tinylm.train import train
 
 PAIR = """
