@@ -6,7 +6,7 @@ hashes the files as a reader (resume, sample, eval, export) does. A save hashes 
 written; the figure here for that share is the reader's, an upper bound. SHA-256 is timed on the same
 files for comparison (it was the first choice). Usage:
 
-    python scripts/bench_checksums.py [--presets tiny basic quality] [--repeat 3] [--dir /tmp] [--json out.json]
+    python benchmarks/bench_checksums.py [--presets tiny basic quality] [--repeat 3] [--dir /tmp] [--json out.json]
 """
 
 from __future__ import annotations

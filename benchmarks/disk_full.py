@@ -5,7 +5,7 @@ never met a full disk (so they are neither ahead of nor behind the checkpoint it
 
 Needs root (it mounts tmpfs) and Linux. Usage:
 
-    sudo python scripts/disk_full.py [--sizes 3 6 10 14 24 34] [--steps 40] [--json results/...json]
+    sudo python benchmarks/disk_full.py [--sizes 3 6 10 14 24 34] [--steps 40] [--json results/...json]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ and kills the process. The next round's resume is the check: a resume that fails
 one whose error says "damaged" is a false damaged report (nothing but kills touched the folder). At
 the end the run finishes and its metrics are compared with an uninterrupted run's. Usage:
 
-    python scripts/kill_checkpoints.py [--kills 20] [--seed 0] [--json results/...json]
+    python benchmarks/kill_checkpoints.py [--kills 20] [--seed 0] [--json results/...json]
 """
 
 from __future__ import annotations
