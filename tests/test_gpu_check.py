@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,3 +63,16 @@ def test_gpu_check_refuses_an_unknown_part(tmp_path):
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--only", "bench-huge", str(tmp_path / "o")],
                           capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
     assert done.returncode == 2 and "unknown part(s) bench-huge" in done.stderr
+
+
+def test_prepare_finds_the_slice_through_tinylm_tinystories(tmp_path, monkeypatch):
+    """--prepare copies the slice named by the one setting the benchmarks and tests read, not a fixed folder."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_check
+
+    (tmp_path / "train.txt").write_text("a")
+    monkeypatch.setenv("TINYLM_TINYSTORIES", str(tmp_path))
+    assert gpu_check.tinystories_slice() == tmp_path
+    monkeypatch.setenv("TINYLM_TINYSTORIES", str(tmp_path / "absent"))
+    with pytest.raises(SystemExit, match="set TINYLM_TINYSTORIES"):
+        gpu_check.tinystories_slice()

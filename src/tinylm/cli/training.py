@@ -162,8 +162,16 @@ def add_ablate(sub) -> None:
     titles = {"model": "model (over the preset and the study's base; defaults as shown otherwise)",
               "train": "training (over the study's base; defaults as shown otherwise; a step's own settings "
                        "cannot be given)"}  # fmt: skip
-    add_run_flags(p, titles, skip=("out", "seed"))
+    add_run_flags(p, titles, skip=("out", "seed"), train_defaults=ABLATE_BUDGET_DEFAULTS)
     p.set_defaults(func=cmd_ablate)
+
+
+ABLATE_BUDGET_DEFAULTS = {
+    "max_tokens": "the study's budget, else token slots per run fit for the device and preset, "
+                  "printed with the number of runs and a time estimate before the first run starts",
+}
+"""Without a budget flag a study's runs get the study's budget or a per-device default (tinylm.study.plan),
+never train's 200 steps; ablate's --help says so rather than 'none'."""
 
 
 def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
