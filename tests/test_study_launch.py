@@ -218,3 +218,17 @@ def test_ablate_lists_failed_runs_and_exits_non_zero(stories, tmp_path, monkeypa
     assert "2 runs, " in captured.out and "tokens per run" in captured.out  # said before it started
     assert "report of the finished runs written to" in captured.out
     assert captured.err.splitlines()[-1] == "  tiny/qk: ZeroDivisionError: division by zero"
+
+
+def test_a_run_failed_for_its_lr_trial_shows_as_failed_in_status(tmp_path):
+    """The launcher fails an arm's run, untrained, when its LR trial failed: tinylm status (which reads the
+    study folder alone) must say failed with that reason, not pending."""
+    from tinylm.study.executor import Task
+    from tinylm.study.local import Scheduler
+    from tinylm.study.status import run_state
+
+    run = Task("tiny/base-seed0", "tiny", "base", "run", ("trials/tiny/base-lr0.5",))
+    outcomes = []
+    Scheduler(LocalExecutor(jobs=1, quiet=True), tmp_path, [run], outcomes.append).run()
+    assert [(o.key, o.status) for o in outcomes] == [("tiny/base-seed0", "failed")]
+    assert run_state(tmp_path, "tiny/base-seed0") == ("failed", "its LR trial trials/tiny/base-lr0.5 failed")

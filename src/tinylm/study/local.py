@@ -157,8 +157,10 @@ class Scheduler:
         for task in list(self.pending):
             failed = [k for k in task.after if self.dependency(k) == "failed"]
             if failed:
+                from tinylm.study.worker import record_untrained_failure
+
                 self.pending.remove(task)
-                self.finish(Outcome(task.key, "failed", f"its LR trial {failed[0]} failed"))
+                self.finish(record_untrained_failure(self.out, task.key, f"its LR trial {failed[0]} failed"))
 
     def ready(self) -> list[Task]:
         now = time.monotonic()
