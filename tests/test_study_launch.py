@@ -232,3 +232,21 @@ def test_a_run_failed_for_its_lr_trial_shows_as_failed_in_status(tmp_path):
     Scheduler(LocalExecutor(jobs=1, quiet=True), tmp_path, [run], outcomes.append).run()
     assert [(o.key, o.status) for o in outcomes] == [("tiny/base-seed0", "failed")]
     assert run_state(tmp_path, "tiny/base-seed0") == ("failed", "its LR trial trials/tiny/base-lr0.5 failed")
+
+
+def test_a_finished_run_gets_no_worker_process_on_a_rerun(tmp_path, monkeypatch):
+    """With --jobs 2 a rerun of a finished study starts no process per finished run (each would load torch
+    for seconds to say done, and those seconds would count in the ETA as a run's training time)."""
+    from tinylm.study.executor import Task
+    from tinylm.study.local import Scheduler
+
+    (tmp_path / "tiny" / "base").mkdir(parents=True)
+    (tmp_path / "tiny" / "base" / "summary.json").write_text(json.dumps({"completed": True}))
+    spawned = []
+    monkeypatch.setattr(Scheduler, "spawn", lambda self, task: spawned.append(task.key))
+    outcomes = []
+    scheduler = Scheduler(LocalExecutor(jobs=2, threads=1, quiet=True), tmp_path,
+                          [Task("tiny/base", "tiny", "base", "run")], outcomes.append)  # fmt: skip
+    scheduler.run()
+    assert spawned == [] and [(o.key, o.status) for o in outcomes] == [("tiny/base", "done")]
+    assert scheduler.eta_s() is None  # no run trained here, so no time to go by
