@@ -250,3 +250,19 @@ def test_a_finished_run_gets_no_worker_process_on_a_rerun(tmp_path, monkeypatch)
     scheduler.run()
     assert spawned == [] and [(o.key, o.status) for o in outcomes] == [("tiny/base", "done")]
     assert scheduler.eta_s() is None  # no run trained here, so no time to go by
+
+
+def test_a_worker_that_dies_without_an_outcome_shows_as_failed_in_status(tmp_path, monkeypatch):
+    """A worker killed before it wrote its outcome (out of memory, SIGKILL) fails in the launcher's list, and
+    tinylm status says failed too, with the same line, not pending."""
+    import tinylm.study.local as local
+    from tinylm.study.executor import Task
+    from tinylm.study.status import run_state
+
+    monkeypatch.setattr(local.sys, "executable", "false")  # a worker that ends with code 1 and writes nothing
+    outcomes = []
+    local.Scheduler(LocalExecutor(jobs=2, threads=1, quiet=True), tmp_path,
+                    [Task("tiny/base", "tiny", "base", "run")], outcomes.append).run()  # fmt: skip
+    [outcome] = outcomes
+    assert outcome.status == "failed" and "exit code 1" in outcome.error
+    assert run_state(tmp_path, "tiny/base") == ("failed", outcome.error)

@@ -157,10 +157,10 @@ class Scheduler:
         for task in list(self.pending):
             failed = [k for k in task.after if self.dependency(k) == "failed"]
             if failed:
-                from tinylm.study.worker import record_untrained_failure
+                from tinylm.study.worker import record_failure
 
                 self.pending.remove(task)
-                self.finish(record_untrained_failure(self.out, task.key, f"its LR trial {failed[0]} failed"))
+                self.finish(record_failure(self.out, task.key, f"its LR trial {failed[0]} failed"))
 
     def ready(self) -> list[Task]:
         now = time.monotonic()
@@ -241,9 +241,10 @@ class Scheduler:
         try:
             return Outcome.from_json(path.read_text())
         except (OSError, ValueError, KeyError):
-            return Outcome(
-                task.key, "failed", f"its process ended with exit code {code}; see {log_path(self.out, task.key)}"
-            )
+            from tinylm.study.worker import record_failure
+
+            why = f"its process ended with exit code {code}; see {log_path(self.out, task.key)}"
+            return record_failure(self.out, task.key, why)
 
     def settle(self, task: Task, outcome: Outcome, seconds: float) -> None:
         if outcome.status == "busy":  # another launcher trains it: try again later, when it may be done
