@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tinylm.errors import UserError
-from tinylm.study.executor import WORKER_EXIT, Outcome, Task, log_path, outcome_path
+from tinylm.paths import DirLock
+from tinylm.study.executor import WORKER_EXIT, Outcome, Task, claim_path, log_path, outcome_path
 
 RETRY_BUSY_S = 2.0
 """How soon a run another process holds is tried again (it is finished or resumed by then, or still busy)."""
@@ -179,6 +180,9 @@ class Scheduler:
                 self.train_here(task)
             elif is_done(self.out / task.key):  # a process would load torch for seconds only to say so
                 self.settle(task, Outcome(task.key, "done"), 0.0)
+            elif DirLock(claim_path(self.out, task.key), file=True).held_elsewhere():  # nor to find it busy
+                self.settle(task, Outcome(task.key, "busy", "held by another process"), 0.0)
+                continue
             else:
                 self.spawn(task)
             started = True
