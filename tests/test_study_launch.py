@@ -162,6 +162,7 @@ def test_two_launchers_at_once_train_each_run_once(stories, tmp_path):
     said = "".join(o for o, _ in outputs)
     for key in ("tiny/base-seed0", "tiny/base-seed1", "tiny/qk-seed0", "tiny/qk-seed1"):
         assert said.count(f"[{key}] training") == 1, said  # trained by one launcher, skipped by the other
+    assert "resuming" not in said, said  # nor taken over midway by the other (a resume from its checkpoint)
 
 
 @pytest.mark.slow
@@ -266,3 +267,34 @@ def test_a_worker_that_dies_without_an_outcome_shows_as_failed_in_status(tmp_pat
     [outcome] = outcomes
     assert outcome.status == "failed" and "exit code 1" in outcome.error
     assert run_state(tmp_path, "tiny/base") == ("failed", outcome.error)
+
+
+def test_a_run_another_process_holds_gets_no_worker_process_until_it_is_free(tmp_path, monkeypatch):
+    """With --jobs 2, a run another launcher trains is tried again later without a process per try (each
+    would load torch for seconds, every 2 s, beside the training), and found done once the other finished."""
+    import threading
+
+    from tinylm.paths import DirLock
+    from tinylm.study.executor import Task, claim_path
+    from tinylm.study.local import Scheduler
+
+    run_dir = tmp_path / "tiny" / "base"
+    run_dir.mkdir(parents=True)
+    other = DirLock(claim_path(tmp_path, "tiny/base"), file=True)
+    other.acquire()
+
+    def other_finishes():
+        time.sleep(0.5)
+        (run_dir / "summary.json").write_text(json.dumps({"completed": True}))
+        other.release()
+
+    spawned = []
+    monkeypatch.setattr(Scheduler, "spawn", lambda self, task: spawned.append(task.key))
+    monkeypatch.setattr("tinylm.study.local.RETRY_BUSY_S", 0.2)
+    outcomes = []
+    finisher = threading.Thread(target=other_finishes)
+    finisher.start()
+    Scheduler(LocalExecutor(jobs=2, threads=1, quiet=True), tmp_path, [Task("tiny/base", "tiny", "base", "run")],
+              outcomes.append).run()  # fmt: skip
+    finisher.join()
+    assert spawned == [] and [(o.key, o.status) for o in outcomes] == [("tiny/base", "done")]
