@@ -442,3 +442,35 @@ def test_a_study_runs_as_a_slurm_job_array(tmp_path, stories):
             assert saved["train"]["seed"] == plan.config("tiny", arm, k).train.seed
     logs = sorted((out / ".slurm").glob("*_log.out"))
     assert len(logs) == 4  # one array task per run
+
+
+def test_a_task_that_found_its_run_held_elsewhere_waits_for_that_process_not_fails(tmp_path, monkeypatch):
+    """A rerun while another launch trains the study: this launch's task finds the run claimed and ends
+    without an outcome (busy). The launcher follows the run until the other process ends, then takes
+    what it left (done here), instead of listing a run that trains fine as failed."""
+    import threading
+    import time
+
+    from tinylm.paths import DirLock
+    from tinylm.study.executor import claim_path
+
+    monkeypatch.setattr(slurm, "queue_states", lambda arrays: {})  # the task has ended
+    monkeypatch.setattr(slurm, "GRACE_S", 0.0)
+    monkeypatch.setattr(slurm, "lost_task", lambda task: "lost")
+    run_dir = tmp_path / "tiny" / "a"
+    run_dir.mkdir(parents=True)
+    other = DirLock(claim_path(tmp_path, "tiny/a"), file=True)
+    other.acquire()
+
+    def other_finishes():
+        time.sleep(0.3)
+        (run_dir / "summary.json").write_text(json.dumps({"completed": True}))
+        other.release()
+
+    finisher = threading.Thread(target=other_finishes)
+    finisher.start()
+    seen = []
+    executor = slurm.SlurmExecutor(slurm.SlurmOptions(), quiet=True, poll_s=0.05)
+    executor.follow(tmp_path, {"tiny/a": submitted_task(tmp_path, "tiny/a", "7_0")}, seen.append)
+    finisher.join()
+    assert seen == [Outcome("tiny/a", "done")]

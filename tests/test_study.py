@@ -254,7 +254,7 @@ def test_a_trailing_comma_in_presets_names_no_extra_preset(tmp_path, monkeypatch
         lambda study, presets, *a, **k: asked.append(presets) or real_plan(study, presets, *a, **k),
     )
     monkeypatch.setattr(tinylm.study.runner, "run_tasks", lambda *a, **k: None)
-    monkeypatch.setattr(tinylm.report, "write_report", lambda paths, out: out)
+    monkeypatch.setattr(tinylm.report, "write_report", lambda paths, out, **kw: out)
     assert main(["ablate", "--presets", "tiny,", "--max-steps", "1", "--out", str(tmp_path / "out")]) == 0
     assert asked == [["tiny"]]
 

@@ -162,6 +162,7 @@ def test_two_launchers_at_once_train_each_run_once(stories, tmp_path):
     said = "".join(o for o, _ in outputs)
     for key in ("tiny/base-seed0", "tiny/base-seed1", "tiny/qk-seed0", "tiny/qk-seed1"):
         assert said.count(f"[{key}] training") == 1, said  # trained by one launcher, skipped by the other
+    assert "resuming" not in said, said  # nor taken over midway by the other (a resume from its checkpoint)
 
 
 @pytest.mark.slow
@@ -218,3 +219,82 @@ def test_ablate_lists_failed_runs_and_exits_non_zero(stories, tmp_path, monkeypa
     assert "2 runs, " in captured.out and "tokens per run" in captured.out  # said before it started
     assert "report of the finished runs written to" in captured.out
     assert captured.err.splitlines()[-1] == "  tiny/qk: ZeroDivisionError: division by zero"
+
+
+def test_a_run_failed_for_its_lr_trial_shows_as_failed_in_status(tmp_path):
+    """The launcher fails an arm's run, untrained, when its LR trial failed: tinylm status (which reads the
+    study folder alone) must say failed with that reason, not pending."""
+    from tinylm.study.executor import Task
+    from tinylm.study.local import Scheduler
+    from tinylm.study.status import run_state
+
+    run = Task("tiny/base-seed0", "tiny", "base", "run", ("trials/tiny/base-lr0.5",))
+    outcomes = []
+    Scheduler(LocalExecutor(jobs=1, quiet=True), tmp_path, [run], outcomes.append).run()
+    assert [(o.key, o.status) for o in outcomes] == [("tiny/base-seed0", "failed")]
+    assert run_state(tmp_path, "tiny/base-seed0") == ("failed", "its LR trial trials/tiny/base-lr0.5 failed")
+
+
+def test_a_finished_run_gets_no_worker_process_on_a_rerun(tmp_path, monkeypatch):
+    """With --jobs 2 a rerun of a finished study starts no process per finished run (each would load torch
+    for seconds to say done, and those seconds would count in the ETA as a run's training time)."""
+    from tinylm.study.executor import Task
+    from tinylm.study.local import Scheduler
+
+    (tmp_path / "tiny" / "base").mkdir(parents=True)
+    (tmp_path / "tiny" / "base" / "summary.json").write_text(json.dumps({"completed": True}))
+    spawned = []
+    monkeypatch.setattr(Scheduler, "spawn", lambda self, task: spawned.append(task.key))
+    outcomes = []
+    scheduler = Scheduler(LocalExecutor(jobs=2, threads=1, quiet=True), tmp_path,
+                          [Task("tiny/base", "tiny", "base", "run")], outcomes.append)  # fmt: skip
+    scheduler.run()
+    assert spawned == [] and [(o.key, o.status) for o in outcomes] == [("tiny/base", "done")]
+    assert scheduler.eta_s() is None  # no run trained here, so no time to go by
+
+
+def test_a_worker_that_dies_without_an_outcome_shows_as_failed_in_status(tmp_path, monkeypatch):
+    """A worker killed before it wrote its outcome (out of memory, SIGKILL) fails in the launcher's list, and
+    tinylm status says failed too, with the same line, not pending."""
+    import tinylm.study.local as local
+    from tinylm.study.executor import Task
+    from tinylm.study.status import run_state
+
+    monkeypatch.setattr(local.sys, "executable", "false")  # a worker that ends with code 1 and writes nothing
+    outcomes = []
+    local.Scheduler(LocalExecutor(jobs=2, threads=1, quiet=True), tmp_path,
+                    [Task("tiny/base", "tiny", "base", "run")], outcomes.append).run()  # fmt: skip
+    [outcome] = outcomes
+    assert outcome.status == "failed" and "exit code 1" in outcome.error
+    assert run_state(tmp_path, "tiny/base") == ("failed", outcome.error)
+
+
+def test_a_run_another_process_holds_gets_no_worker_process_until_it_is_free(tmp_path, monkeypatch):
+    """With --jobs 2, a run another launcher trains is tried again later without a process per try (each
+    would load torch for seconds, every 2 s, beside the training), and found done once the other finished."""
+    import threading
+
+    from tinylm.paths import DirLock
+    from tinylm.study.executor import Task, claim_path
+    from tinylm.study.local import Scheduler
+
+    run_dir = tmp_path / "tiny" / "base"
+    run_dir.mkdir(parents=True)
+    other = DirLock(claim_path(tmp_path, "tiny/base"), file=True)
+    other.acquire()
+
+    def other_finishes():
+        time.sleep(0.5)
+        (run_dir / "summary.json").write_text(json.dumps({"completed": True}))
+        other.release()
+
+    spawned = []
+    monkeypatch.setattr(Scheduler, "spawn", lambda self, task: spawned.append(task.key))
+    monkeypatch.setattr("tinylm.study.local.RETRY_BUSY_S", 0.2)
+    outcomes = []
+    finisher = threading.Thread(target=other_finishes)
+    finisher.start()
+    Scheduler(LocalExecutor(jobs=2, threads=1, quiet=True), tmp_path, [Task("tiny/base", "tiny", "base", "run")],
+              outcomes.append).run()  # fmt: skip
+    finisher.join()
+    assert spawned == [] and [(o.key, o.status) for o in outcomes] == [("tiny/base", "done")]

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tinylm.errors import UserError
-from tinylm.study.executor import WORKER_EXIT, Outcome, Task, log_path, outcome_path
+from tinylm.paths import DirLock
+from tinylm.study.executor import WORKER_EXIT, Outcome, Task, claim_path, log_path, outcome_path
 
 RETRY_BUSY_S = 2.0
 """How soon a run another process holds is tried again (it is finished or resumed by then, or still busy)."""
@@ -157,8 +158,10 @@ class Scheduler:
         for task in list(self.pending):
             failed = [k for k in task.after if self.dependency(k) == "failed"]
             if failed:
+                from tinylm.study.worker import record_failure
+
                 self.pending.remove(task)
-                self.finish(Outcome(task.key, "failed", f"its LR trial {failed[0]} failed"))
+                self.finish(record_failure(self.out, task.key, f"its LR trial {failed[0]} failed"))
 
     def ready(self) -> list[Task]:
         now = time.monotonic()
@@ -166,6 +169,8 @@ class Scheduler:
                 and all(self.dependency(k) == "done" for k in t.after)]  # fmt: skip
 
     def start_ready(self) -> bool:
+        from tinylm.study.worker import is_done
+
         started = False
         for task in self.ready():
             if len(self.running) >= self.ex.jobs:
@@ -173,6 +178,11 @@ class Scheduler:
             self.pending.remove(task)
             if self.ex.in_process:
                 self.train_here(task)
+            elif is_done(self.out / task.key):  # a process would load torch for seconds only to say so
+                self.settle(task, Outcome(task.key, "done"), 0.0)
+            elif DirLock(claim_path(self.out, task.key), file=True).held_elsewhere():  # nor to find it busy
+                self.settle(task, Outcome(task.key, "busy", "held by another process"), 0.0)
+                continue
             else:
                 self.spawn(task)
             started = True
@@ -235,9 +245,10 @@ class Scheduler:
         try:
             return Outcome.from_json(path.read_text())
         except (OSError, ValueError, KeyError):
-            return Outcome(
-                task.key, "failed", f"its process ended with exit code {code}; see {log_path(self.out, task.key)}"
-            )
+            from tinylm.study.worker import record_failure
+
+            why = f"its process ended with exit code {code}; see {log_path(self.out, task.key)}"
+            return record_failure(self.out, task.key, why)
 
     def settle(self, task: Task, outcome: Outcome, seconds: float) -> None:
         if outcome.status == "busy":  # another launcher trains it: try again later, when it may be done

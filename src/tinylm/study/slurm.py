@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.errors import UserError
-from tinylm.study.executor import Outcome, Task, log_path, outcome_path
+from tinylm.study.executor import Outcome, Task, claim_path, log_path, outcome_path
 from tinylm.study.slurm_options import SlurmOptions, read_options
 from tinylm.study.slurm_options import add_flags as add_flags  # the launcher's flags, found here by the CLI
 
@@ -168,6 +168,9 @@ class SlurmExecutor:
     def follow(self, out: Path, submitted: dict[str, Submitted], on_outcome: Callable[[Outcome], None]) -> None:
         """Until every task has an outcome: the task's own outcome file, or, for a task that left the
         queue without one (cancelled, killed, out of memory, failed to start), a failed outcome."""
+        from tinylm.paths import DirLock
+        from tinylm.study.worker import is_done
+
         waiting = dict(submitted)
         finishing: set[str] = set()  # tasks that wrote their outcome: they may still be writing the report
         gone_since: dict[str, float] = {}
@@ -181,6 +184,11 @@ class SlurmExecutor:
                 outcome = read_outcome(out, key)
                 if outcome is None and states.get(task.job_id) in ALIVE:
                     gone_since.pop(key, None)
+                    continue
+                if outcome is None and is_done(out / key):  # finished by another process (this task found it busy)
+                    outcome = Outcome(key, "done")
+                elif outcome is None and DirLock(claim_path(out, key), file=True).held_elsewhere():
+                    gone_since.pop(key, None)  # another launch trains it now: follow it until it ends
                     continue
                 if outcome is None and time.monotonic() - gone_since.setdefault(key, time.monotonic()) < GRACE_S:
                     continue

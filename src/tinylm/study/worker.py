@@ -62,6 +62,21 @@ def train_task(out: Path, key: str, quiet: bool = True) -> Outcome:
         claim.release()
 
 
+def record_failure(out: Path, key: str, error: str) -> Outcome:
+    """A failure the worker could not record (its LR trial failed, so it never started; it was killed):
+    kept beside the run as a worker keeps its outcome, so that ``tinylm status`` says failed too. Left
+    alone while another process holds the run (it trains it now)."""
+    outcome = Outcome(key, "failed", error)
+    claim = DirLock(claim_path(out, key), f"{out / key} is being trained by another process", file=True)
+    claim_path(out, key).parent.mkdir(parents=True, exist_ok=True)
+    if claim.try_acquire():
+        try:
+            write_atomic(outcome_path(out, key), outcome.to_json() + "\n")
+        finally:
+            claim.release()
+    return outcome
+
+
 def one_line(error: BaseException) -> str:
     """A failure as one line: a UserError's own text, else the exception's type and first line."""
     text = str(error).strip().splitlines()
