@@ -294,3 +294,28 @@ def test_an_export_of_a_padded_vocabulary_leaves_the_padding_rows_out(stories, t
     with torch.no_grad():
         ours, theirs = run.model(idx)[0][..., :50257], hf(idx).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_sampling_beside_a_run_that_switches_checkpoints_reads_the_new_one(finished, tmp_path, monkeypatch):
+    """A save that lands while a reader checks the previous checkpoint removes it: the reader follows
+    the pointer to the new one instead of failing on a missing file."""
+    from tinylm.rundir import load_run
+
+    later = tmp_path / "later"
+    shutil.copytree(finished, later)
+    assert main(["train", "--resume", str(later), "--max-steps", "4", "--quiet"]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    real_check = checkpoint._check_file
+
+    def a_save_lands(path, files):
+        if not (run / "checkpoint-000004").exists():  # the run's save: new folder, pointer, old one removed
+            shutil.copytree(later / "checkpoint-000004", run / "checkpoint-000004")
+            shutil.copy(later / checkpoint.POINTER_FILE, run / checkpoint.POINTER_FILE)
+            shutil.rmtree(run / "checkpoint-000002")
+        return real_check(path, files)
+
+    monkeypatch.setattr(checkpoint, "_check_file", a_save_lands)
+    loaded = load_run(run)
+    expected = load_run(later)
+    assert torch.equal(loaded.model.transformer.wte.weight, expected.model.transformer.wte.weight)
