@@ -149,6 +149,7 @@ def _strip_per_document_keys(run_dir) -> None:
     torch.save(state, state_file)
     pointer = json.loads((run_dir / checkpoint.POINTER_FILE).read_text())
     pointer["files"][checkpoint.STATE_FILE] = state_file.stat().st_size  # the size its own save would have written
+    pointer.pop(checkpoint.CHECKSUM, None)  # such a run's pointer predates checksums too
     (run_dir / checkpoint.POINTER_FILE).write_text(json.dumps(pointer))
     records = [{k: v for k, v in r.items() if k != "val_loss_doc"} for r in read_metrics(run_dir)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -88,6 +88,30 @@ def test_val_rising_while_train_falls_is_reported_as_overfitting_without_a_roll_
     assert report["label"] == "ok" and report["reason"].startswith("overfitting from step 40")
 
 
+def test_while_overfitting_the_guard_keeps_the_weights_of_the_best_val_loss():
+    """The state a later roll-back returns to is the best val loss's, not an overfitted one's."""
+    train_losses = [3.0 - 0.02 * i for i in range(60)]
+    monitor = _run_monitor(train_losses, [2.9, 2.5, 2.4, 2.8, 3.0, 3.3])
+    assert [e["event"] for e in monitor.events] == ["overfitting"]
+    assert monitor.state.good["step"] == 30 and monitor.state.good["val_loss"] == 2.4
+
+
+def test_a_val_jump_past_the_hard_rise_while_train_still_falls_is_a_divergence():
+    """An update that breaks the weights shows in the next evaluation before the train loss, which is
+    measured before each update, has seen it: a val loss three times its best is no overfitting."""
+    train_losses = [3.0 - 0.02 * i for i in range(40)]
+    monitor = StabilityMonitor(guard=True)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step, loss in enumerate(train_losses):
+        monitor.allow_update(step, loss, 1.0)
+        if (step + 1) % 10 == 0:
+            monitor.observe_val(step + 1, [2.9, 2.5, 2.4, 7.2][step // 10])
+            monitor.remember_good(model, opt, step + 1)
+    assert [e["event"] for e in monitor.events] == ["divergence"] and monitor.rollback_wanted
+    assert monitor.state.good["step"] == 30
+
+
 def test_val_rising_while_train_rises_too_is_still_a_divergence():
     train_losses = [3.0 - 0.02 * i for i in range(30)] + [2.4 + 0.2 * i for i in range(30)]
     monitor = StabilityMonitor(guard=True)

@@ -274,3 +274,48 @@ def test_a_resume_refuses_changes_to_the_mathematics_and_lists_them(run_copy, st
     one_error_line(capsys, ["train", "--resume", run_copy, "--data", other, "--quiet"], "data.content")
     one_error_line(capsys, ["train", "--resume", run_copy, "--lr", 0.1, "--quiet"], "--resume", "--eval-every")
     assert (run_copy / "config.json").read_bytes() == before
+
+
+def test_an_export_of_a_padded_vocabulary_leaves_the_padding_rows_out(stories, tmp_path):
+    """tinylm keeps a padded vocabulary's extra rows out of the softmax; the exported model must too,
+    or it gives them probability and generates ids its tokenizer cannot decode."""
+    transformers = pytest.importorskip("transformers")
+    from tinylm.export import export_hf
+    from tinylm.rundir import load_run
+
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=1, eval_every=1, tokenizer="gpt2")
+    cfg.model.vocab_size = 50304  # the quality preset's padding: 47 rows no target ever is
+    train(cfg, quiet=True)
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    run = load_run(tmp_path / "run")
+    assert hf.config.vocab_size == run.tokenizer.vocab_size == 50257
+    idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = run.model(idx)[0][..., :50257], hf(idx).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_sampling_beside_a_run_that_switches_checkpoints_reads_the_new_one(finished, tmp_path, monkeypatch):
+    """A save that lands while a reader checks the previous checkpoint removes it: the reader follows
+    the pointer to the new one instead of failing on a missing file."""
+    from tinylm.rundir import load_run
+
+    later = tmp_path / "later"
+    shutil.copytree(finished, later)
+    assert main(["train", "--resume", str(later), "--max-steps", "4", "--quiet"]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    real_check = checkpoint._check_file
+
+    def a_save_lands(path, files):
+        if not (run / "checkpoint-000004").exists():  # the run's save: new folder, pointer, old one removed
+            shutil.copytree(later / "checkpoint-000004", run / "checkpoint-000004")
+            shutil.copy(later / checkpoint.POINTER_FILE, run / checkpoint.POINTER_FILE)
+            shutil.rmtree(run / "checkpoint-000002")
+        return real_check(path, files)
+
+    monkeypatch.setattr(checkpoint, "_check_file", a_save_lands)
+    loaded = load_run(run)
+    expected = load_run(later)
+    assert torch.equal(loaded.model.transformer.wte.weight, expected.model.transformer.wte.weight)

@@ -334,11 +334,20 @@ def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
     """Load the current checkpoint's weights into model; returns the safetensors metadata.
 
     The trainer state is checked too (size and checksum, not unpickled): a checkpoint is one unit, and a
-    damaged state is better named now than at the resume that needs it."""
-    files = _require(run_dir)
-    if files.checksums is not None:
-        _check_file(files.state, files)
-    return _load_weights_from(files, model)
+    damaged state is better named now than at the resume that needs it.
+
+    A run still training may switch to a new checkpoint and remove this one while it is being read
+    (sample or eval beside a run): if the pointer has moved on by then, the new checkpoint is read."""
+    for attempt in range(3):
+        files = _require(run_dir)
+        try:
+            if files.checksums is not None:
+                _check_file(files.state, files)
+            return _load_weights_from(files, model)
+        except (UserError, OSError):
+            if attempt == 2 or locate(run_dir) == files:  # the pointer stands: the error is this checkpoint's
+                raise
+    raise AssertionError("unreachable")
 
 
 def changed_settings(saved: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:

@@ -4,6 +4,7 @@ biases as a Qwen3ForCausalLM, and the tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -95,11 +96,18 @@ def llama_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def hf_model(model: torch.nn.Module, eot: int):
-    """The Hugging Face model holding ``model``'s weights (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM)."""
+_VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight", "model.embed_tokens.weight")
+
+
+def hf_model(model: torch.nn.Module, eot: int, vocab_size: int | None = None):
+    """The Hugging Face model holding ``model``'s weights (GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM).
+
+    ``vocab_size``: the tokenizer's. A padded vocabulary's extra rows are left out: tinylm keeps them out
+    of the softmax in training, evaluation and sampling, and a Hugging Face model would give them
+    probability (and generate ids the tokenizer cannot decode)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    m = model.config
+    m = dataclasses.replace(model.config, vocab_size=vocab_size or model.config.vocab_size)
     family = hf_family(m)
     if family == "gpt2":
         config = GPT2Config(
@@ -110,6 +118,7 @@ def hf_model(model: torch.nn.Module, eot: int):
         hf, state = GPT2LMHeadModel(config), hf_state_dict(model)
     else:
         hf, state = _rotary_hf_model(m, family, eot), llama_state_dict(model)
+    state = {k: v[: m.vocab_size] if k in _VOCAB_ROWS else v for k, v in state.items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     tied = ["lm_head.weight"] if m.tie_embeddings else []
     missing = [k for k in missing if k not in tied and not k.endswith(".attn.bias")]
@@ -207,7 +216,7 @@ def export_hf(run_dir: Path, out: Path) -> Path:
         raise UserError(f"{out} is not empty; choose another --out")
     run = load_run(run_dir)
     m = run.cfg.model
-    hf = hf_model(run.model, run.tokenizer.eot_id)
+    hf = hf_model(run.model, run.tokenizer.eot_id, run.tokenizer.vocab_size)
     if isinstance(run.tokenizer, BPETokenizer):
         backend = run.tokenizer.backend
     else:

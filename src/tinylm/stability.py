@@ -205,7 +205,11 @@ class StabilityMonitor:
         s.max_rise = max(s.max_rise, rise)
         s.max_rise_pct = max(s.max_rise_pct, 100.0 * rise / s.best_val)
         if rise > self.th.val_rise * s.best_val:
-            if self._train_still_falling():  # the model fits its training data better and generalises worse
+            # the model fits its training data better and generalises worse; a jump past the hard rise
+            # from near the best is not that (overfitting creeps up), but weights the last update broke
+            # before the train loss, measured before each update, has seen them
+            creeping = s.overfitting or rise <= self.th.val_hard_rise * s.best_val
+            if creeping and self._train_still_falling():
                 s.val_rising = 0
                 if not s.overfitting:
                     s.overfitting = True
@@ -220,9 +224,10 @@ class StabilityMonitor:
             s.in_episode = False
 
     def remember_good(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Keep a copy of a state to return to (taken right after an evaluation that shows no rise)."""
+        """Keep a copy of a state to return to (taken right after an evaluation that shows no rise: not
+        while overfitting, whose weights score worse than the ones kept at the best val loss)."""
         s = self.state
-        if self.guard and s.val_rising == 0 and s.train_rising == 0 and not s.rollback_wanted:
+        if self.guard and s.val_rising == 0 and s.train_rising == 0 and not s.rollback_wanted and not s.overfitting:
             s.good = _snapshot(step, s.last_val, model, optimizer)
 
     def resume_from(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
