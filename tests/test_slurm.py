@@ -156,6 +156,13 @@ def test_without_sbatch_on_path_the_launcher_says_so(tmp_path, monkeypatch):
         slurm.make_executor(flags())
 
 
+def test_without_submitit_the_launcher_names_the_extra(monkeypatch):
+    real = slurm.importlib.util.find_spec
+    monkeypatch.setattr(slurm.importlib.util, "find_spec", lambda name: None if name == "submitit" else real(name))
+    with pytest.raises(UserError, match=r"needs the submitit package: pip install 'tinylm\[slurm\]'"):
+        slurm.make_executor(flags())
+
+
 def test_a_controller_that_does_not_answer_is_one_line(tmp_path, monkeypatch):
     down = 'echo "slurm_load_jobs error: Unable to contact slurm controller (connect failure)" >&2; exit 1'
     fake_commands(tmp_path, monkeypatch, **{**SLURM_OK, "squeue": down})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import shutil
 import signal
@@ -57,6 +58,12 @@ filesystem's lag, or a cancelled task being requeued by hand."""
 # --- is there a cluster? ------------------------------------------------------------------------
 
 
+def check_submitit() -> None:
+    """submitit submits the job arrays: an optional extra, so its absence is one line naming it."""
+    if importlib.util.find_spec("submitit") is None:
+        raise UserError("--launcher slurm needs the submitit package: pip install 'tinylm[slurm]'")
+
+
 def check_cluster(timeout_s: float = 20.0) -> None:
     """One line, before anything is planned or submitted, when Slurm's commands are missing or its
     controller does not answer."""
@@ -87,6 +94,7 @@ def make_executor(args: argparse.Namespace | None, launch: dict[str, Any] | None
                   quiet: bool = False) -> SlurmExecutor:  # fmt: skip
     """The executor ``--launcher slurm`` names, its settings read and the cluster asked first."""
     options = read_options(args, launch)
+    check_submitit()
     check_cluster()
     return SlurmExecutor(options, quiet=quiet or bool(getattr(args, "quiet", False)))
 
