@@ -127,7 +127,18 @@ def _flip_config(run):
     return path
 
 
+def _swap_merges(run):
+    """Two BPE merges swapped: still a valid tokenizer, but another one (the text it samples is garbled)."""
+    path = run / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    merges = spec["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]
+    path.write_text(json.dumps(spec))
+    return path
+
+
 FLIPS = {
+    "tokenizer.json": _swap_merges,
     "weights": lambda run: (_flip_middle_byte(checkpoint.locate(run).model), checkpoint.locate(run).model)[1],
     "state": lambda run: (_flip_middle_byte(checkpoint.locate(run).state), checkpoint.locate(run).state)[1],
     "config.json": _flip_config,
@@ -146,6 +157,8 @@ def test_a_flipped_byte_is_one_line_naming_the_file_for_every_command(run_copy, 
     }
     for name, argv in commands.items():
         one_error_line(capsys, argv, path.name, "damaged" if flipped != "config.json" or name != "resume" else "")
+    if flipped == "tokenizer.json":  # a run folder's own file, recorded by the checkpoint beside its two
+        assert "tokenizer.json" in json.loads((run_copy / checkpoint.POINTER_FILE).read_text())["run_files"]
     assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "hf").exists()
 

@@ -58,6 +58,11 @@ truncated copy), not tampering: whoever can rewrite a file can rewrite the point
 14x faster than SHA-256 here, which would have added about a fifth to a save's time (docs/reliability.md)."""
 
 
+RUN_FILES = ("tokenizer.json",)
+"""Files of the run folder, beside the checkpoints, that a run reads back (a trained BPE's vocabulary and
+merges): each save records their checksums in the pointer too (``run_files``), and every reader checks them."""
+
+
 @dataclass(frozen=True)
 class Files:
     """Where a run's current checkpoint lies, and the sizes and checksums its pointer promises
@@ -179,8 +184,9 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         replace_durably(tmp, folder)
         kill_point("checkpoint:before-pointer", step)
         files = {MODEL_FILE: weights_file, STATE_FILE: state_file}
+        run_files = {n: file_checksum(run_dir / n) for n in RUN_FILES if (run_dir / n).exists()}
         pointer = {"dir": name, "step": step, "files": {k: size for k, (size, _) in files.items()},
-                   CHECKSUM: {k: digest for k, (_, digest) in files.items()},
+                   CHECKSUM: {k: digest for k, (_, digest) in files.items()}, "run_files": run_files,
                    "settings": settings}  # fmt: skip  (sampling checks config.json against them)
         write_atomic(run_dir / POINTER_FILE, json.dumps(pointer) + "\n")
     except OSError as e:
@@ -305,6 +311,16 @@ def _check_file(path: Path, files: Files) -> None:
         raise _damaged(path, "its checksum is not the one its checkpoint recorded: altered since it was written")
 
 
+def check_run_files(run_dir: Path) -> None:
+    """The run folder's RUN_FILES are those its checkpoint recorded (pointers from before say nothing)."""
+    for name, digest in (_read_pointer(run_dir).get("run_files") or {}).items():
+        path = run_dir / name
+        if not path.exists():
+            raise missing(path, "restore it from a backup, or train again (--out NEW_DIR)")
+        if file_checksum(path) != digest:
+            raise _damaged(path, "its checksum is not the one the checkpoint recorded: altered since it was written")
+
+
 def file_checksum(path: Path) -> str:
     """The file's CHECKSUM, read in 4 MB pieces."""
     digest = xxhash.xxh3_128()
@@ -343,6 +359,7 @@ def load_weights(run_dir: Path, model: torch.nn.Module) -> dict[str, str]:
         try:
             if files.checksums is not None:
                 _check_file(files.state, files)
+            check_run_files(run_dir)
             return _load_weights_from(files, model)
         except (UserError, OSError):
             if attempt == 2 or locate(run_dir) == files:  # the pointer stands: the error is this checkpoint's
@@ -416,6 +433,7 @@ def load(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     (RunConfig.fixed_settings); any that differ from the checkpoint's are refused before anything loads."""
     files = _require(run_dir)
     _check_file(files.state, files)
+    check_run_files(run_dir)
     state = _read_state(files.state)
     step, optimizer_state, rng = state["progress"]["step"], state["optimizer"], state["rng"]
     _check_settings(run_dir, state.get("settings"), settings)
