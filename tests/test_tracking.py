@@ -51,8 +51,13 @@ def mlflow(monkeypatch):
 
 
 def mlflow_runs(mlflow, store, monkeypatch, experiment: str):
+    """The experiment's runs as flat rows (``tags.arm``, ``metrics.val_loss``, ...); as a list, since
+    search_runs' default DataFrame needs pandas, which mlflow-skinny does not install."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
-    return mlflow.search_runs(experiment_names=[experiment])
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    return [{"run_id": r.info.run_id, "status": r.info.status, **{f"tags.{k}": v for k, v in r.data.tags.items()},
+             **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+             **{f"params.{k}": v for k, v in r.data.params.items()}} for r in runs]  # fmt: skip
 
 
 def test_a_tiny_study_in_an_mlflow_file_store_has_its_runs_tagged_with_the_final_losses_of_results_json(
@@ -67,7 +72,7 @@ def test_a_tiny_study_in_an_mlflow_file_store_has_its_runs_tagged_with_the_final
     results = json.loads((out / "results.json").read_text())
     runs = mlflow_runs(mlflow, out / "mlruns", monkeypatch, "pair")  # the store: in the study's folder
     assert len(runs) == len(results) == 4
-    tracked = {(r["tags.arm"], r["tags.preset"], int(r["tags.seed"])): r for _, r in runs.iterrows()}
+    tracked = {(r["tags.arm"], r["tags.preset"], int(r["tags.seed"])): r for r in runs}
     assert sorted(tracked) == sorted((row["arm"], row["preset"], row["seed"]) for row in results)
     client = mlflow.tracking.MlflowClient()
     for row in results:
@@ -90,8 +95,8 @@ def test_a_run_resumed_with_another_tracker_sends_its_history_first_then_goes_on
     train(tiny_config(stories, run_dir, max_steps=6, tracker="mlflow"), resume=True, quiet=True)
     train(tiny_config(stories, run_dir, max_steps=8, tracker="mlflow"), resume=True, quiet=True)
     runs = mlflow_runs(mlflow, tmp_path / "mlruns", monkeypatch, "tinylm")  # outside a study: beside the run
-    assert len(runs) == 1 and runs["tags.mlflow.runName"][0] == "run"
-    client, run_id = mlflow.tracking.MlflowClient(), runs["run_id"][0]
+    assert len(runs) == 1 and runs[0]["tags.mlflow.runName"] == "run"
+    client, run_id = mlflow.tracking.MlflowClient(), runs[0]["run_id"]
     records = read_metrics(run_dir)
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted((m.step, m.value) for m in history) == [(r["step"], r["train_loss"]) for r in records
