@@ -100,7 +100,7 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 def _on_onednn(*tensors: torch.Tensor) -> bool:
     """Whether these operands take oneDNN's kernels: CPU tensors in fp32 or bf16 (the bf16 ones ran as fast
-    as MKL's for the logits and 1.2x faster for the hidden states' gradient; scripts/bench_levers.py)."""
+    as MKL's for the logits and 1.2x faster for the hidden states' gradient; benchmarks/bench_levers.py)."""
     return _ONEDNN and all(t.device.type == "cpu" and t.dtype in _ONEDNN_DTYPES for t in tensors)
 
 
