@@ -203,6 +203,8 @@ def test_a_run_saved_before_precision_resumes_in_fp32_on_the_cpu(stories, tmp_pa
     monkeypatch.setenv(runtime.CPU_BF16_ENV, "1")  # auto would pick bf16 for a new run here
     assert main(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
     assert json.loads(path.read_text())["train"]["precision"] == "fp32"
+    said = runtime.describe_precision("auto", "fp32", torch.device("cpu"), saved_before_precision=True)
+    assert "no bf16 units" not in said and "saved before" in said  # the reason, not this CPU's (it has them)
 
 
 def test_eval_scores_in_the_runs_precision_or_the_one_asked(stories, tmp_path):

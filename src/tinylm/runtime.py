@@ -81,11 +81,13 @@ def resolve_precision(setting: str, device: torch.device, *, saved_before_precis
     return "fp32"
 
 
-def describe_precision(setting: str, chosen: str, device: torch.device) -> str:
-    """One line saying which precision a run uses and, for auto, why."""
+def describe_precision(setting: str, chosen: str, device: torch.device, *, saved_before_precision: bool = False) -> str:
+    """One line saying which precision a run uses and, for auto, why (saved_before_precision: as resolve_precision)."""
     if setting != "auto":
         return f"precision: {chosen} (--precision {setting})"
-    if device.type == "cuda":
+    if saved_before_precision:
+        why = "a run saved before tinylm kept its precision resumes in what it used then, on this device"
+    elif device.type == "cuda":
         why = "CUDA"
     elif chosen == "bf16":
         why = f"this CPU has bf16 units: {', '.join(cpu_bf16_units())}"

@@ -133,10 +133,10 @@ def fix_precision(cfg: RunConfig, device: torch.device, resume: bool, quiet: boo
     a resume keeps it, on any machine. A resume cannot change it (config.RESUMABLE): mixing two
     arithmetics in one run would make its loss curve neither arm's. A resumed run that holds 'auto' was
     saved before tinylm kept its precision and keeps the one it had then."""
-    setting = cfg.train.precision
-    cfg.train.precision = resolve_precision(setting, device, saved_before_precision=resume and setting == "auto")
+    setting, old = cfg.train.precision, resume and cfg.train.precision == "auto"
+    cfg.train.precision = resolve_precision(setting, device, saved_before_precision=old)
     if not quiet:
-        print(describe_precision(setting, cfg.train.precision, device), flush=True)
+        print(describe_precision(setting, cfg.train.precision, device, saved_before_precision=old), flush=True)
 
 
 def total_steps(cfg: RunConfig) -> int | None:
