@@ -32,6 +32,7 @@ ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 OUT=${OUT:-/tmp/tinylm-mutation}
 MUTMUT=${MUTMUT:-$(dirname "$(command -v python)")/mutmut}
 [[ -x $MUTMUT ]] || MUTMUT=mutmut
+command -v "$MUTMUT" >/dev/null || { echo "mutation.sh: mutmut is not installed: pip install -e '.[mutation]'" >&2; exit 2; }
 mkdir -p "$OUT"
 names=("$@")
 [[ ${#names[@]} -gt 0 ]] || names=("${ORDER[@]}")
