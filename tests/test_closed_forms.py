@@ -7,8 +7,10 @@ import math
 import random
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import tiny_config, write_stories
 from tinylm.config import TrainConfig, preset
 from tinylm.costs import model_costs, optimizer_state_values
 from tinylm.data.batching import validation_batches
@@ -121,6 +123,78 @@ def test_bits_per_byte_of_a_multibyte_tokenizer_counts_the_text_bytes(stories, t
     assert n_bytes > 2 * len(targets)  # whole words: several bytes a token
     loss = validation_loss(run.model, batches, run.model.lm_head.weight.device, 50257)
     assert result["bits_per_byte"] == pytest.approx(loss * len(targets) / (n_bytes * math.log(2)), rel=1e-9)
+
+
+def _packed_loss_by_hand(model, tokens, block_size: int, n_blocks: int, eot: int, vocab: int,
+                         doc_mask: bool = True) -> tuple[float, int]:  # fmt: skip
+    """The packed stream scored by hand: block i is tokens[i*T : i*T+T+1]. With the doc mask each
+    <|endoftext|> opens a new document that sees nothing before it (positions restart), so every
+    piece of a row is a forward pass of its own. The softmax runs over the first ``vocab`` rows."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(n_blocks):
+            row = torch.as_tensor(tokens[i * block_size : i * block_size + block_size + 1].astype("int64"))
+            x, y = row[:-1], row[1:]
+            inner = [j for j in range(1, block_size) if x[j] == eot] if doc_mask else []
+            cuts = [0, *inner, block_size]
+            for a, b in zip(cuts, cuts[1:]):
+                logits, _ = model(x[None, a:b])
+                total += F.cross_entropy(logits[0, :, :vocab].double(), y[a:b], reduction="sum").item()
+            count += block_size
+    return total / count, count
+
+
+@pytest.fixture(scope="module")
+def padded_doc_masked_run(stories, tmp_path_factory):
+    """GPT-2's tokens in an embedding padded to 50304 rows, trained with the doc mask, fp32."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    cfg = tiny_config(stories, out, tokenizer="gpt2", max_steps=2, eval_every=2, doc_mask=True, precision="fp32")
+    cfg.model.vocab_size = 50304
+    train(cfg, quiet=True)
+    return out
+
+
+def test_eval_json_agrees_with_scoring_the_stream_by_hand(padded_doc_masked_run):
+    from test_doc_eval import _docs_within_budget, _manual_per_document_loss
+
+    run_dir, T, eot, V = padded_doc_masked_run, 64, 50256, 50257
+    result = evaluate_run(run_dir, eval_tokens=150, device_name="cpu")  # 150 tokens: 3 blocks of 64
+    assert set(result) == {"run", "data", "precision", "tokens", "bytes", "loss", "perplexity", "bits_per_byte",
+                           "loss_doc", "tokens_doc"}  # fmt: skip
+    run = load_run(run_dir)
+    prepared = prepare(PrepareOptions.from_config(run.cfg.train), quiet=True)
+    split = prepared.split("val")
+    assert len(split.tokens) > 2 * 512  # the run's own budget (512) and no budget at all score differently
+
+    loss, tokens = _packed_loss_by_hand(run.model, split.tokens, T, 3, eot, V)
+    targets = split.tokens[1 : 3 * T + 1].tolist()
+    tok = GPT2Tokenizer()
+    n_bytes = sum(1 if i == eot else len(tok.decode([i]).encode()) for i in targets)  # a separator: one byte
+    assert result["tokens"] == tokens == 192 and result["bytes"] == n_bytes
+    assert result["loss"] == pytest.approx(loss, rel=1e-6)  # fp32 sums in another order: not to the last bit
+    nats = result["loss"]
+    assert result["perplexity"] == pytest.approx(math.exp(nats), rel=1e-12)
+    assert result["bits_per_byte"] == pytest.approx(nats * tokens / (n_bytes * math.log(2)), rel=1e-12)
+    assert result["loss_doc"] == pytest.approx(_manual_per_document_loss(run.model, split, T, eot, 192, V), rel=1e-6)
+    lengths = [len(split.document(i)) for i in range(split.n_docs)]
+    assert result["tokens_doc"] == sum(min(n, T) for n in lengths[: _docs_within_budget(lengths, T, 192)])
+    assert result["precision"] == "fp32" and result["run"] == str(run_dir)
+    assert result["data"] == run.cfg.train.data  # a file's source: its path
+    # What the comparisons can tell apart: documents end inside the scored blocks, and the doc mask
+    # and the padded rows (50304 - 50257, never trained) each move the loss well beyond the tolerance.
+    assert targets.count(eot) >= 2 and run.model.lm_head.weight.shape[0] == 50304
+    assert _packed_loss_by_hand(run.model, split.tokens, T, 3, eot, V, doc_mask=False)[0] != pytest.approx(loss)
+    assert _packed_loss_by_hand(run.model, split.tokens, T, 3, eot, 50304)[0] != pytest.approx(loss)
+
+    own = evaluate_run(run_dir)  # the default device (auto) and the run's own budget: 512 tokens, 8 blocks
+    assert own["tokens"] == 512
+    assert own["loss"] == pytest.approx(_packed_loss_by_hand(run.model, split.tokens, T, 8, eot, V)[0], rel=1e-6)
+
+    other_text = write_stories(run_dir.parent / "other.txt", 400, seed=1)
+    other = evaluate_run(run_dir, data=str(other_text), eval_tokens=150, device_name="cpu")
+    other_split = prepare(PrepareOptions.from_config(run.cfg.train, str(other_text)), quiet=True).split("val")
+    assert other["data"] == str(other_text)
+    assert other["loss"] == pytest.approx(_packed_loss_by_hand(run.model, other_split.tokens, T, 3, eot, V)[0], rel=1e-6)
 
 
 # --- confidence intervals ----------------------------------------------------------------
