@@ -194,7 +194,9 @@ def test_eval_json_agrees_with_scoring_the_stream_by_hand(padded_doc_masked_run)
     other = evaluate_run(run_dir, data=str(other_text), eval_tokens=150, device_name="cpu")
     other_split = prepare(PrepareOptions.from_config(run.cfg.train, str(other_text)), quiet=True).split("val")
     assert other["data"] == str(other_text)
-    assert other["loss"] == pytest.approx(_packed_loss_by_hand(run.model, other_split.tokens, T, 3, eot, V)[0], rel=1e-6)
+    assert other["loss"] == pytest.approx(
+        _packed_loss_by_hand(run.model, other_split.tokens, T, 3, eot, V)[0], rel=1e-6
+    )
 
 
 # --- confidence intervals ----------------------------------------------------------------
