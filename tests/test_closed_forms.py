@@ -199,6 +199,24 @@ def test_eval_json_agrees_with_scoring_the_stream_by_hand(padded_doc_masked_run)
     )
 
 
+def test_eval_on_other_text_tokenises_it_with_the_runs_trained_bpe(stories, tmp_path):
+    # The other text is the stories spelt backwards: a BPE trained on it would merge other pairs.
+    # Its tokens must be the run's tokenizer's, the only ids the run's model knows.
+    run_dir = tmp_path / "run"
+    train(tiny_config(stories, run_dir, max_steps=2, eval_every=2), quiet=True)
+    backwards = [story[::-1] for story in stories.read_text().split("\n<|endoftext|>\n")[:-1]]
+    other_text = tmp_path / "backwards.txt"
+    other_text.write_text("".join(f"{story}\n<|endoftext|>\n" for story in backwards))
+    result = evaluate_run(run_dir, data=str(other_text), eval_tokens=150, device_name="cpu")
+    run = load_run(run_dir)
+    options = PrepareOptions.from_config(run.cfg.train, str(other_text), run_dir / "tokenizer.json")
+    split = prepare(options, quiet=True).split("val")
+    eot = run.tokenizer.eot_id
+    assert run.tokenizer.decode(split.document(0)[:-1].tolist()) in backwards  # the run's ids of the text
+    loss, tokens = _packed_loss_by_hand(run.model, split.tokens, 64, 3, eot, run.tokenizer.vocab_size, doc_mask=False)
+    assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-6)
+
+
 # --- confidence intervals ----------------------------------------------------------------
 
 
