@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config, write_stories
-from tinylm.config import TrainConfig, preset
+from tinylm.config import ModelConfig, TrainConfig, preset
 from tinylm.costs import model_costs, optimizer_state_values
-from tinylm.data.batching import validation_batches
+from tinylm.data.batching import Batch, validation_batches
 from tinylm.data.prepare import PrepareOptions, prepare
 from tinylm.data.tokenizer import GPT2Tokenizer
-from tinylm.evaluate import evaluate_run, validation_loss
+from tinylm.evaluate import evaluate_run, validation_loss, validation_loss_sum
+from tinylm.loss import IGNORE_INDEX
+from tinylm.model import GPT
 from tinylm.optim import ScheduleSpan, learning_rate
 from tinylm.report.stats import t_interval
 from tinylm.rundir import load_run
@@ -123,6 +125,60 @@ def test_bits_per_byte_of_a_multibyte_tokenizer_counts_the_text_bytes(stories, t
     assert n_bytes > 2 * len(targets)  # whole words: several bytes a token
     loss = validation_loss(run.model, batches, run.model.lm_head.weight.device, 50257)
     assert result["bits_per_byte"] == pytest.approx(loss * len(targets) / (n_bytes * math.log(2)), rel=1e-9)
+
+
+def test_evaluation_scores_the_mean_cross_entropy_of_the_real_targets():
+    # A model in training mode with dropout, a soft cap its logits reach, 14 padded output rows, and
+    # batches of every kind: packed with the doc mask, padded rows (IGNORE_INDEX), one of a single target.
+    V, eot, cpu = 50, 49, torch.device("cpu")
+    torch.manual_seed(0)
+    model = GPT(
+        ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, dropout=0.5, logit_softcap=5.0)
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits well past the cap: the cap must act
+    x = torch.randint(0, V, (2, 8))
+    x[0, 3] = x[1, 6] = eot
+    packed = Batch(x, torch.randint(0, V, (2, 8)), torch.cumsum(x == eot, 1), 16)
+    y = torch.randint(0, V, (3, 5))
+    y[0, 2:], y[1, 4:] = IGNORE_INDEX, IGNORE_INDEX
+    padded = Batch(torch.randint(0, V, (3, 5)), y, None, 2 + 4 + 5)
+    single = Batch(torch.tensor([[eot, 7]]), torch.tensor([[7, IGNORE_INDEX]]), None, 1)
+
+    def by_hand(batches):
+        model.eval()
+        with torch.no_grad():
+            total = sum(
+                F.cross_entropy(
+                    model(b.x, doc_ids=b.doc_ids)[0][..., :V].flatten(0, 1).double(), b.y.flatten(),
+                    ignore_index=IGNORE_INDEX, reduction="sum",
+                ).item()
+                for b in batches
+            )  # fmt: skip
+        model.train()
+        return total, sum(int((b.y != IGNORE_INDEX).sum()) for b in batches)
+
+    model.train()
+    total, count = validation_loss_sum(model, [packed, padded, single], cpu, V)
+    assert model.training  # left as it was found
+    assert (total, count) == pytest.approx(by_hand([packed, padded, single]), rel=1e-6) and count == 28
+    assert validation_loss(model, [packed, padded], cpu, V) == pytest.approx(
+        by_hand([packed, padded])[0] / 27, rel=1e-6
+    )
+    assert validation_loss(model, [single], cpu, V) == pytest.approx(by_hand([single])[0], rel=1e-6)  # one token
+    model.eval()
+    validation_loss_sum(model, [single], cpu, V)
+    assert not model.training
+    # what the checks above can tell apart: the cap, the padded rows and the doc mask each move the loss
+    with torch.no_grad():
+        uncapped = F.cross_entropy(model.lm_head(model.hidden_states(x, packed.doc_ids))[..., :V].flatten(0, 1),
+                                   packed.y.flatten(), reduction="sum").item()  # fmt: skip
+        unmasked = F.cross_entropy(model(x)[0][..., :V].flatten(0, 1), packed.y.flatten(), reduction="sum").item()
+        all_rows = F.cross_entropy(
+            model(x, doc_ids=packed.doc_ids)[0].flatten(0, 1), packed.y.flatten(), reduction="sum"
+        ).item()
+    for other in (uncapped, unmasked, all_rows):
+        assert other != pytest.approx(by_hand([packed])[0], rel=1e-3)
 
 
 def _packed_loss_by_hand(model, tokens, block_size: int, n_blocks: int, eot: int, vocab: int,
