@@ -255,6 +255,16 @@ def test_eval_json_agrees_with_scoring_the_stream_by_hand(padded_doc_masked_run)
     )
 
 
+def test_eval_of_a_diverged_run_reports_an_infinite_perplexity(padded_doc_masked_run, monkeypatch):
+    import tinylm.evaluate
+
+    # 710 nats a token: past exp's range (ln of the largest float is 709.78), a run that blew up
+    monkeypatch.setattr(tinylm.evaluate, "validation_loss", lambda *args, **kwargs: 710.0)
+    result = evaluate_run(padded_doc_masked_run, eval_tokens=150, device_name="cpu")
+    assert result["perplexity"] == math.inf and result["loss"] == result["loss_doc"] == 710.0
+    assert result["bits_per_byte"] == pytest.approx(710.0 * result["tokens"] / (result["bytes"] * math.log(2)))
+
+
 def test_eval_on_other_text_tokenises_it_with_the_runs_trained_bpe(stories, tmp_path):
     # The other text is the stories spelt backwards: a BPE trained on it would merge other pairs.
     # Its tokens must be the run's tokenizer's, the only ids the run's model knows.
