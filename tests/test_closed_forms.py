@@ -162,6 +162,10 @@ def test_evaluation_scores_the_mean_cross_entropy_of_the_real_targets():
     total, count = validation_loss_sum(model, [packed, padded, single], cpu, V)
     assert model.training  # left as it was found
     assert (total, count) == pytest.approx(by_hand([packed, padded, single]), rel=1e-6) and count == 28
+    # summed in float64: the batches' sums add up to the last bits (as ranks' sums must, all-reduced)
+    batches = [packed, padded, single] * 3
+    one_by_one = [validation_loss_sum(model, [b], cpu, V)[0] for b in batches]
+    assert validation_loss_sum(model, batches, cpu, V)[0] == pytest.approx(math.fsum(one_by_one), rel=1e-14)
     assert validation_loss(model, [packed, padded], cpu, V) == pytest.approx(
         by_hand([packed, padded])[0] / 27, rel=1e-6
     )
