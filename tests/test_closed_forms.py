@@ -54,6 +54,15 @@ def test_wsd_over_a_step_budget(step, expected):
     assert learning_rate(_cfg("wsd", warmup_steps=10, decay_fraction=0.2), step, 100) == pytest.approx(expected)
 
 
+def test_wsd_without_a_decay_holds_the_peak_to_the_end():
+    # decay_fraction 0: the stable phase is the whole run, its last instant included (progress 1)
+    steps = _cfg("wsd", warmup_steps=10, decay_fraction=0.0)
+    timed = TrainConfig(max_time=60.0, schedule="wsd", decay_fraction=0.0)
+    assert [learning_rate(steps, s, 100) for s in (10, 99, 100, 150)] == [1e-3] * 4
+    assert learning_rate(timed, 7, None, 1.0) == timed.lr
+    assert ScheduleSpan(steps=None, time_s=60.0).lr(timed, 7, 90.0) == timed.lr  # past the budget too
+
+
 def test_the_default_warmup_is_five_percent_of_the_steps():
     cfg = _cfg("cosine")  # warmup_steps None: round(0.05 x 200) = 10 steps
     assert [learning_rate(cfg, s, 200) for s in (0, 4, 9, 10)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3])
