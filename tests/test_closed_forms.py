@@ -7,14 +7,18 @@ import math
 import random
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-from conftest import tiny_config
-from tinylm.config import TrainConfig, preset
+from conftest import tiny_config, write_stories
+from tinylm.config import ModelConfig, TrainConfig, preset
 from tinylm.costs import model_costs, optimizer_state_values
-from tinylm.data.batching import validation_batches
+from tinylm.data.batching import Batch, validation_batches
 from tinylm.data.prepare import PrepareOptions, prepare
 from tinylm.data.tokenizer import GPT2Tokenizer
-from tinylm.evaluate import evaluate_run, validation_loss
+from tinylm.evaluate import evaluate_run, validation_loss, validation_loss_sum
+from tinylm.loss import IGNORE_INDEX
+from tinylm.model import GPT
 from tinylm.optim import ScheduleSpan, learning_rate
 from tinylm.report.stats import t_interval
 from tinylm.rundir import load_run
@@ -48,6 +52,15 @@ def test_cosine_over_a_step_budget(step, expected):
 ])  # fmt: skip
 def test_wsd_over_a_step_budget(step, expected):
     assert learning_rate(_cfg("wsd", warmup_steps=10, decay_fraction=0.2), step, 100) == pytest.approx(expected)
+
+
+def test_wsd_without_a_decay_holds_the_peak_to_the_end():
+    # decay_fraction 0: the stable phase is the whole run, its last instant included (progress 1)
+    steps = _cfg("wsd", warmup_steps=10, decay_fraction=0.0)
+    timed = TrainConfig(max_time=60.0, schedule="wsd", decay_fraction=0.0)
+    assert [learning_rate(steps, s, 100) for s in (10, 99, 100, 150)] == [1e-3] * 4
+    assert learning_rate(timed, 7, None, 1.0) == timed.lr
+    assert ScheduleSpan(steps=None, time_s=60.0).lr(timed, 7, 90.0) == timed.lr  # past the budget too
 
 
 def test_the_default_warmup_is_five_percent_of_the_steps():
@@ -121,6 +134,166 @@ def test_bits_per_byte_of_a_multibyte_tokenizer_counts_the_text_bytes(stories, t
     assert n_bytes > 2 * len(targets)  # whole words: several bytes a token
     loss = validation_loss(run.model, batches, run.model.lm_head.weight.device, 50257)
     assert result["bits_per_byte"] == pytest.approx(loss * len(targets) / (n_bytes * math.log(2)), rel=1e-9)
+
+
+def test_evaluation_scores_the_mean_cross_entropy_of_the_real_targets():
+    # A model in training mode with dropout, a soft cap its logits reach, 14 padded output rows, and
+    # batches of every kind: packed with the doc mask, padded rows (IGNORE_INDEX), one of a single target.
+    V, eot, cpu = 50, 49, torch.device("cpu")
+    torch.manual_seed(0)
+    model = GPT(
+        ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, dropout=0.5, logit_softcap=5.0)
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits well past the cap: the cap must act
+    x = torch.randint(0, V, (2, 8))
+    x[0, 3] = x[1, 6] = eot
+    packed = Batch(x, torch.randint(0, V, (2, 8)), torch.cumsum(x == eot, 1), 16)
+    y = torch.randint(0, V, (3, 5))
+    y[0, 2:], y[1, 4:] = IGNORE_INDEX, IGNORE_INDEX
+    padded = Batch(torch.randint(0, V, (3, 5)), y, None, 2 + 4 + 5)
+    single = Batch(torch.tensor([[eot, 7]]), torch.tensor([[7, IGNORE_INDEX]]), None, 1)
+
+    def by_hand(batches):
+        model.eval()
+        with torch.no_grad():
+            total = sum(
+                F.cross_entropy(
+                    model(b.x, doc_ids=b.doc_ids)[0][..., :V].flatten(0, 1).double(), b.y.flatten(),
+                    ignore_index=IGNORE_INDEX, reduction="sum",
+                ).item()
+                for b in batches
+            )  # fmt: skip
+        model.train()
+        return total, sum(int((b.y != IGNORE_INDEX).sum()) for b in batches)
+
+    model.train()
+    total, count = validation_loss_sum(model, [packed, padded, single], cpu, V)
+    assert model.training  # left as it was found
+    assert (total, count) == pytest.approx(by_hand([packed, padded, single]), rel=1e-6) and count == 28
+    # summed in float64: the batches' sums add up to the last bits (as ranks' sums must, all-reduced)
+    batches = [packed, padded, single] * 3
+    one_by_one = [validation_loss_sum(model, [b], cpu, V)[0] for b in batches]
+    assert validation_loss_sum(model, batches, cpu, V)[0] == pytest.approx(math.fsum(one_by_one), rel=1e-14)
+    assert validation_loss(model, [packed, padded], cpu, V) == pytest.approx(
+        by_hand([packed, padded])[0] / 27, rel=1e-6
+    )
+    assert validation_loss(model, [single], cpu, V) == pytest.approx(by_hand([single])[0], rel=1e-6)  # one token
+    model.eval()
+    validation_loss_sum(model, [single], cpu, V)
+    assert not model.training
+    # what the checks above can tell apart: the cap, the padded rows and the doc mask each move the loss
+    with torch.no_grad():
+        uncapped = F.cross_entropy(model.lm_head(model.hidden_states(x, packed.doc_ids))[..., :V].flatten(0, 1),
+                                   packed.y.flatten(), reduction="sum").item()  # fmt: skip
+        unmasked = F.cross_entropy(model(x)[0][..., :V].flatten(0, 1), packed.y.flatten(), reduction="sum").item()
+        all_rows = F.cross_entropy(
+            model(x, doc_ids=packed.doc_ids)[0].flatten(0, 1), packed.y.flatten(), reduction="sum"
+        ).item()
+    for other in (uncapped, unmasked, all_rows):
+        assert other != pytest.approx(by_hand([packed])[0], rel=1e-3)
+
+
+def _packed_loss_by_hand(model, tokens, block_size: int, n_blocks: int, eot: int, vocab: int,
+                         doc_mask: bool = True) -> tuple[float, int]:  # fmt: skip
+    """The packed stream scored by hand: block i is tokens[i*T : i*T+T+1]. With the doc mask each
+    <|endoftext|> opens a new document that sees nothing before it (positions restart), so every
+    piece of a row is a forward pass of its own. The softmax runs over the first ``vocab`` rows."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(n_blocks):
+            row = torch.as_tensor(tokens[i * block_size : i * block_size + block_size + 1].astype("int64"))
+            x, y = row[:-1], row[1:]
+            inner = [j for j in range(1, block_size) if x[j] == eot] if doc_mask else []
+            cuts = [0, *inner, block_size]
+            for a, b in zip(cuts, cuts[1:]):
+                logits, _ = model(x[None, a:b])
+                total += F.cross_entropy(logits[0, :, :vocab].double(), y[a:b], reduction="sum").item()
+            count += block_size
+    return total / count, count
+
+
+@pytest.fixture(scope="module")
+def padded_doc_masked_run(stories, tmp_path_factory):
+    """GPT-2's tokens in an embedding padded to 50304 rows, trained with the doc mask, fp32."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    cfg = tiny_config(stories, out, tokenizer="gpt2", max_steps=2, eval_every=2, doc_mask=True, precision="fp32")
+    cfg.model.vocab_size = 50304
+    train(cfg, quiet=True)
+    return out
+
+
+def test_eval_json_agrees_with_scoring_the_stream_by_hand(padded_doc_masked_run):
+    from test_doc_eval import _docs_within_budget, _manual_per_document_loss
+
+    run_dir, T, eot, V = padded_doc_masked_run, 64, 50256, 50257
+    result = evaluate_run(run_dir, eval_tokens=150, device_name="cpu")  # 150 tokens: 3 blocks of 64
+    assert set(result) == {"run", "data", "precision", "tokens", "bytes", "loss", "perplexity", "bits_per_byte",
+                           "loss_doc", "tokens_doc"}  # fmt: skip
+    run = load_run(run_dir)
+    prepared = prepare(PrepareOptions.from_config(run.cfg.train), quiet=True)
+    split = prepared.split("val")
+    assert len(split.tokens) > 2 * 512  # the run's own budget (512) and no budget at all score differently
+
+    loss, tokens = _packed_loss_by_hand(run.model, split.tokens, T, 3, eot, V)
+    targets = split.tokens[1 : 3 * T + 1].tolist()
+    tok = GPT2Tokenizer()
+    n_bytes = sum(1 if i == eot else len(tok.decode([i]).encode()) for i in targets)  # a separator: one byte
+    assert result["tokens"] == tokens == 192 and result["bytes"] == n_bytes
+    assert result["loss"] == pytest.approx(loss, rel=1e-6)  # fp32 sums in another order: not to the last bit
+    nats = result["loss"]
+    assert result["perplexity"] == pytest.approx(math.exp(nats), rel=1e-12)
+    assert result["bits_per_byte"] == pytest.approx(nats * tokens / (n_bytes * math.log(2)), rel=1e-12)
+    assert result["loss_doc"] == pytest.approx(_manual_per_document_loss(run.model, split, T, eot, 192, V), rel=1e-6)
+    lengths = [len(split.document(i)) for i in range(split.n_docs)]
+    assert result["tokens_doc"] == sum(min(n, T) for n in lengths[: _docs_within_budget(lengths, T, 192)])
+    assert result["precision"] == "fp32" and result["run"] == str(run_dir)
+    assert result["data"] == run.cfg.train.data  # a file's source: its path
+    # What the comparisons can tell apart: documents end inside the scored blocks, and the doc mask
+    # and the padded rows (50304 - 50257, never trained) each move the loss well beyond the tolerance.
+    assert targets.count(eot) >= 2 and run.model.lm_head.weight.shape[0] == 50304
+    assert _packed_loss_by_hand(run.model, split.tokens, T, 3, eot, V, doc_mask=False)[0] != pytest.approx(loss)
+    assert _packed_loss_by_hand(run.model, split.tokens, T, 3, eot, 50304)[0] != pytest.approx(loss)
+
+    own = evaluate_run(run_dir)  # the default device (auto) and the run's own budget: 512 tokens, 8 blocks
+    assert own["tokens"] == 512
+    assert own["loss"] == pytest.approx(_packed_loss_by_hand(run.model, split.tokens, T, 8, eot, V)[0], rel=1e-6)
+
+    other_text = write_stories(run_dir.parent / "other.txt", 400, seed=1)
+    other = evaluate_run(run_dir, data=str(other_text), eval_tokens=150, device_name="cpu")
+    other_split = prepare(PrepareOptions.from_config(run.cfg.train, str(other_text)), quiet=True).split("val")
+    assert other["data"] == str(other_text)
+    assert other["loss"] == pytest.approx(
+        _packed_loss_by_hand(run.model, other_split.tokens, T, 3, eot, V)[0], rel=1e-6
+    )
+
+
+def test_eval_of_a_diverged_run_reports_an_infinite_perplexity(padded_doc_masked_run, monkeypatch):
+    import tinylm.evaluate
+
+    # 710 nats a token: past exp's range (ln of the largest float is 709.78), a run that blew up
+    monkeypatch.setattr(tinylm.evaluate, "validation_loss", lambda *args, **kwargs: 710.0)
+    result = evaluate_run(padded_doc_masked_run, eval_tokens=150, device_name="cpu")
+    assert result["perplexity"] == math.inf and result["loss"] == result["loss_doc"] == 710.0
+    assert result["bits_per_byte"] == pytest.approx(710.0 * result["tokens"] / (result["bytes"] * math.log(2)))
+
+
+def test_eval_on_other_text_tokenises_it_with_the_runs_trained_bpe(stories, tmp_path):
+    # The other text is the stories spelt backwards: a BPE trained on it would merge other pairs.
+    # Its tokens must be the run's tokenizer's, the only ids the run's model knows.
+    run_dir = tmp_path / "run"
+    train(tiny_config(stories, run_dir, max_steps=2, eval_every=2), quiet=True)
+    backwards = [story[::-1] for story in stories.read_text().split("\n<|endoftext|>\n")[:-1]]
+    other_text = tmp_path / "backwards.txt"
+    other_text.write_text("".join(f"{story}\n<|endoftext|>\n" for story in backwards))
+    result = evaluate_run(run_dir, data=str(other_text), eval_tokens=150, device_name="cpu")
+    run = load_run(run_dir)
+    options = PrepareOptions.from_config(run.cfg.train, str(other_text), run_dir / "tokenizer.json")
+    split = prepare(options, quiet=True).split("val")
+    eot = run.tokenizer.eot_id
+    assert run.tokenizer.decode(split.document(0)[:-1].tolist()) in backwards  # the run's ids of the text
+    loss, tokens = _packed_loss_by_hand(run.model, split.tokens, 64, 3, eot, run.tokenizer.vocab_size, doc_mask=False)
+    assert result["tokens"] == tokens and result["loss"] == pytest.approx(loss, rel=1e-6)
 
 
 # --- confidence intervals ----------------------------------------------------------------

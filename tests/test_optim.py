@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from tinylm.config import preset
+from tinylm.config import TrainConfig, preset
 from tinylm.costs import model_costs
 from tinylm.distributed import Cluster
 from tinylm.metrics import read_metrics
 from tinylm.model import GPT
-from tinylm.optim import Optimizers, build_optimizer, is_hidden_matrix
+from tinylm.optim import LR_RATIO, Optimizers, build_optimizer, is_hidden_matrix, set_lr
 from tinylm.train import build_trainer, train
 from tinylm.trainer import accumulate_gradients, step_batches
 
@@ -46,6 +46,39 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(stories, tmp_p
     assert on_muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
                        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
     assert "transformer.wte.weight" not in on_muon and "transformer.h.0.ln_1.weight" not in on_muon
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_muon_takes_its_settings_and_adamw_decays_matrices_only(optimizer):
+    # Settings unlike the defaults, so that each must reach its optimizer; one frozen parameter.
+    settings = dict(lr=2e-3, beta1=0.8, beta2=0.9, weight_decay=0.05, muon_lr=0.04, muon_momentum=0.7)
+    cfg = TrainConfig(optimizer=optimizer, max_steps=10, **settings)
+    model = GPT(preset("tiny"))
+    frozen = model.transformer.h[1].ln_2.weight
+    frozen.requires_grad_(False)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    adamw, *muon = opt.optimizers if optimizer == "muon" else [opt]
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"] is True  # the fast kernel
+    decay, no_decay = adamw.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    for group in (decay, no_decay):
+        assert group["lr"] == 2e-3 and group["betas"] == (0.8, 0.9) and LR_RATIO not in group
+    on = {id(p): name for name, p in model.named_parameters()}
+    on_muon = {on[id(p)] for o in muon for g in o.param_groups for p in g["params"]}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected_decay = {n for n in trainable - on_muon if n.endswith(".weight") and "ln" not in n and "wpe" not in n}
+    assert {on[id(p)] for p in decay["params"]} == expected_decay and "transformer.wte.weight" in expected_decay
+    assert {on[id(p)] for p in no_decay["params"]} == trainable - on_muon - expected_decay
+    assert "transformer.wpe.weight" in trainable - on_muon - expected_decay  # a matrix, but never decayed
+    assert all(p is not frozen for g in adamw.param_groups for p in g["params"])
+    if optimizer == "muon":
+        (muon_group,) = muon[0].param_groups
+        assert muon_group["lr"] == 0.04 and muon_group["momentum"] == 0.7
+        assert muon_group["weight_decay"] == pytest.approx(0.05 * 2e-3 / 0.04)  # AdamW's shrink per step
+        assert muon_group[LR_RATIO] == pytest.approx(0.04 / 2e-3)
+        assert len(on_muon) == 8 and all(p is not frozen for p in muon_group["params"])
+    set_lr(opt, 1e-3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3] + ([0.02] if optimizer == "muon" else []))
 
 
 def test_the_schedule_scales_muon_and_adamw_alike(stories, tmp_path):
@@ -140,7 +173,8 @@ def test_muon_on_a_torch_without_it_is_a_one_line_error(stories, tmp_path, monke
 
     monkeypatch.delattr(torch.optim, "Muon")
     cfg = tiny_config(stories, tmp_path, optimizer="muon")
-    with pytest.raises(UserError, match=re.escape(f"torch {torch.__version__}")):
+    said = f"--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch {torch.__version__}"
+    with pytest.raises(UserError, match=f"^{re.escape(said)}$"):
         build_optimizer(GPT(preset("tiny")), cfg.train, torch.device("cpu"))
 
 
@@ -234,15 +268,7 @@ def test_muon_and_adamw_state_round_trips_and_refuses_another_optimizers(stories
         for p in before.state:
             for key, value in before.state[p].items():
                 assert torch.equal(after.state[p][key], value)
+    said = "the checkpoint's optimizer state is from another --optimizer; cannot resume"
     for wrong in ({"state": {}, "param_groups": []}, {"optimizers": [saved["optimizers"][0]]}):
-        with pytest.raises(UserError, match="from another --optimizer"):
+        with pytest.raises(UserError, match=f"^{re.escape(said)}$"):
             fresh.load_state_dict(wrong)
-
-
-def test_muon_on_a_torch_without_it_is_one_line(stories, tmp_path, monkeypatch):
-    from tinylm.errors import UserError
-
-    monkeypatch.delattr(torch.optim, "Muon")
-    cfg = tiny_config(stories, tmp_path, optimizer="muon")
-    with pytest.raises(UserError, match=r"--optimizer muon needs torch.optim.Muon \(torch 2.9 or later\)"):
-        build_optimizer(GPT(preset("tiny")), cfg.train, torch.device("cpu"))

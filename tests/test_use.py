@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
+from tinylm import runtime
 from tinylm.config import ModelConfig
 from tinylm.data.tokenizer import GPT2Tokenizer
 from tinylm.errors import UserError
+from tinylm.evaluate import evaluate_run
 from tinylm.model import GPT
 from tinylm.sample import SamplingOptions, generate, load_run, pick_next, sample_text
 from tinylm.train import train
@@ -75,6 +77,20 @@ def test_sample_and_eval_commands(trained, tmp_path):
     assert 0 < result["bits_per_byte"] < result["loss"]
     assert result["loss_doc"] == pytest.approx(summary["final_val_loss_doc"], rel=1e-6)
     assert "loss_doc" in done.stdout and "packed" in done.stdout  # says which loss perplexity and bpb come from
+
+
+def test_eval_of_a_run_saved_before_precision_scores_in_fp32_on_the_cpu(stories, tmp_path, monkeypatch):
+    # The rule resume follows too (test_precision.py): such a run was trained, and validated, in fp32 on a CPU.
+    result = train(tiny_config(stories, tmp_path / "run", max_steps=2, eval_every=2, precision="fp32"), quiet=True)
+    for name, drop in (("config.json", lambda c: c["train"].pop("precision")),  # as an older tinylm saved it
+                       ("checkpoint.json", lambda c: c["settings"].pop("train.precision"))):  # fmt: skip
+        path = tmp_path / "run" / name
+        saved = json.loads(path.read_text())
+        drop(saved)
+        path.write_text(json.dumps(saved))
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, "1")  # auto would pick bf16 for a new run here
+    old = evaluate_run(tmp_path / "run", device_name="cpu")
+    assert old["precision"] == "fp32" and old["loss"] == result.summary["final_val_loss"]
 
 
 def test_export_to_hugging_face_matches_tinylm(trained, tmp_path):

@@ -15,7 +15,6 @@ from tinylm.rundir import load_run, tokenizer_file
 from tinylm.runtime import autocast_for, resolve_precision, select_device
 
 
-@torch.no_grad()
 def validation_loss_sum(model: GPT, batches: list[Batch], device: torch.device, vocab_size: int,
                         precision: str = "fp32") -> tuple[float, int]:  # fmt: skip
     """Summed loss and the number of target tokens over the batches (sums add up across ranks).
@@ -25,21 +24,23 @@ def validation_loss_sum(model: GPT, batches: list[Batch], device: torch.device, 
     vocab_size is the tokenizer's: the softmax runs over those rows of the output layer only,
     so a vocabulary padded beyond it (quality's 50304) scores as the tokens sampling can emit.
     """
-    was_training = model.training
-    model.eval()
-    real_rows = model.lm_head.weight[:vocab_size]
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # one sync at the end
-    for batch in batches:
-        b = batch.to(device)
-        with autocast_for(device, precision):
-            hidden = model.hidden_states(b.x, b.doc_ids)
-            loss = linear_cross_entropy(
-                hidden.flatten(0, 1), real_rows, b.y.flatten(), softcap=model.config.logit_softcap
-            )
-        total += loss.double() * b.real_tokens
-        count += b.real_tokens
-    model.train(was_training)
-    return total.item(), count
+    # no_grad as a block, not a decorator: mutmut (benchmarks/mutation.sh) skips decorated functions
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        real_rows = model.lm_head.weight[:vocab_size]
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # one sync at the end
+        for batch in batches:
+            b = batch.to(device)
+            with autocast_for(device, precision):
+                hidden = model.hidden_states(b.x, b.doc_ids)
+                loss = linear_cross_entropy(
+                    hidden.flatten(0, 1), real_rows, b.y.flatten(), softcap=model.config.logit_softcap
+                )
+            total += loss.double() * b.real_tokens
+            count += b.real_tokens
+        model.train(was_training)
+        return total.item(), count
 
 
 def validation_loss(model: GPT, batches: list[Batch], device: torch.device, vocab_size: int,
