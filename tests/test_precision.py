@@ -7,13 +7,14 @@ The suite sets TINYLM_CPU_BF16=0 (conftest); tests of auto set the detection the
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
-from tinylm import runtime
+from tinylm import bench, runtime
 from tinylm.cli import main
 from tinylm.config import ModelConfig
 from tinylm.errors import UserError
@@ -241,7 +242,7 @@ def test_bench_times_each_precision_alternately_against_its_own_peak(tmp_path):
     assert [(r["name"], r["precision"]) for r in report["results"]] == [
         ("tinylm", "fp32"), ("textbook", "fp32"), ("tinylm", "bf16"), ("textbook", "bf16")]
     peaks = report["matmul_peaks"]
-    assert peaks["bf16"]["source"] == "measured: best 2048x2048 bf16 matmul" and peaks["fp32"]["gflops"] > 0
+    assert re.fullmatch(r"measured: best (\d+)x\1 bf16 matmul", peaks["bf16"]["source"]) and peaks["fp32"]["gflops"] > 0
     for r in report["results"]:
         assert len(r["step_times_s"]) == 2
         assert r["mfu"] == pytest.approx(r["gflops"] / peaks[r["precision"]]["gflops"])
@@ -250,6 +251,13 @@ def test_bench_times_each_precision_alternately_against_its_own_peak(tmp_path):
                   for p in ("fp32", "bf16"))  # fmt: skip
     assert report["bf16_over_fp32"] == pytest.approx(fp32["median_s"] / bf16["median_s"])
     assert len(report["bf16_over_fp32_per_repeat"]) == 2
+
+
+@pytest.mark.parametrize("budget_s, side", [(1e-12, 256), (1e12, 2048)])
+def test_the_cpu_peak_is_measured_on_a_product_that_fits_the_time_budget(budget_s, side):
+    # emulated bf16 (a CPU without bf16 units) took minutes for one 2048 x 2048 product: the side shrinks
+    assert bench.peak_matmul_side(CPU, "bf16", budget_s) == bench.peak_matmul_side(CPU, "fp32", budget_s) == side
+    assert bench.peak_matmul_side(CUDA, "bf16", budget_s) == 8192  # a GPU is never short of time for it
 
 
 def test_bench_refuses_an_unknown_precision(capsys):
@@ -261,7 +269,6 @@ def test_bench_refuses_an_unknown_precision(capsys):
 @pytest.mark.parametrize("gpu, precision, tflops", [("NVIDIA H200", "bf16", 989.5), ("NVIDIA H100 PCIe", "fp32", 378.0),
                                                      ("NVIDIA A100-SXM4-80GB", "bf16", 312.0)])  # fmt: skip
 def test_a_known_gpu_is_measured_against_its_data_sheet(monkeypatch, gpu, precision, tflops):
-    from tinylm import bench
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
     gflops, source = bench.peak_for(CUDA, precision)

@@ -76,10 +76,34 @@ DATASHEET_DENSE_TFLOPS = {
 device's name. fp32 is TF32: on CUDA, fp32 matmuls run in TF32 (runtime.tune_for)."""
 
 
-def matmul_peak_gflops(device: torch.device, repeats: int = 10, clock: str = "wall", precision: str | None = None) -> float:
-    """Best observed GFLOP/s of a large square matmul in ``precision`` (default: fp32 on CPU, bf16 on GPU)."""
+PEAK_PRODUCT_S = 2.0
+"""The longest one timed product of the peak measurement may take on a CPU: one where bf16 is emulated (no bf16
+units) multiplies it many times slower than fp32, and a 2048 x 2048 bf16 product took minutes on an AVX2 Zen 3."""
+
+
+def peak_matmul_side(device: torch.device, precision: str, budget_s: float = PEAK_PRODUCT_S) -> int:
+    """The side of the square matmul the peak is measured with: 8192 on a GPU; on a CPU 2048, halved (down to 256)
+    while one product, at the speed of a probing 256 x 256 one, would take longer than budget_s."""
+    if device.type != "cpu":
+        return 8192
+    side, dtype = 256, _DTYPES[precision]
+    a = torch.randn(side, side, dtype=dtype)
+    a @ a  # the first product pays for the kernels' set-up
+    start = time.perf_counter()
+    a @ a
+    seconds_per_flop = max(time.perf_counter() - start, 1e-9) / (2 * side**3)
+    n = 2048
+    while n > side and 2 * n**3 * seconds_per_flop > budget_s:
+        n //= 2
+    return n
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 10, clock: str = "wall", precision: str | None = None,
+                       side: int | None = None) -> float:  # fmt: skip
+    """Best observed GFLOP/s of a large square matmul in ``precision`` (default: fp32 on CPU, bf16 on GPU);
+    side: the matrices' (default: peak_matmul_side's)."""
     precision = precision or ("fp32" if device.type == "cpu" else "bf16")
-    n, dtype = (2048 if device.type == "cpu" else 8192), _DTYPES[precision]
+    n, dtype = side or peak_matmul_side(device, precision), _DTYPES[precision]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best, now = float("inf"), CLOCKS[clock]
@@ -101,8 +125,9 @@ def peak_for(device: torch.device, precision: str, clock: str = "wall") -> tuple
             if part in name:
                 kind = "BF16" if precision == "bf16" else "TF32"
                 return figures[precision] * 1000, f"data sheet: {part} dense {kind} {figures[precision]:g} TFLOP/s"
-    n = 2048 if device.type == "cpu" else 8192
-    return matmul_peak_gflops(device, clock=clock, precision=precision), f"measured: best {n}x{n} {precision} matmul"
+    n = peak_matmul_side(device, precision)
+    gflops = matmul_peak_gflops(device, clock=clock, precision=precision, side=n)
+    return gflops, f"measured: best {n}x{n} {precision} matmul"
 
 
 def cpu_name() -> str:
