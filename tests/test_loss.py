@@ -157,10 +157,14 @@ def test_hidden_states_gradient_on_onednn_equals_the_plain_matmul(monkeypatch):
     assert weight_t.shape == (24, 5003) and weight_t.is_contiguous()
     torch.testing.assert_close(_times_weight(grad_logits, weight, weight_t), grad_logits.double() @ weight.double(),
                                rtol=1e-5, atol=1e-4, check_dtype=False)  # fmt: skip
-    # CPU bf16 takes oneDNN too (1.2x faster at basic's shape), within bf16's rounding of the plain product
+    # CPU bf16 takes oneDNN too where it has bf16 kernels (1.2x faster at basic's shape), within bf16's
+    # rounding of the plain product; on a CPU without them (AVX2 only) the plain product
     g16, w16 = grad_logits.bfloat16(), weight.bfloat16()
     w16_t = _hidden_grad_weight(w16)
-    assert w16_t is not None and w16_t.dtype == torch.bfloat16 and w16_t.shape == (24, 5003)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert w16_t is not None and w16_t.dtype == torch.bfloat16 and w16_t.shape == (24, 5003)
+    else:
+        assert w16_t is None
     torch.testing.assert_close(_times_weight(g16, w16, w16_t).float(), (g16.float() @ w16.float()),
                                rtol=1e-2, atol=5e-2)  # fmt: skip
     # fp64 (and the GPU) keep the plain matmul: checked with the switch on, where only the dtype decides
@@ -170,6 +174,26 @@ def test_hidden_states_gradient_on_onednn_equals_the_plain_matmul(monkeypatch):
     monkeypatch.setattr(tinylm.loss, "_ONEDNN_HIDDEN_GRAD", False)
     assert _hidden_grad_weight(weight) is None
     assert torch.equal(_times_weight(grad_logits, weight, None), grad_logits @ weight)
+
+
+@pytest.mark.parametrize("has_bf16_kernels", [True, False])
+def test_bf16_operands_take_onednn_only_where_it_has_bf16_kernels(monkeypatch, has_bf16_kernels):
+    # oneDNN's bf16 inner product needs AVX-512: on an AVX2-only CPU (Zen 3) it raised "could not create
+    # a primitive descriptor" and --precision bf16 failed in the loss. fp32 takes oneDNN either way.
+    if not tinylm.loss._ONEDNN:
+        pytest.skip("this PyTorch build has no oneDNN")
+    assert (torch.bfloat16 in tinylm.loss._ONEDNN_DTYPES) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if has_bf16_kernels and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bf16 kernels")
+    if not has_bf16_kernels:  # what an AVX2-only CPU sees, on any CPU
+        monkeypatch.setattr(tinylm.loss, "_ONEDNN_DTYPES", (torch.float32,))
+    hidden, weight, targets = case(padding=True)
+    h16, w16 = hidden.detach().bfloat16(), weight.detach().bfloat16()
+    assert tinylm.loss._on_onednn(hidden, weight) and tinylm.loss._on_onednn(h16, w16) == has_bf16_kernels
+    assert (_hidden_grad_weight(w16) is not None) == has_bf16_kernels
+    torch.testing.assert_close(_logits(h16, w16).float(), h16.float() @ w16.float().t(), rtol=1e-2, atol=5e-2)
+    loss, _ = _LinearCrossEntropy.apply(hidden, weight, targets, 5, torch.bfloat16, None, 0.0)
+    torch.testing.assert_close(loss, textbook(hidden, weight, targets), rtol=1e-2, atol=0)
 
 
 def test_strided_hidden_states_and_weight_match_textbook():

@@ -95,12 +95,19 @@ ran 1.13x (one thread) and 1.22x (two) faster than MKL at mid's shape here, the 
 once per call, a copy of its size (39 MB for mid)."""
 
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+"""Whether oneDNN has bf16 kernels on this CPU: it needs AVX-512 at least. On an AVX2-only CPU (Zen 3) its bf16
+inner product does not exist ("could not create a primitive descriptor"), so --precision bf16 there failed in
+the loss; its bf16 operands take the plain matmul instead."""
+
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _ONEDNN_BF16 else (torch.float32,)
 
 
 def _on_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether these operands take oneDNN's kernels: CPU tensors in fp32 or bf16 (the bf16 ones ran as fast
-    as MKL's for the logits and 1.2x faster for the hidden states' gradient; benchmarks/bench_levers.py)."""
+    """Whether these operands take oneDNN's kernels: CPU tensors in fp32, or bf16 where it has bf16 kernels (the
+    bf16 ones ran as fast as MKL's for the logits and 1.2x faster for the hidden states' gradient;
+    benchmarks/bench_levers.py)."""
     return _ONEDNN and all(t.device.type == "cpu" and t.dtype in _ONEDNN_DTYPES for t in tensors)
 
 
