@@ -378,19 +378,30 @@ def test_fp64_inputs_are_computed_and_summed_in_fp64():
     torch.testing.assert_close(pair, (ref.detach(), ref_ce), rtol=1e-12, atol=0)
 
 
-def test_bf16_evaluation_multiplies_in_bf16_and_takes_the_softmax_and_sums_in_fp32():
-    # Evaluation under CPU autocast: bf16 logits, then fp32 for the softmax, the z-term and the sums;
-    # the reference is the textbook loss of the same bf16 logits in fp32.
+@pytest.mark.parametrize("source", ["autocast", "bf16 tensors"])
+@pytest.mark.parametrize("path", ["gradients", "evaluation"])
+def test_bf16_matmuls_feed_an_fp32_softmax_cap_and_sums(path, source):
+    # Only the matmuls run in bf16, whether autocast asks for it or the operands are bf16: the cap, the
+    # softmax, the z-term and the sums take the bf16 logits in fp32. The reference is the textbook of
+    # those logits in fp32, so any other step in bf16 (0.4% rounding) shows far above 1e-5.
     torch.manual_seed(0)
     hidden, weight = torch.randn(300, 32), torch.randn(1000, 32) * 3.0  # logits of about 17
     targets = torch.randint(0, 1000, (300,))
     targets[::7] = IGNORE_INDEX
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, ce = linear_cross_entropy(hidden, weight, targets, 64, z_loss=1e-4, return_cross_entropy=True)
     logits = (hidden.bfloat16() @ weight.bfloat16().t()).float()
-    ref, ref_ce = textbook_loss(logits, targets, z_loss=1e-4)
-    assert loss.dtype == ce.dtype == torch.float32
-    torch.testing.assert_close((loss, ce), (ref, ref_ce), rtol=1e-5, atol=0)
+    ref, ref_ce = textbook_loss(20.0 * torch.tanh(logits / 20.0), targets, z_loss=1e-4)
+    if source == "bf16 tensors":
+        hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    hidden.requires_grad_(path == "gradients")
+    with (
+        torch.set_grad_enabled(path == "gradients"),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=source == "autocast"),
+    ):
+        loss, ce = linear_cross_entropy(
+            hidden, weight, targets, 64, softcap=20.0, z_loss=1e-4, return_cross_entropy=True
+        )
+    assert loss.dtype == ce.dtype == torch.float32 and loss.requires_grad == (path == "gradients")
+    torch.testing.assert_close((loss.detach(), ce), (ref, ref_ce), rtol=1e-5, atol=0)
 
 
 def test_weight_gradient_sums_bf16_products_in_fp32_in_the_cpus_layout_and_the_gpus(monkeypatch):
