@@ -538,3 +538,71 @@ def test_ablate_study_end_to_end(stories, tmp_path):
     assert {c["train"]["schedule"] for c in configs.values()} == {"cosine"}  # the study's base
     assert json.loads((out / STUDY_FILE).read_text())["arms"][1]["runs"] == {"tiny": runs[2:]}
     assert (out / "report.md").exists() and "report written to" in done.stdout
+
+
+# --- the plan's arithmetic, without training -------------------------------------------------------
+
+
+def plan_of(text: str, tmp_path, **train) -> Plan:
+    """A Plan on tiny with the GPT-2 tokenizer (no data to prepare) and these training flags."""
+    study = read_study(yaml.safe_load(text), "s.yaml")
+    return Plan(study, ["tiny"], {"train": {"device": "cpu", "batch_size": 2, **train}}, tmp_path, study.arms, seeds=1)
+
+
+def test_a_flag_on_what_a_step_changes_is_named_as_typed(tmp_path):
+    from tinylm.study.plan import check_flags
+
+    study = read_study(yaml.safe_load(TWO_ARMS), "s.yaml")
+    check_flags(study, {"train": {"lr": 1e-3}, "model": {"n_layer": 3}})  # the base's settings may change
+    with pytest.raises(UserError) as refused:
+        check_flags(study, {"model": {"qk_norm": False}})
+    assert str(refused.value) == (
+        "--qk-norm is what step qk of study pair changes (qk_norm on); edit a copy of the study instead"
+    )
+
+
+def test_an_lr_trial_is_its_run_at_the_factor_on_a_share_of_each_budget(tmp_path):
+    from tinylm.config import RunConfig, TrainConfig, preset
+    from tinylm.study.plan import trial_config
+
+    model = preset("tiny")
+    for budget, share, expected in [
+        ({"max_steps": 10}, 0.25, {"max_steps": 2}),  # floor(2.5)
+        ({"max_steps": 10}, 0.05, {"max_steps": 1}),  # at least one step
+        ({"max_tokens": 1000}, 0.25, {"max_tokens": 250}),
+        ({"max_tokens": 1000}, 0.0007, {"max_tokens": 1}),  # at least one token
+        ({"max_time": 60.0}, 0.25, {"max_time": 15.0}),
+    ]:
+        cfg = RunConfig(model=model, train=TrainConfig(lr=2e-3, muon_lr=0.02, **budget), preset="tiny")
+        trial = trial_config(cfg, 3.0, share, tmp_path / "trial")
+        got = {k: getattr(trial.train, k) for k in ("max_steps", "max_tokens", "max_time")}
+        assert got == {"max_steps": None, "max_tokens": None, "max_time": None, **expected}, budget
+        assert trial.train.lr == pytest.approx(6e-3) and trial.train.muon_lr == 0.02  # AdamW: Muon's LR unused
+        assert trial.train.out == str(tmp_path / "trial") and cfg.train.out != trial.train.out
+        assert trial.model == model and trial.preset == "tiny"
+    muon = RunConfig(model=model, train=TrainConfig(lr=2e-3, optimizer="muon", muon_lr=0.02, max_steps=10))
+    assert trial_config(muon, 0.5, 0.5, tmp_path).train.muon_lr == pytest.approx(0.01)  # Muon moves most weights
+
+
+def test_an_arms_budget_counts_steps_token_slots_and_flops(tmp_path):
+    per_step = 2 * 64  # batch x block (one process, no accumulation)
+    fpt = model_costs(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).flops_per_token_train
+    for flags, steps in [({"max_tokens": 1000}, 8), ({"max_steps": 5, "max_tokens": 1000}, 5), ({"max_steps": 9}, 9)]:
+        plan = plan_of(TWO_ARMS, tmp_path, **flags)
+        budget = plan.arm_budget(plan.config("tiny", plan.arms[1], 0))
+        assert budget == {"steps": steps, "tokens": steps * per_step, "flops_per_token": fpt,
+                          "flops": fpt * steps * per_step}, flags  # fmt: skip
+    plan = plan_of(TWO_ARMS, tmp_path, max_time=30.0)
+    budget = plan.arm_budget(plan.config("tiny", plan.arms[1], 0))
+    assert budget == {"steps": None, "tokens": None, "flops_per_token": fpt, "flops": None}  # a time budget
+
+
+def test_a_flops_budget_of_exactly_one_step_trains_one_step(tmp_path):
+    fpt = model_costs(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).flops_per_token_train
+    one_step = fpt * 2 * 64
+    for flops, steps in [(one_step, 1), (2.5 * one_step, 2)]:
+        plan = plan_of(TWO_ARMS + f"budget: {{flops: {flops!r}}}\n", tmp_path)
+        assert plan.config("tiny", plan.arms[0], 0).train.max_steps == steps
+    plan = plan_of(TWO_ARMS + f"budget: {{flops: {0.99 * one_step!r}}}\n", tmp_path)
+    with pytest.raises(UserError, match="less than one step"):
+        plan.config("tiny", plan.arms[0], 0)
