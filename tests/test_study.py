@@ -606,3 +606,45 @@ def test_a_flops_budget_of_exactly_one_step_trains_one_step(tmp_path):
     plan = plan_of(TWO_ARMS + f"budget: {{flops: {0.99 * one_step!r}}}\n", tmp_path)
     with pytest.raises(UserError, match="less than one step"):
         plan.config("tiny", plan.arms[0], 0)
+
+
+@pytest.mark.parametrize("device, cuda, tokens", [("cpu", True, 250_000), ("auto", False, 250_000),
+                                                  ("cuda", False, 250_000), ("auto", True, 20_000_000)])  # fmt: skip
+def test_without_a_budget_one_preset_gets_the_documented_default_for_its_device(tmp_path, monkeypatch, device, cuda,
+                                                                                 tokens):  # fmt: skip
+    # docs/studies.md: on a GPU 20M token slots for basic, on a CPU-only machine 250k.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    study = read_study(yaml.safe_load(TWO_ARMS.replace("preset: tiny", "preset: basic")), "s.yaml")
+    plan = Plan(study, ["basic"], {"train": {"device": device}}, tmp_path, study.arms, seeds=1)
+    assert plan.budget == {"tokens": tokens}
+    assert plan.config("basic", study.arms[0], 0).train.max_tokens == tokens
+    on_base = read_study(yaml.safe_load(TWO_ARMS.replace("{preset: tiny", f"{{preset: basic, device: {device}")), "s")
+    assert Plan(on_base, ["basic"], {}, tmp_path, on_base.arms, seeds=1).budget == {"tokens": tokens}  # the study's
+    with pytest.raises(UserError, match="give a budget .* when ablating several presets"):
+        Plan(study, ["tiny", "basic"], {"train": {"device": device}}, tmp_path, study.arms, seeds=1)
+    budgeted = read_study(yaml.safe_load(TWO_ARMS + "budget: {tokens: 5000}\n"), "s.yaml")
+    assert Plan(budgeted, ["tiny", "basic"], {}, tmp_path, budgeted.arms, seeds=1).budget == {"tokens": 5000}
+
+
+def test_run_folders_by_seed_and_seed_0_keeps_the_folder_it_has(tmp_path):
+    # A study grown from one seed to two (or back) finds seed 0's finished run where it is.
+    study = read_study(yaml.safe_load(TWO_ARMS), "s.yaml")
+    qk = study.arms[1]
+    one, two = (Plan(study, ["tiny"], {}, tmp_path, study.arms, seeds=n) for n in (1, 2))
+    assert one.run_dir("tiny", qk, 0) == tmp_path / "tiny" / "qk"
+    assert [two.run_dir("tiny", qk, k) for k in (0, 1)] == [
+        tmp_path / "tiny" / "qk-seed0",
+        tmp_path / "tiny" / "qk-seed1",
+    ]
+    (tmp_path / "tiny" / "qk").mkdir(parents=True)
+    assert two.run_dir("tiny", qk, 0) == tmp_path / "tiny" / "qk-seed0"  # a folder without a run is not one
+    (tmp_path / "tiny" / "qk" / "config.json").write_text("{}")
+    assert two.run_dir("tiny", qk, 0) == tmp_path / "tiny" / "qk" and two.run_dir("tiny", qk, 1).name == "qk-seed1"
+    (tmp_path / "tiny" / "base-seed0").mkdir()
+    (tmp_path / "tiny" / "base-seed0" / "config.json").write_text("{}")
+    assert one.run_dir("tiny", study.arms[0], 0) == tmp_path / "tiny" / "base-seed0"
+    assert one.config("tiny", study.arms[0], 0).train.out == str(tmp_path / "tiny" / "base-seed0")
+    assert one.trial_dir("tiny", qk, 0.5) == tmp_path / "trials" / "tiny" / "qk-lr0.5"
+    assert one.trial_dir("tiny", qk, 2.0) == tmp_path / "trials" / "tiny" / "qk-lr2"
