@@ -622,7 +622,9 @@ def test_without_a_budget_one_preset_gets_the_documented_default_for_its_device(
     assert plan.config("basic", study.arms[0], 0).train.max_tokens == tokens
     on_base = read_study(yaml.safe_load(TWO_ARMS.replace("{preset: tiny", f"{{preset: basic, device: {device}")), "s")
     assert Plan(on_base, ["basic"], {}, tmp_path, on_base.arms, seeds=1).budget == {"tokens": tokens}  # the study's
-    with pytest.raises(UserError, match="give a budget .* when ablating several presets"):
+    with pytest.raises(
+        UserError, match=r"^give a budget \(--max-tokens, --max-steps or --max-time\) when ablating several presets$"
+    ):
         Plan(study, ["tiny", "basic"], {"train": {"device": device}}, tmp_path, study.arms, seeds=1)
     budgeted = read_study(yaml.safe_load(TWO_ARMS + "budget: {tokens: 5000}\n"), "s.yaml")
     assert Plan(budgeted, ["tiny", "basic"], {}, tmp_path, budgeted.arms, seeds=1).budget == {"tokens": 5000}
@@ -648,3 +650,22 @@ def test_run_folders_by_seed_and_seed_0_keeps_the_folder_it_has(tmp_path):
     assert one.config("tiny", study.arms[0], 0).train.out == str(tmp_path / "tiny" / "base-seed0")
     assert one.trial_dir("tiny", qk, 0.5) == tmp_path / "trials" / "tiny" / "qk-lr0.5"
     assert one.trial_dir("tiny", qk, 2.0) == tmp_path / "trials" / "tiny" / "qk-lr2"
+
+
+def test_doc_mask_follows_packing_unless_the_arm_sets_it(tmp_path):
+    # A doc_mask of the flags applies to the arms that pack (packed is the default batching); an arm that
+    # sets doc_mask itself keeps it, so one that asks for it with padded batching is refused, not changed.
+    text = """
+name: m
+base: {preset: tiny}
+mode: each
+steps:
+  - {name: padded, change: {batching: padded}}
+  - {name: masked, change: {batching: padded, doc_mask: true}}
+"""
+    plan = plan_of(text, tmp_path, max_steps=5, doc_mask=True)
+    base, padded, masked = plan.arms
+    assert plan.config("tiny", base, 0).train.doc_mask  # packed by default: the flag applies
+    assert not plan.config("tiny", padded, 0).train.doc_mask
+    with pytest.raises(UserError, match="^arm masked of study m on preset tiny: .*doc_mask.*packed"):
+        plan.config("tiny", masked, 0)
