@@ -622,6 +622,10 @@ def test_without_a_budget_one_preset_gets_the_documented_default_for_its_device(
     assert plan.config("basic", study.arms[0], 0).train.max_tokens == tokens
     on_base = read_study(yaml.safe_load(TWO_ARMS.replace("{preset: tiny", f"{{preset: basic, device: {device}")), "s")
     assert Plan(on_base, ["basic"], {}, tmp_path, on_base.arms, seeds=1).budget == {"tokens": tokens}  # the study's
+    bare_text = TWO_ARMS.replace("base: {preset: tiny, schedule: cosine}", "base: {preset: basic}")
+    bare = read_study(yaml.safe_load(bare_text), "s.yaml")  # no training settings at all: device auto
+    default = 20_000_000 if cuda else 250_000
+    assert Plan(bare, ["basic"], {}, tmp_path, bare.arms, seeds=1).budget == {"tokens": default}
     with pytest.raises(
         UserError, match=r"^give a budget \(--max-tokens, --max-steps or --max-time\) when ablating several presets$"
     ):
