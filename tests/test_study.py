@@ -673,3 +673,22 @@ steps:
     assert not plan.config("tiny", padded, 0).train.doc_mask
     with pytest.raises(UserError, match="^arm masked of study m on preset tiny: .*doc_mask.*packed"):
         plan.config("tiny", masked, 0)
+
+
+def test_a_flops_budget_prepares_a_trained_bpe_once_and_quietly(stories, tmp_path, monkeypatch, capsys):
+    # The FLOPs per token need the trained vocabulary's size before anything runs: the plan prepares the
+    # data once for every arm, without the progress lines of a run's own preparing.
+    import tinylm.data.prepare
+
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache"))  # nothing prepared yet
+    calls, real = [], tinylm.data.prepare.prepare
+    monkeypatch.setattr(tinylm.data.prepare, "prepare", lambda *a, **k: calls.append(a) or real(*a, **k))
+    study = read_study(yaml.safe_load(TWO_ARMS + "budget: {flops: 4e11}\n"), "s.yaml")
+    flags = settings(stories, tokenizer="bpe:300")  # a size the stories support: no warning
+    flags["train"].pop("max_steps")
+    plan = Plan(study, ["tiny"], flags, tmp_path / "out", study.arms, seeds=1)
+    capsys.readouterr()
+    cfgs = [plan.config("tiny", arm, 0) for arm in study.arms]
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == ("", "") and len(calls) == 1
+    assert plan.vocab_size(cfgs[1]) == real(*calls[0], quiet=True).meta["vocab_size"] == 300
