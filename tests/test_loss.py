@@ -12,8 +12,11 @@ from tinylm.loss import (
     _LinearCrossEntropy,
     _logits,
     _row_losses,
+    _sums_transposed,
     _times_weight,
+    _WeightGrad,
     linear_cross_entropy,
+    textbook_loss,
 )
 
 VARIANTS = {"softcap": (5.0, 0.0), "z_loss": (None, 1e-2), "both": (5.0, 1e-2)}
@@ -149,12 +152,12 @@ def _before_the_switches(hidden, weight, targets, chunk_rows):
 def test_hidden_states_gradient_on_onednn_equals_the_plain_matmul(monkeypatch):
     # CPU fp32: d hidden = grad_logits @ W through oneDNN with W transposed once; the same product
     # as the BLAS one within fp32 rounding, and with the switch off it is the BLAS one.
+    if not tinylm.loss._ONEDNN:
+        pytest.skip("this PyTorch build has no oneDNN")
     torch.manual_seed(0)
     grad_logits, weight = torch.rand(37, 5003), torch.randn(5003, 24)
     weight_t = _hidden_grad_weight(weight)
-    if weight_t is None:
-        pytest.skip("this PyTorch build has no oneDNN")
-    assert weight_t.shape == (24, 5003) and weight_t.is_contiguous()
+    assert weight_t is not None and weight_t.shape == (24, 5003) and weight_t.is_contiguous()
     torch.testing.assert_close(_times_weight(grad_logits, weight, weight_t), grad_logits.double() @ weight.double(),
                                rtol=1e-5, atol=1e-4, check_dtype=False)  # fmt: skip
     # CPU bf16 takes oneDNN too where it has bf16 kernels (1.2x faster at basic's shape), within bf16's
@@ -282,3 +285,229 @@ def test_row_losses_from_target_probability_or_row_maxima_match_textbook(may_syn
     got = _row_losses(logits, probs, logits[rows, safe_t], rows, safe_t, keep, may_sync=may_sync)
     ref = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _spy(monkeypatch, name):
+    """Replace tinylm.loss.<name> by a wrapper that records its calls' arguments and calls it."""
+    calls, real = [], getattr(tinylm.loss, name)
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(tinylm.loss, name, spy)
+    return calls
+
+
+def test_default_chunks_hold_32_mb_of_fp32_logits_on_the_cpu(monkeypatch):
+    # 2^23 logits at a time (166 rows of GPT-2's vocabulary), whatever the width: the chunking bounds
+    # the memory and leaves the loss as it is. A vocabulary bigger than a chunk goes a row at a time.
+    calls = _spy(monkeypatch, "_logits")
+    torch.manual_seed(0)
+    vocab = 50257
+    hidden = torch.randn(170, 4, requires_grad=True)
+    weight = (torch.randn(vocab, 4) * 0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (170,))
+    full_rows = (1 << 23) // vocab
+    loss = linear_cross_entropy(hidden, weight, targets)
+    assert [h.shape[0] for h, _ in calls] == [full_rows, 170 - full_rows]
+    torch.testing.assert_close(loss, textbook(hidden, weight, targets), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        linear_cross_entropy(hidden, weight, targets)
+    assert [h.shape[0] for h, _ in calls] == [full_rows, 170 - full_rows]
+    calls.clear()
+    monkeypatch.setitem(tinylm.loss._CHUNK_ELEMENTS, "cpu", 64)  # smaller than a row of 101 logits
+    hidden, weight, targets = case(padding=True)
+    loss = linear_cross_entropy(hidden, weight, targets)
+    assert [h.shape[0] for h, _ in calls] == [1] * len(targets)
+    torch.testing.assert_close(loss, textbook(hidden, weight, targets), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trained", ["hidden", "weight"])
+def test_gradients_flow_when_only_the_hidden_states_or_only_the_weight_are_trained(trained):
+    # A frozen output matrix (or frozen features) still gets the loss's gradient to the other operand.
+    hidden, weight, targets = case(padding=True)
+    hidden, weight = (
+        hidden.detach().requires_grad_(trained == "hidden"),
+        weight.detach().requires_grad_(trained == "weight"),
+    )
+    param = hidden if trained == "hidden" else weight
+    loss = linear_cross_entropy(hidden, weight, targets, 5, softcap=5.0, z_loss=1e-2)
+    (grad,) = torch.autograd.grad(loss, param)
+    (ref,) = torch.autograd.grad(textbook(hidden, weight, targets, 5.0, 1e-2), param)
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [None, "both"])
+def test_without_onednn_the_plain_matmuls_match_textbook(monkeypatch, variant):
+    # PyTorch builds without oneDNN's linear (or other CPUs) multiply with the plain matmul, in fp32:
+    # the loss runs with autocast off whatever the caller's setting.
+    monkeypatch.setattr(tinylm.loss, "_ONEDNN", False)
+    softcap, z = VARIANTS.get(variant, (None, 0.0))
+    hidden, weight, targets = case(padding=True)
+    assert not tinylm.loss._on_onednn(hidden, weight) and _hidden_grad_weight(weight) is None
+    ref = textbook(hidden, weight, targets, softcap, z)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, targets, 5, softcap=softcap, z_loss=z)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_fp64_inputs_are_computed_and_summed_in_fp64():
+    # Nothing in the loss rounds to fp32 behind fp64 inputs: loss, cross-entropy and both gradients
+    # agree with the fp64 textbook far below fp32's rounding (1e-7).
+    hidden, weight, targets = case(padding=True)
+    hidden, weight = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    ref = textbook(hidden, weight, targets, 5.0, 1e-2)
+    ref_ce = textbook(hidden, weight, targets, 5.0).detach()
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    loss, ce = linear_cross_entropy(hidden, weight, targets, 5, softcap=5.0, z_loss=1e-2, return_cross_entropy=True)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.dtype == ce.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-12, atol=0)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():  # evaluation's path
+        pair = linear_cross_entropy(hidden, weight, targets, 5, softcap=5.0, z_loss=1e-2, return_cross_entropy=True)
+    assert pair[0].dtype == torch.float64
+    torch.testing.assert_close(pair, (ref.detach(), ref_ce), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("source", ["autocast", "bf16 tensors"])
+@pytest.mark.parametrize("path", ["gradients", "evaluation"])
+def test_bf16_matmuls_feed_an_fp32_softmax_cap_and_sums(path, source):
+    # Only the matmuls run in bf16, whether autocast asks for it or the operands are bf16: the cap, the
+    # softmax, the z-term and the sums take the bf16 logits in fp32. The reference is the textbook of
+    # those logits in fp32, so any other step in bf16 (0.4% rounding) shows far above 1e-5.
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(300, 32), torch.randn(1000, 32) * 3.0  # logits of about 17
+    targets = torch.randint(0, 1000, (300,))
+    targets[::7] = IGNORE_INDEX
+    logits = (hidden.bfloat16() @ weight.bfloat16().t()).float()
+    ref, ref_ce = textbook_loss(20.0 * torch.tanh(logits / 20.0), targets, z_loss=1e-4)
+    if source == "bf16 tensors":
+        hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    hidden.requires_grad_(path == "gradients")
+    with (
+        torch.set_grad_enabled(path == "gradients"),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=source == "autocast"),
+    ):
+        loss, ce = linear_cross_entropy(
+            hidden, weight, targets, 64, softcap=20.0, z_loss=1e-4, return_cross_entropy=True
+        )
+    assert loss.dtype == ce.dtype == torch.float32 and loss.requires_grad == (path == "gradients")
+    torch.testing.assert_close((loss.detach(), ce), (ref, ref_ce), rtol=1e-5, atol=0)
+
+
+def test_weight_gradient_sums_bf16_products_in_fp32_in_the_cpus_layout_and_the_gpus(monkeypatch):
+    # On the CPU the bf16 sum is kept as the (C, V) transpose (h.T @ g ran faster); on a GPU as (V, C).
+    # Both layouts give the fp32 sum of the chunks' bf16 products; the GPU's runs here by its rule.
+    assert _sums_transposed(torch.bfloat16, torch.float32, "cpu")
+    assert not _sums_transposed(torch.bfloat16, torch.float32, "cuda")
+    assert not _sums_transposed(torch.float32, torch.float32, "cpu")
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(64, 32, requires_grad=True), (torch.randn(300, 32) * 0.2).requires_grad_()
+    targets = torch.randint(0, 300, (64,))
+    targets[::5] = IGNORE_INDEX
+    on_cpu = _WeightGrad(weight, torch.bfloat16, torch.float32)
+    assert on_cpu.total.shape == (32, 300) and on_cpu.total.dtype == torch.float32
+    logits = (hidden.detach().bfloat16() @ weight.detach().bfloat16().t()).float().requires_grad_()
+    grad_logits = torch.autograd.grad(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX), logits)[0]
+    reference = grad_logits.bfloat16().float().t() @ hidden.detach().bfloat16().float()
+    for gpu_layout in (False, True):
+        if gpu_layout:
+            monkeypatch.setattr(tinylm.loss, "_sums_transposed", lambda *_: False)
+        loss, _ = _LinearCrossEntropy.apply(hidden, weight, targets, 16, torch.bfloat16, None, 0.0)  # 4 chunks
+        (grad,) = torch.autograd.grad(loss, weight)
+        assert grad.dtype == torch.float32 and grad.is_contiguous()
+        assert (grad - reference).norm() < 5e-3 * reference.norm()
+
+
+def test_fp32_weight_gradient_is_added_by_addmm_in_the_weights_layout():
+    # The kernel the bit-identity above fixes, at a shape where h.T @ g summed otherwise differs in the last bits.
+    hidden, weight, targets = case(padding=False, rows=1000, vocab=50, width=7)
+    _, _, old_grad_weight = _before_the_switches(hidden.detach(), weight.detach(), targets, 999)
+    linear_cross_entropy(hidden, weight, targets, 999).backward()
+    assert torch.equal(weight.grad, old_grad_weight)
+
+
+@pytest.mark.parametrize("real_targets", [0, 1])
+def test_one_real_target_is_its_own_mean_and_none_gives_zero(real_targets):
+    # The mean is over the real targets: one real row is that row's loss, all padding is 0 (never nan).
+    hidden, weight, targets = case(padding=False)
+    targets[real_targets:] = IGNORE_INDEX
+    loss = linear_cross_entropy(hidden, weight, targets, 5, softcap=5.0, z_loss=1e-2)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    with torch.no_grad():
+        no_grad = linear_cross_entropy(hidden, weight, targets, 5, softcap=5.0, z_loss=1e-2)
+    if real_targets:
+        ref = textbook(hidden[:1], weight, targets[:1], 5.0, 1e-2)
+        ref_grads = torch.autograd.grad(ref, (hidden, weight))
+        torch.testing.assert_close((loss, no_grad), (ref, ref.detach()), rtol=1e-5, atol=1e-6)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    else:
+        assert loss.item() == no_grad.item() == 0.0
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_a_one_token_vocabulary_with_padding_has_zero_loss():
+    # The placeholder target of padding rows stays inside the vocabulary, whatever its size.
+    hidden, weight, targets = case(padding=True, vocab=1)
+    loss = linear_cross_entropy(hidden, weight, targets, 5)
+    assert loss.item() == 0.0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(loss, (hidden, weight)))
+
+
+def test_cpu_rows_take_the_row_maxima_only_where_the_target_probability_is_tiny(monkeypatch):
+    # On the CPU a row's loss is -log p_target, with no passes for the row maxima; only rows whose target
+    # probability underflows take them. An accelerator takes them for every row (no host sync).
+    calls = _spy(monkeypatch, "_log_sum_exp")
+    hidden, weight, targets = case(padding=True)
+    linear_cross_entropy(hidden, weight, targets, 5).backward()
+    assert calls == []
+    hidden = (hidden.detach() * 40).requires_grad_()
+    with torch.no_grad():
+        probs = torch.softmax(hidden @ weight.t(), dim=1)
+        targets[1::3] = probs[1::3].argmax(dim=1)  # likely targets beside the underflowing ones
+        tiny = (probs[torch.arange(len(targets)), targets.clamp(min=0)] < 1e-30) & (targets != IGNORE_INDEX)
+    assert 0 < tiny.sum() < (targets != IGNORE_INDEX).sum()
+    linear_cross_entropy(hidden, weight, targets, len(targets)).backward()  # one chunk
+    assert len(calls) == 1 and calls[0][0].shape[0] == tiny.sum()
+    calls.clear()
+    logits = hidden.detach() @ weight.detach().t()
+    keep, rows = targets != IGNORE_INDEX, torch.arange(len(targets))
+    safe_t = torch.where(keep, targets, 0)
+    _row_losses(logits, torch.softmax(logits, 1), logits[rows, safe_t], rows, safe_t, keep, may_sync=False)
+    assert len(calls) == 1 and calls[0][0].shape[0] == len(targets)
+
+
+def test_textbook_loss_is_cross_entropy_plus_the_z_term_over_the_real_targets():
+    # The full-logits path (model full_logits, bench's textbook step): F.cross_entropy and, with z_loss,
+    # z * mean(logsumexp^2) over the rows that are not padding; the second value is the detached cross-entropy.
+    torch.manual_seed(0)
+    logits = (torch.randn(12, 30) * 3).requires_grad_()
+    targets = torch.randint(0, 30, (12,))
+    targets[::4] = IGNORE_INDEX
+    real = targets != IGNORE_INDEX
+    log_probs = logits.log_softmax(dim=1)[real]
+    ce = -log_probs[torch.arange(int(real.sum())), targets[real]].mean()
+    z_term = logits.logsumexp(dim=1)[real].square().mean()
+    loss, detached = textbook_loss(logits, targets)
+    torch.testing.assert_close((loss, detached), (ce, ce.detach()))
+    assert loss.requires_grad and not detached.requires_grad
+    loss_z, detached_z = textbook_loss(logits, targets, z_loss=0.1)
+    torch.testing.assert_close((loss_z, detached_z), (ce + 0.1 * z_term, ce.detach()))
+    assert not detached_z.requires_grad
+    grads = torch.autograd.grad(loss_z, logits)[0]  # the z-term is part of what is differentiated
+    torch.testing.assert_close(grads, torch.autograd.grad(ce + 0.1 * z_term, logits)[0])
+    one = torch.full_like(targets, IGNORE_INDEX)
+    one[1] = targets[1]  # one real target: its own loss, not half of it
+    loss_one, _ = textbook_loss(logits, one, z_loss=0.1)
+    row = logits[1:2]
+    torch.testing.assert_close(loss_one, F.cross_entropy(row, one[1:2]) + 0.1 * row.logsumexp(dim=1).square().sum())

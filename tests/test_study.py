@@ -538,3 +538,157 @@ def test_ablate_study_end_to_end(stories, tmp_path):
     assert {c["train"]["schedule"] for c in configs.values()} == {"cosine"}  # the study's base
     assert json.loads((out / STUDY_FILE).read_text())["arms"][1]["runs"] == {"tiny": runs[2:]}
     assert (out / "report.md").exists() and "report written to" in done.stdout
+
+
+# --- the plan's arithmetic, without training -------------------------------------------------------
+
+
+def plan_of(text: str, tmp_path, **train) -> Plan:
+    """A Plan on tiny with the GPT-2 tokenizer (no data to prepare) and these training flags."""
+    study = read_study(yaml.safe_load(text), "s.yaml")
+    return Plan(study, ["tiny"], {"train": {"device": "cpu", "batch_size": 2, **train}}, tmp_path, study.arms, seeds=1)
+
+
+def test_a_flag_on_what_a_step_changes_is_named_as_typed(tmp_path):
+    from tinylm.study.plan import check_flags
+
+    study = read_study(yaml.safe_load(TWO_ARMS), "s.yaml")
+    check_flags(study, {"train": {"lr": 1e-3}, "model": {"n_layer": 3}})  # the base's settings may change
+    with pytest.raises(UserError) as refused:
+        check_flags(study, {"model": {"qk_norm": False}})
+    assert str(refused.value) == (
+        "--qk-norm is what step qk of study pair changes (qk_norm on); edit a copy of the study instead"
+    )
+
+
+def test_an_lr_trial_is_its_run_at_the_factor_on_a_share_of_each_budget(tmp_path):
+    from tinylm.config import RunConfig, TrainConfig, preset
+    from tinylm.study.plan import trial_config
+
+    model = preset("tiny")
+    for budget, share, expected in [
+        ({"max_steps": 10}, 0.25, {"max_steps": 2}),  # floor(2.5)
+        ({"max_steps": 10}, 0.05, {"max_steps": 1}),  # at least one step
+        ({"max_tokens": 1000}, 0.25, {"max_tokens": 250}),
+        ({"max_tokens": 1000}, 0.0007, {"max_tokens": 1}),  # at least one token
+        ({"max_time": 60.0}, 0.25, {"max_time": 15.0}),
+    ]:
+        cfg = RunConfig(model=model, train=TrainConfig(lr=2e-3, muon_lr=0.02, **budget), preset="tiny")
+        trial = trial_config(cfg, 3.0, share, tmp_path / "trial")
+        got = {k: getattr(trial.train, k) for k in ("max_steps", "max_tokens", "max_time")}
+        assert got == {"max_steps": None, "max_tokens": None, "max_time": None, **expected}, budget
+        assert trial.train.lr == pytest.approx(6e-3) and trial.train.muon_lr == 0.02  # AdamW: Muon's LR unused
+        assert trial.train.out == str(tmp_path / "trial") and cfg.train.out != trial.train.out
+        assert trial.model == model and trial.preset == "tiny"
+    muon = RunConfig(model=model, train=TrainConfig(lr=2e-3, optimizer="muon", muon_lr=0.02, max_steps=10))
+    assert trial_config(muon, 0.5, 0.5, tmp_path).train.muon_lr == pytest.approx(0.01)  # Muon moves most weights
+
+
+def test_an_arms_budget_counts_steps_token_slots_and_flops(tmp_path):
+    per_step = 2 * 64  # batch x block (one process, no accumulation)
+    fpt = model_costs(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).flops_per_token_train
+    for flags, steps in [({"max_tokens": 1000}, 8), ({"max_steps": 5, "max_tokens": 1000}, 5), ({"max_steps": 9}, 9)]:
+        plan = plan_of(TWO_ARMS, tmp_path, **flags)
+        budget = plan.arm_budget(plan.config("tiny", plan.arms[1], 0))
+        assert budget == {"steps": steps, "tokens": steps * per_step, "flops_per_token": fpt,
+                          "flops": fpt * steps * per_step}, flags  # fmt: skip
+    plan = plan_of(TWO_ARMS, tmp_path, max_time=30.0)
+    budget = plan.arm_budget(plan.config("tiny", plan.arms[1], 0))
+    assert budget == {"steps": None, "tokens": None, "flops_per_token": fpt, "flops": None}  # a time budget
+
+
+def test_a_flops_budget_of_exactly_one_step_trains_one_step(tmp_path):
+    fpt = model_costs(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).flops_per_token_train
+    one_step = fpt * 2 * 64
+    for flops, steps in [(one_step, 1), (2.5 * one_step, 2)]:
+        plan = plan_of(TWO_ARMS + f"budget: {{flops: {flops!r}}}\n", tmp_path)
+        assert plan.config("tiny", plan.arms[0], 0).train.max_steps == steps
+    plan = plan_of(TWO_ARMS + f"budget: {{flops: {0.99 * one_step!r}}}\n", tmp_path)
+    with pytest.raises(UserError, match="less than one step"):
+        plan.config("tiny", plan.arms[0], 0)
+
+
+@pytest.mark.parametrize("device, cuda, tokens", [("cpu", True, 250_000), ("auto", False, 250_000),
+                                                  ("cuda", False, 250_000), ("auto", True, 20_000_000)])  # fmt: skip
+def test_without_a_budget_one_preset_gets_the_documented_default_for_its_device(tmp_path, monkeypatch, device, cuda,
+                                                                                 tokens):  # fmt: skip
+    # docs/studies.md: on a GPU 20M token slots for basic, on a CPU-only machine 250k.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    study = read_study(yaml.safe_load(TWO_ARMS.replace("preset: tiny", "preset: basic")), "s.yaml")
+    plan = Plan(study, ["basic"], {"train": {"device": device}}, tmp_path, study.arms, seeds=1)
+    assert plan.budget == {"tokens": tokens}
+    assert plan.config("basic", study.arms[0], 0).train.max_tokens == tokens
+    on_base = read_study(yaml.safe_load(TWO_ARMS.replace("{preset: tiny", f"{{preset: basic, device: {device}")), "s")
+    assert Plan(on_base, ["basic"], {}, tmp_path, on_base.arms, seeds=1).budget == {"tokens": tokens}  # the study's
+    bare_text = TWO_ARMS.replace("base: {preset: tiny, schedule: cosine}", "base: {preset: basic}")
+    bare = read_study(yaml.safe_load(bare_text), "s.yaml")  # no training settings at all: device auto
+    default = 20_000_000 if cuda else 250_000
+    assert Plan(bare, ["basic"], {}, tmp_path, bare.arms, seeds=1).budget == {"tokens": default}
+    with pytest.raises(
+        UserError, match=r"^give a budget \(--max-tokens, --max-steps or --max-time\) when ablating several presets$"
+    ):
+        Plan(study, ["tiny", "basic"], {"train": {"device": device}}, tmp_path, study.arms, seeds=1)
+    budgeted = read_study(yaml.safe_load(TWO_ARMS + "budget: {tokens: 5000}\n"), "s.yaml")
+    assert Plan(budgeted, ["tiny", "basic"], {}, tmp_path, budgeted.arms, seeds=1).budget == {"tokens": 5000}
+
+
+def test_run_folders_by_seed_and_seed_0_keeps_the_folder_it_has(tmp_path):
+    # A study grown from one seed to two (or back) finds seed 0's finished run where it is.
+    study = read_study(yaml.safe_load(TWO_ARMS), "s.yaml")
+    qk = study.arms[1]
+    one, two = (Plan(study, ["tiny"], {}, tmp_path, study.arms, seeds=n) for n in (1, 2))
+    assert one.run_dir("tiny", qk, 0) == tmp_path / "tiny" / "qk"
+    assert [two.run_dir("tiny", qk, k) for k in (0, 1)] == [
+        tmp_path / "tiny" / "qk-seed0",
+        tmp_path / "tiny" / "qk-seed1",
+    ]
+    (tmp_path / "tiny" / "qk").mkdir(parents=True)
+    assert two.run_dir("tiny", qk, 0) == tmp_path / "tiny" / "qk-seed0"  # a folder without a run is not one
+    (tmp_path / "tiny" / "qk" / "config.json").write_text("{}")
+    assert two.run_dir("tiny", qk, 0) == tmp_path / "tiny" / "qk" and two.run_dir("tiny", qk, 1).name == "qk-seed1"
+    (tmp_path / "tiny" / "base-seed0").mkdir()
+    (tmp_path / "tiny" / "base-seed0" / "config.json").write_text("{}")
+    assert one.run_dir("tiny", study.arms[0], 0) == tmp_path / "tiny" / "base-seed0"
+    assert one.config("tiny", study.arms[0], 0).train.out == str(tmp_path / "tiny" / "base-seed0")
+    assert one.trial_dir("tiny", qk, 0.5) == tmp_path / "trials" / "tiny" / "qk-lr0.5"
+    assert one.trial_dir("tiny", qk, 2.0) == tmp_path / "trials" / "tiny" / "qk-lr2"
+
+
+def test_doc_mask_follows_packing_unless_the_arm_sets_it(tmp_path):
+    # A doc_mask of the flags applies to the arms that pack (packed is the default batching); an arm that
+    # sets doc_mask itself keeps it, so one that asks for it with padded batching is refused, not changed.
+    text = """
+name: m
+base: {preset: tiny}
+mode: each
+steps:
+  - {name: padded, change: {batching: padded}}
+  - {name: masked, change: {batching: padded, doc_mask: true}}
+"""
+    plan = plan_of(text, tmp_path, max_steps=5, doc_mask=True)
+    base, padded, masked = plan.arms
+    assert plan.config("tiny", base, 0).train.doc_mask  # packed by default: the flag applies
+    assert not plan.config("tiny", padded, 0).train.doc_mask
+    with pytest.raises(UserError, match="^arm masked of study m on preset tiny: .*doc_mask.*packed"):
+        plan.config("tiny", masked, 0)
+
+
+def test_a_flops_budget_prepares_a_trained_bpe_once_and_quietly(stories, tmp_path, monkeypatch, capsys):
+    # The FLOPs per token need the trained vocabulary's size before anything runs: the plan prepares the
+    # data once for every arm, without the progress lines of a run's own preparing.
+    import tinylm.data.prepare
+
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache"))  # nothing prepared yet
+    calls, real = [], tinylm.data.prepare.prepare
+    monkeypatch.setattr(tinylm.data.prepare, "prepare", lambda *a, **k: calls.append(a) or real(*a, **k))
+    study = read_study(yaml.safe_load(TWO_ARMS + "budget: {flops: 4e11}\n"), "s.yaml")
+    flags = settings(stories, tokenizer="bpe:300")  # a size the stories support: no warning
+    flags["train"].pop("max_steps")
+    plan = Plan(study, ["tiny"], flags, tmp_path / "out", study.arms, seeds=1)
+    capsys.readouterr()
+    cfgs = [plan.config("tiny", arm, 0) for arm in study.arms]
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == ("", "") and len(calls) == 1
+    assert plan.vocab_size(cfgs[1]) == real(*calls[0], quiet=True).meta["vocab_size"] == 300

@@ -141,7 +141,7 @@ class _WeightGrad:
     """
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, acc: torch.dtype):
-        self.transposed = compute_dtype != acc and weight.device.type == "cpu"
+        self.transposed = _sums_transposed(compute_dtype, acc, weight.device.type)
         shape = weight.shape[::-1] if self.transposed else weight.shape
         self.total = torch.zeros(shape, dtype=acc, device=weight.device)
         self.exact = compute_dtype == acc
@@ -158,12 +158,17 @@ class _WeightGrad:
         return self.total.t().contiguous() if self.transposed else self.total
 
 
+def _sums_transposed(compute_dtype: torch.dtype, acc: torch.dtype, device_type: str) -> bool:
+    """Whether _WeightGrad keeps its sum as the (C, V) transpose: products in a lower precision on the CPU."""
+    return compute_dtype != acc and device_type == "cpu"
+
+
 def _accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     # logits and the loss are kept in at least fp32, whatever the matmuls run in
     return torch.promote_types(compute_dtype, torch.float32)
 
 
-def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap=None, z_loss=0.0):
+def _chunked_loss(hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss):
     """The loss and its cross-entropy part alone (no gradients): evaluation's path."""
     acc = _accumulation_dtype(compute_dtype)
     total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -243,7 +248,7 @@ def _log_sum_exp(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, softcap=None, z_loss=0.0):
+    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, softcap, z_loss):
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         grad_hidden = torch.empty_like(hidden)
         acc = _accumulation_dtype(compute_dtype)
