@@ -260,6 +260,22 @@ def test_the_cpu_peak_is_measured_on_a_product_that_fits_the_time_budget(budget_
     assert bench.peak_matmul_side(CUDA, "bf16", budget_s) == 8192  # a GPU is never short of time for it
 
 
+def test_one_slow_probe_does_not_shrink_the_cpu_peaks_product(monkeypatch):
+    # A probe takes a fraction of a millisecond in fp32: one preemption on a loaded CPU made it look 10x
+    # slower, the peak was then measured on a smaller product, and MFU moved with it. The best of several counts.
+    durations = iter([1.0] + [1e-9] * 20)  # the first timed probe preempted, every later one fast
+    clock = {"now": 0.0, "started": False}
+
+    def perf_counter():
+        if clock["started"]:
+            clock["now"] += next(durations)
+        clock["started"] = not clock["started"]
+        return clock["now"]
+
+    monkeypatch.setattr(bench.time, "perf_counter", perf_counter)
+    assert bench.peak_matmul_side(CPU, "fp32", budget_s=1.0) == 2048
+
+
 def test_bench_refuses_an_unknown_precision(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--precision", "fp32,fp16"])
