@@ -20,7 +20,7 @@ set -euo pipefail
 declare -A MODULES=(
   [costs]="src/tinylm/costs.py|tests/test_mechanics.py tests/test_optim.py tests/test_closed_forms.py|cost_model or memory_estimate or info_estimates or flops_per_token or memory_of"
   [stats]="src/tinylm/report/stats.py|tests/test_report_stats.py tests/test_closed_forms.py|hand_computed or verdict_follows or pairing_by_seed or noise_floor_is or contributor_is_named or students or t_table or edges or low_end or spread_of or effect_interval"
-  [evaluate]="src/tinylm/evaluate.py|tests/test_use.py tests/test_doc_eval.py tests/test_closed_forms.py|bits_per_byte or eval or beyond or per_document"
+  [evaluate]="src/tinylm/evaluate.py|tests/test_use.py tests/test_doc_eval.py tests/test_closed_forms.py tests/test_precision.py|bits_per_byte or eval or beyond or per_document"
   [optim]="src/tinylm/optim.py|tests/test_optim.py tests/test_train.py tests/test_closed_forms.py tests/test_reference.py|cosine or wsd or warmup or constant or time_budget or span_holds or muon_takes or schedule_scales or longer_budget or learning_rate_schedules or round_trips or torch_without_it or gpt2_training or muon_training"
   [loss]="src/tinylm/loss.py|tests/test_loss.py tests/test_reference.py|not cuda"
   [trainer]="src/tinylm/trainer.py|tests/test_train.py tests/test_reference.py|not slow"

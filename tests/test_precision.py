@@ -226,7 +226,9 @@ def test_eval_scores_in_the_runs_precision_or_the_one_asked(stories, tmp_path):
     own = evaluate_run(tmp_path / "run", device_name="cpu")
     fp32 = evaluate_run(tmp_path / "run", device_name="cpu", precision="fp32")
     assert own["precision"] == "bf16" and own["loss"] == result.summary["final_val_loss"]
+    assert own["loss_doc"] == result.summary["final_val_loss_doc"]  # the per-document score in bf16 too
     assert fp32["precision"] == "fp32" and fp32["loss"] != own["loss"] and abs(fp32["loss"] - own["loss"]) < 0.05
+    assert fp32["loss_doc"] != own["loss_doc"] and abs(fp32["loss_doc"] - own["loss_doc"]) < 0.05
 
 
 # --- bench per precision --------------------------------------------------------------------------
