@@ -87,7 +87,7 @@ def describe_precision(setting: str, chosen: str, device: torch.device, *, saved
         line = f"precision: {chosen} (--precision {setting})"
         if chosen == "bf16" and device.type == "cpu" and not cpu_bf16_units():
             # measured on an AVX2-only Zen 3: a bf16 matmul ran 44x slower than the fp32 one
-            line += "; this CPU has no bf16 units: its bf16 matmuls are emulated, many times slower than fp32"
+            line += "; this CPU has no bf16 units: its bf16 matmuls are emulated, slower than fp32 (far slower without AVX-512)"
         return line
     if saved_before_precision:
         why = "a run saved before tinylm kept its precision resumes in what it used then, on this device"
