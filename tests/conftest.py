@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 from pathlib import Path
 from types import ModuleType
@@ -46,7 +47,9 @@ def write_stories(path: Path, n: int, seed: int = 0) -> Path:
 def _private_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("TINYLM_GPT2_RANKS", str(gpt2_ranks_path()))  # the installed ranks, found before redirecting
-    mp.setenv("TINYLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # TINYLM_TEST_CACHE: one cache for many sessions (benchmarks/mutation.sh runs a session per mutant,
+    # each of which would otherwise prepare the test corpora again: seconds a session)
+    mp.setenv("TINYLM_CACHE", os.environ.get("TINYLM_TEST_CACHE") or str(tmp_path_factory.mktemp("cache")))
     mp.setenv("TINYLM_CPU_BF16", "0")  # --precision auto means fp32 on every CPU: the same numbers anywhere
     yield
     mp.undo()
