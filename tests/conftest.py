@@ -76,6 +76,17 @@ def tiny_config(data: Path | str, out: Path, **train) -> RunConfig:
     return RunConfig(model=model, train=TrainConfig(**settings), preset="tiny")
 
 
+def tiny_trainer(data: Path | str, out: Path, quiet: bool = True, **train):
+    """A Trainer of tiny_config() on one CPU process, built as `tinylm train` builds it, before its first step."""
+    import torch
+
+    from tinylm.distributed import Cluster
+    from tinylm.train import build_trainer
+
+    cfg = tiny_config(data, out, **train)
+    return build_trainer(cfg, resume=False, quiet=quiet, cluster=Cluster(), device=torch.device("cpu"))
+
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 """The repository's benchmarks/ folder (measurement scripts run as files, not installed with the package)."""
 
