@@ -7,7 +7,9 @@ uninterrupted, accumulated with one large batch; a count wrong on both sides pas
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -285,3 +287,32 @@ def test_the_terminal_says_when_the_budget_is_extended_past_the_schedule(stories
     train(cfg, resume=True)
     assert ("budget extended past the LR schedule's span: the schedule spans the first 4 steps; "
             "steps 5-6 keep its last LR") in capsys.readouterr().out.splitlines()  # fmt: skip
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as an interactive run's is: tqdm draws its bar there."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_counts_the_steps_from_where_the_run_stands_and_shows_loss_and_speed(
+    stories, tmp_path, monkeypatch
+):
+    trainer = tiny_trainer(stories, tmp_path / "run", quiet=False, max_steps=3, eval_every=100)
+    trainer.progress.step = 1  # as a run resumed after its first step
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    result = trainer.fit()
+    frames = [f for f in sys.stderr.getvalue().split("\r") if f.strip()]
+    monkeypatch.undo()
+    last = read_metrics(result.run_dir)[-1]
+    assert trainer.bar.n == trainer.bar.total == 3
+    assert "1/3" in frames[0] and "3/3" in frames[-1] and ("step/s" in frames[-1] or "s/step" in frames[-1])
+    assert f"loss={last['train_loss']:.3f}, tok_s={last['tokens'] / last['elapsed_s']:,.0f}]" in frames[-1]
+
+
+def test_a_quiet_run_draws_no_bar_even_on_a_terminal(stories, tmp_path, monkeypatch):
+    trainer = tiny_trainer(stories, tmp_path / "run", max_steps=2)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    trainer.fit()
+    assert sys.stderr.getvalue() == ""
