@@ -25,7 +25,7 @@ declare -A MODULES=(
   [evaluate]="src/tinylm/evaluate.py|tests/test_use.py tests/test_doc_eval.py tests/test_closed_forms.py|bits_per_byte or eval or beyond or per_document"
   [optim]="src/tinylm/optim.py|tests/test_optim.py tests/test_train.py tests/test_closed_forms.py tests/test_reference.py|cosine or wsd or warmup or constant or time_budget or span_holds or muon_takes or schedule_scales or longer_budget or learning_rate_schedules or round_trips or gpt2_training or muon_training"
   [loss]="src/tinylm/loss.py|tests/test_loss.py tests/test_reference.py|not cuda"
-  [trainer]="src/tinylm/trainer.py|tests/test_trainer_records.py tests/test_train.py tests/test_reference.py tests/test_stability.py tests/test_step_reads.py|not slow and not loss_falls and not same_seed and not after_kill and not tensorboard and not llama and not muon and not healthy_run and not high_lr_run and not non_finite and not (resume_equals_uninterrupted and (constant or wsd or doc or dropout))"
+  [trainer]="src/tinylm/trainer.py|tests/test_trainer_records.py tests/test_train.py tests/test_reference.py tests/test_stability.py tests/test_step_reads.py tests/test_tracking.py|not slow and not loss_falls and not same_seed and not after_kill and not llama and not muon and not healthy_run and not high_lr_run and not non_finite and not (resume_equals_uninterrupted and (constant or wsd or doc or dropout)) and (not test_tracking or resumed_with_another_tracker)"
   [studyplan]="src/tinylm/study/plan.py|tests/test_study.py|not slow"
 )
 ORDER=(costs stats evaluate optim loss trainer studyplan)

@@ -76,14 +76,17 @@ def tiny_config(data: Path | str, out: Path, **train) -> RunConfig:
     return RunConfig(model=model, train=TrainConfig(**settings), preset="tiny")
 
 
-def tiny_trainer(data: Path | str, out: Path, quiet: bool = True, **train):
-    """A Trainer of tiny_config() on one CPU process, built as `tinylm train` builds it, before its first step."""
+def tiny_trainer(data: Path | str, out: Path, quiet: bool = True, vocab_size: int | None = None, **train):
+    """A Trainer of tiny_config() on one CPU process, built as `tinylm train` builds it, before its first step.
+    vocab_size: the model's embedding rows, when not the tokenizer's."""
     import torch
 
     from tinylm.distributed import Cluster
     from tinylm.train import build_trainer
 
     cfg = tiny_config(data, out, **train)
+    if vocab_size is not None:
+        cfg.model.vocab_size = vocab_size
     return build_trainer(cfg, resume=False, quiet=quiet, cluster=Cluster(), device=torch.device("cpu"))
 
 

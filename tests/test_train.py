@@ -361,4 +361,7 @@ def test_resuming_a_run_whose_time_budget_is_spent_says_so(stories, tmp_path, ca
     train(cfg, quiet=True)
     capsys.readouterr()
     train(cfg, resume=True)
-    assert "--max-time 0.05 s is spent" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    trained = read_metrics(tmp_path / "run")[-1]["elapsed_s"]
+    assert (f"--max-time 0.05 s is spent ({trained:.1f} s trained): no step more; "
+            "resume with a larger --max-time to train on") in said.splitlines()  # fmt: skip

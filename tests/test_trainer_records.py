@@ -146,28 +146,41 @@ def test_packed_runs_have_no_truncated_documents_fact(stories, tmp_path):
 # --- one step, against the loss and schedule worked out here ---------------------------------------
 
 
+VOCABULARIES = {"bpe": dict(tokenizer="bpe:512"), "gpt2-padded": dict(tokenizer="gpt2", vocab_size=50304, batch_size=2)}
+"""A trained BPE (the embedding fits it exactly) and GPT-2's 50257 tokens in an embedding padded to 50304:
+the padding rows must stay out of the softmax, in training as in evaluation."""
+
+
+def textbook_cross_entropy_and_z(model, batch, vocab: int, z_loss: float = 0.0) -> tuple[float, float, int]:
+    """Summed cross-entropy over the batch's real targets, summed z-loss term, number of real targets: from
+    the full logits of the tokenizer's rows, in float64."""
+    with torch.no_grad():
+        logits = model.logits(model.hidden_states(batch.x, batch.doc_ids))[..., :vocab].flatten(0, 1).double()
+    targets = batch.y.flatten()
+    keep = targets != IGNORE_INDEX
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+    return ce, z_loss * torch.logsumexp(logits[keep], dim=1).square().sum().item(), int(keep.sum())
+
+
+@pytest.mark.parametrize("vocabulary", list(VOCABULARIES))
 def test_train_loss_is_the_mean_cross_entropy_over_the_steps_real_targets_and_the_z_term_is_logged_beside(
-    stories, tmp_path
+    stories, tmp_path, vocabulary
 ):
-    trainer = tiny_trainer(stories, tmp_path / "run", **LOGGED)
+    trainer = tiny_trainer(stories, tmp_path / "run", **{**LOGGED, **VOCABULARIES[vocabulary]})
     model, vocab, z = trainer.model, trainer.data.meta["vocab_size"], LOGGED["z_loss"]
+    assert (model.config.vocab_size > vocab) == (vocabulary == "gpt2-padded")
     batches = step_rows(trainer.data.rows, trainer.t, 0)
     n = [real_targets(b) for b in batches]
     assert n[0] != n[1]  # a mean of the micro-batch means would differ from the mean over targets
     # the model's own per-micro-batch cross-entropies, on the training path (the values the step sums) ...
     own = [model(b.x, b.y, b.doc_ids, z_loss=z, return_cross_entropy=True, vocab_size=vocab)[2] for b in batches]
-    with torch.no_grad():  # ... and the textbook's, from the full logits
-        logits = [model.logits(model.hidden_states(b.x, b.doc_ids))[..., :vocab].flatten(0, 1).double() for b in batches]
-    keep = [b.y.flatten() != IGNORE_INDEX for b in batches]
-    ce_sum = sum(F.cross_entropy(lg, b.y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-                 for lg, b in zip(logits, batches)).item()  # fmt: skip
-    z_sum = sum(z * torch.logsumexp(lg[k], dim=1).square().sum() for lg, k in zip(logits, keep)).item()
+    ce_sum, z_sum, _ = (sum(v) for v in zip(*(textbook_cross_entropy_and_z(model, b, vocab, z) for b in batches)))
     record = trainer.train_step()
     assert record["train_loss"] == pytest.approx(ce_sum / sum(n), rel=1e-5)
-    # summed in float64: exactly the weighted mean of the model's own micro-batch values
+    # ... summed in float64: exactly the weighted mean of the model's own micro-batch values
     assert record["train_loss"] == pytest.approx(sum(c.double().item() * k for c, k in zip(own, n)) / sum(n), rel=1e-14)
     assert record["train_z_loss"] == pytest.approx(z_sum / sum(n), rel=1e-4)
-    assert record["real_tokens"] == sum(n) and record["tokens"] == 2 * 3 * BLOCK
+    assert record["real_tokens"] == sum(n) and record["tokens"] == trainer.t.grad_accum * trainer.t.batch_size * BLOCK
 
 
 def test_without_z_loss_no_z_term_is_logged(stories, tmp_path):
@@ -195,18 +208,14 @@ def test_a_time_budget_lays_the_schedule_over_the_time_used(stories, tmp_path):
     assert record["lr"] < trainer.t.lr  # past the warm-up, decaying
 
 
-def test_an_evaluation_is_the_mean_cross_entropy_over_the_validation_targets(stories, tmp_path):
-    trainer = tiny_trainer(stories, tmp_path / "run", batching="padded")
+@pytest.mark.parametrize("vocabulary", list(VOCABULARIES))
+def test_an_evaluation_is_the_mean_cross_entropy_over_the_validation_targets(stories, tmp_path, vocabulary):
+    trainer = tiny_trainer(stories, tmp_path / "run", batching="padded", **VOCABULARIES[vocabulary])
     model, vocab = trainer.model, trainer.data.meta["vocab_size"]
 
     def mean_cross_entropy(batches):
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for b in batches:
-                logits = model.logits(model.hidden_states(b.x, b.doc_ids))[..., :vocab].flatten(0, 1).double()
-                total += F.cross_entropy(logits, b.y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
-                count += real_targets(b)
-        return total / count
+        sums = [textbook_cross_entropy_and_z(model, b, vocab) for b in batches]
+        return sum(ce for ce, _, _ in sums) / sum(n for _, _, n in sums)
 
     model.eval()
     packed, per_document = mean_cross_entropy(trainer.data.val_batches), mean_cross_entropy(trainer.data.val_doc_batches)
@@ -215,6 +224,34 @@ def test_an_evaluation_is_the_mean_cross_entropy_over_the_validation_targets(sto
     losses = trainer.validate()
     assert losses["val_loss"] == pytest.approx(packed, rel=1e-5)
     assert losses["val_loss_doc"] == pytest.approx(per_document, rel=1e-5)
+
+
+def test_grad_clip_zero_means_no_clipping(stories, tmp_path):
+    updated = {}
+    for clip in (0.0, 1e9, 0.05):  # off, a cap no gradient reaches, a cap every gradient here exceeds
+        trainer = tiny_trainer(stories, tmp_path / f"clip-{clip}", grad_clip=clip)
+        record = trainer.train_step()
+        updated[clip] = (record["grad_norm"], trainer.model.transformer.wte.weight.detach().clone())
+    assert updated[0.0][0] == updated[1e9][0] == updated[0.05][0] > 0.05  # the norm before clipping, logged
+    assert torch.equal(updated[0.0][1], updated[1e9][1])
+    assert not torch.equal(updated[0.05][1], updated[1e9][1])
+
+
+def test_a_resume_may_move_the_data_but_not_change_it(stories, tmp_path):
+    import shutil
+
+    from conftest import write_stories
+    from tinylm.errors import UserError
+
+    run = tmp_path / "run"
+    train(tiny_config(stories, run, max_steps=2, eval_every=2), quiet=True)
+    moved = tmp_path / "moved" / stories.name
+    moved.parent.mkdir()
+    shutil.copy(stories, moved)
+    assert train(tiny_config(moved, run, max_steps=3, eval_every=2), resume=True, quiet=True).summary["steps"] == 3
+    other = write_stories(tmp_path / "other.txt", 400, seed=1)
+    with pytest.raises(UserError, match="data.content"):
+        train(tiny_config(other, run, max_steps=4, eval_every=2), resume=True, quiet=True)
 
 
 # --- budgets and stops --------------------------------------------------------------------------
