@@ -183,6 +183,18 @@ def test_train_loss_is_the_mean_cross_entropy_over_the_steps_real_targets_and_th
     assert record["real_tokens"] == sum(n) and record["tokens"] == trainer.t.grad_accum * trainer.t.batch_size * BLOCK
 
 
+def test_accumulated_gradients_by_default_are_of_the_fp32_cross_entropy_alone(stories, tmp_path):
+    # as benchmarks/bench_phases.py calls it: no z-loss, no precision given
+    from tinylm.distributed import Cluster
+    from tinylm.trainer import accumulate_gradients, step_batches
+
+    trainer = tiny_trainer(stories, tmp_path / "run", **LOGGED)
+    batches, real = step_batches(trainer.data.rows, trainer.t, 0, Cluster())
+    sums = accumulate_gradients(trainer.model, batches, real, Cluster(), torch.device("cpu"))
+    ce_sum = sum(textbook_cross_entropy_and_z(trainer.model, b, trainer.data.meta["vocab_size"])[0] for b in batches)
+    assert sums[1].item() == 0.0 and sums[0].item() == pytest.approx(ce_sum, rel=1e-5)
+
+
 def test_without_z_loss_no_z_term_is_logged(stories, tmp_path):
     assert "train_z_loss" not in tiny_trainer(stories, tmp_path / "run").train_step()
 
