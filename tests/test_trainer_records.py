@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tinylm.trainer
 from conftest import tiny_config, tiny_trainer
 from tinylm import checkpoint
 from tinylm.loss import IGNORE_INDEX
@@ -230,7 +231,10 @@ def test_an_evaluation_is_the_mean_cross_entropy_over_the_validation_targets(sto
         return sum(ce for ce, _, _ in sums) / sum(n for _, _, n in sums)
 
     model.eval()
-    packed, per_document = mean_cross_entropy(trainer.data.val_batches), mean_cross_entropy(trainer.data.val_doc_batches)
+    packed, per_document = (
+        mean_cross_entropy(trainer.data.val_batches),
+        mean_cross_entropy(trainer.data.val_doc_batches),
+    )
     model.train()
     assert packed != pytest.approx(per_document, rel=1e-4)  # two different figures, not one logged twice
     losses = trainer.validate()
@@ -296,7 +300,9 @@ def test_the_step_budget_is_spent_at_its_last_step(stories, tmp_path):
     assert trainer.agree_to_stop(StopFlag()) == (True, False)
 
 
-@pytest.mark.parametrize("spent", [dict(max_steps=3, step=3, elapsed_s=1.0), dict(max_steps=None, step=2, elapsed_s=5.0)])
+@pytest.mark.parametrize(
+    "spent", [dict(max_steps=3, step=3, elapsed_s=1.0), dict(max_steps=None, step=2, elapsed_s=5.0)]
+)
 def test_a_run_whose_budget_is_spent_exactly_trains_no_step(stories, tmp_path, monkeypatch, spent):
     trainer = tiny_trainer(stories, tmp_path / "run", max_steps=spent["max_steps"],
                            max_time=None if spent["max_steps"] else 5.0)  # fmt: skip
@@ -321,7 +327,10 @@ def test_the_terminal_gets_the_global_batch_and_a_line_per_evaluation(stories, t
     capsys.readouterr()
     result = trainer.fit()
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "global batch: 6 rows per step (--grad-accum 2 x --batch-size 3; 1 process(es), 2 micro-batch(es) each)"
+    assert (
+        out[0]
+        == "global batch: 6 rows per step (--grad-accum 2 x --batch-size 3; 1 process(es), 2 micro-batch(es) each)"
+    )
     records = {r["step"]: r for r in read_metrics(result.run_dir)}
     expected = [f"step {s}: train {records[s]['train_loss']:.4f} val {records[s]['val_loss']:.4f} "
                 f"(per-document {records[s]['val_loss_doc']:.4f})" for s in (2, 4)]  # fmt: skip
@@ -350,6 +359,7 @@ def test_the_progress_bar_counts_the_steps_from_where_the_run_stands_and_shows_l
 ):
     trainer = tiny_trainer(stories, tmp_path / "run", quiet=False, max_steps=3, eval_every=100)
     trainer.progress.step = 1  # as a run resumed after its first step
+    monkeypatch.setattr(tinylm.trainer, "RunClock", lambda earlier_s: FixedClock(0.25))  # a quarter second a step
     monkeypatch.setattr(sys, "stderr", Terminal())
     result = trainer.fit()
     frames = [f for f in sys.stderr.getvalue().split("\r") if f.strip()]
@@ -357,7 +367,7 @@ def test_the_progress_bar_counts_the_steps_from_where_the_run_stands_and_shows_l
     last = read_metrics(result.run_dir)[-1]
     assert trainer.bar.n == trainer.bar.total == 3
     assert "1/3" in frames[0] and "3/3" in frames[-1] and ("step/s" in frames[-1] or "s/step" in frames[-1])
-    assert f"loss={last['train_loss']:.3f}, tok_s={last['tokens'] / last['elapsed_s']:,.0f}]" in frames[-1]
+    assert f"loss={last['train_loss']:.3f}, tok_s={last['tokens'] / 0.25:,.0f}]" in frames[-1]
 
 
 def test_a_quiet_run_draws_no_bar_even_on_a_terminal(stories, tmp_path, monkeypatch):
