@@ -375,3 +375,12 @@ def test_a_quiet_run_draws_no_bar_even_on_a_terminal(stories, tmp_path, monkeypa
     monkeypatch.setattr(sys, "stderr", Terminal())
     trainer.fit()
     assert sys.stderr.getvalue() == ""
+
+
+def test_a_good_state_taken_at_the_checkpoint_step_is_saved_once(stories, tmp_path):
+    trainer = tiny_trainer(stories, tmp_path / "run", guard=True)
+    trainer.train_step()
+    trainer.validate()  # the guard keeps step 1 as good ...
+    trainer.maybe_checkpoint(final=True)  # ... and the checkpoint of step 1 holds it: marked, not stored again
+    good = checkpoint.load(tmp_path / "run", trainer.model, trainer.optimizer)["stability"]["good"]
+    assert good["step"] == 1 and good["model"] is None and good["optimizer"] is None
