@@ -55,6 +55,17 @@ def _private_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_tqdm_monitor_thread():
+    """tqdm starts a monitor thread with its first bar (a disabled one too). benchmarks/mutation.sh forks a
+    process per mutant from the test process; one forked while that thread held tqdm's lock hung for ever."""
+    from tqdm import tqdm
+
+    interval, tqdm.monitor_interval = tqdm.monitor_interval, 0
+    yield
+    tqdm.monitor_interval = interval
+
+
 @pytest.fixture(scope="session")
 def stories(tmp_path_factory) -> Path:
     return write_stories(tmp_path_factory.mktemp("data") / "stories.txt", 400)
