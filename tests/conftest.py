@@ -56,13 +56,20 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _no_tqdm_monitor_thread():
-    """tqdm starts a monitor thread with its first bar (a disabled one too). benchmarks/mutation.sh forks a
-    process per mutant from the test process; one forked while that thread held tqdm's lock hung for ever."""
+def _tqdm_fork_safe():
+    """tqdm's bars share a lock across processes (a multiprocessing one: a semaphore that forked processes
+    share) and start a monitor thread. benchmarks/mutation.sh forks a process per mutant from the test
+    process: once one of them stopped holding that lock, every later one that drew a bar hung on it for ever.
+    Here: a lock of each process's own, and no monitor thread."""
+    import threading
+
     from tqdm import tqdm
 
-    interval, tqdm.monitor_interval = tqdm.monitor_interval, 0
+    lock, interval = tqdm.get_lock(), tqdm.monitor_interval
+    tqdm.set_lock(threading.RLock())
+    tqdm.monitor_interval = 0
     yield
+    tqdm.set_lock(lock)
     tqdm.monitor_interval = interval
 
 
