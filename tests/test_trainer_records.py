@@ -44,10 +44,11 @@ def real_targets(batch) -> int:
     return int((batch.y != IGNORE_INDEX).sum())
 
 
-@pytest.fixture(scope="module")
-def logged_run(stories, tmp_path_factory):
-    """The LOGGED run trained to its end, with the steps at which it saved a checkpoint."""
-    out = tmp_path_factory.mktemp("logged") / "run"
+@pytest.fixture
+def logged_run(stories, tmp_path, monkeypatch):
+    """The LOGGED run trained to its end, with the steps at which it saved a checkpoint. (Trained again for
+    each test: mutmut credits a fixture's calls to the first test that sets it up, so a shared run would
+    leave the other tests unrun on the mutants they catch.)"""
     saved_steps = []
     real_save = checkpoint.save
 
@@ -55,10 +56,10 @@ def logged_run(stories, tmp_path_factory):
         saved_steps.append(progress["step"])
         return real_save(run_dir, model, optimizer, progress, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(checkpoint, "save", recording_save)
-        result = train(tiny_config(stories, out, **LOGGED), quiet=True)
-    return result, read_metrics(out), saved_steps
+    monkeypatch.setattr(checkpoint, "save", recording_save)
+    result = train(tiny_config(stories, tmp_path / "logged", **LOGGED), quiet=True)
+    monkeypatch.undo()
+    return result, read_metrics(tmp_path / "logged"), saved_steps
 
 
 def test_the_first_record_is_the_untrained_models_evaluation_at_step_zero(logged_run, stories, tmp_path):
