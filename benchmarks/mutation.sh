@@ -5,6 +5,8 @@
 #   benchmarks/mutation.sh                    # every module in MODULES below, from the working tree
 #   benchmarks/mutation.sh stats costs        # some of them
 #   REV=main benchmarks/mutation.sh costs     # the tree of a git revision (a "before" score)
+#   MUTANTS='tinylm.trainer.x_step_batches*' benchmarks/mutation.sh trainer   # only these mutants (mutmut's
+#                                             # names, globs allowed; the others count as not checked)
 #
 # Each module runs in its own scratch copy of the tree (OUT/<module>, default /tmp/tinylm-mutation),
 # mutating that one file. mutmut runs the module's tests once to learn which test reaches which
@@ -23,7 +25,7 @@ declare -A MODULES=(
   [evaluate]="src/tinylm/evaluate.py|tests/test_use.py tests/test_doc_eval.py tests/test_closed_forms.py tests/test_precision.py|bits_per_byte or eval or beyond or per_document"
   [optim]="src/tinylm/optim.py|tests/test_optim.py tests/test_train.py tests/test_closed_forms.py tests/test_reference.py|cosine or wsd or warmup or constant or time_budget or span_holds or muon_takes or schedule_scales or longer_budget or learning_rate_schedules or round_trips or torch_without_it or gpt2_training or muon_training"
   [loss]="src/tinylm/loss.py|tests/test_loss.py tests/test_reference.py|not cuda"
-  [trainer]="src/tinylm/trainer.py|tests/test_train.py tests/test_reference.py|not slow"
+  [trainer]="src/tinylm/trainer.py|tests/test_trainer_records.py tests/test_train.py tests/test_reference.py tests/test_stability.py tests/test_step_reads.py tests/test_tracking.py|not slow and not loss_falls and not same_seed and not after_kill and not llama and not muon and not healthy_run and not high_lr_run and not non_finite and not (resume_equals_uninterrupted and (constant or wsd or doc or dropout)) and (not test_tracking or resumed_with_another_tracker)"
   [studyplan]="src/tinylm/study/plan.py|tests/test_study.py|not slow"
 )
 ORDER=(costs stats evaluate optim loss trainer studyplan)
@@ -62,13 +64,17 @@ for name in "${names[@]}"; do
   } >>"$work/pyproject.toml"
   echo "== $name: $target; tests: ${selection[*]}"
   start=$(date +%s)
-  (cd "$work" && env -u PYTHONPATH OMP_NUM_THREADS=1 nice -n "${NICE:-10}" "$MUTMUT" run --max-children 1 >run.log 2>&1) || true
+  read -ra only <<<"${MUTANTS:-}"
+  # TINYLM_TEST_CACHE: the test corpora are prepared once, not again in each mutant's test session
+  (set -f && cd "$work" && env -u PYTHONPATH OMP_NUM_THREADS=1 TINYLM_TEST_CACHE="$work/test-cache" \
+    nice -n "${NICE:-10}" "$MUTMUT" run --max-children 1 "${only[@]}" >run.log 2>&1) || true
   (cd "$work" && "$MUTMUT" results --all true >results.txt 2>&1) || true
   count() { grep -cE ": ($1)\$" "$work/results.txt" || true; }
   killed=$(count killed) timeout=$(count timeout) survived=$(count survived) untested=$(count "no tests")
-  total=$((killed + timeout + survived + untested))
+  unchecked=$(count "not checked")
+  total=$((killed + timeout + survived + untested))  # of the mutants checked
   score=$(awk -v k="$((killed + timeout))" -v t="$total" 'BEGIN { printf t ? "%.1f" : "-", 100 * k / t }')
-  line="$name rev=${REV:-worktree} killed=$killed timeout=$timeout survived=$survived no_tests=$untested"
+  line="$name rev=${REV:-worktree} killed=$killed timeout=$timeout survived=$survived no_tests=$untested not_checked=$unchecked"
   line+=" total=$total score=$score% minutes=$(( ($(date +%s) - start) / 60 ))"
   echo "$line" | tee -a "$OUT/scores.txt"
 done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 from pathlib import Path
 from types import ModuleType
@@ -46,10 +47,30 @@ def write_stories(path: Path, n: int, seed: int = 0) -> Path:
 def _private_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("TINYLM_GPT2_RANKS", str(gpt2_ranks_path()))  # the installed ranks, found before redirecting
-    mp.setenv("TINYLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # TINYLM_TEST_CACHE: one cache for many sessions (benchmarks/mutation.sh runs a session per mutant,
+    # each of which would otherwise prepare the test corpora again: seconds a session)
+    mp.setenv("TINYLM_CACHE", os.environ.get("TINYLM_TEST_CACHE") or str(tmp_path_factory.mktemp("cache")))
     mp.setenv("TINYLM_CPU_BF16", "0")  # --precision auto means fp32 on every CPU: the same numbers anywhere
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tqdm_fork_safe():
+    """tqdm's bars share a lock across processes (a multiprocessing one: a semaphore that forked processes
+    share) and start a monitor thread. benchmarks/mutation.sh forks a process per mutant from the test
+    process: once one of them stopped holding that lock, every later one that drew a bar hung on it for ever.
+    Here: a lock of each process's own, and no monitor thread."""
+    import threading
+
+    from tqdm import tqdm
+
+    lock, interval = tqdm.get_lock(), tqdm.monitor_interval
+    tqdm.set_lock(threading.RLock())
+    tqdm.monitor_interval = 0
+    yield
+    tqdm.set_lock(lock)
+    tqdm.monitor_interval = interval
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +92,20 @@ def tiny_config(data: Path | str, out: Path, **train) -> RunConfig:
     settings.update(train)
     model = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
     return RunConfig(model=model, train=TrainConfig(**settings), preset="tiny")
+
+
+def tiny_trainer(data: Path | str, out: Path, quiet: bool = True, vocab_size: int | None = None, **train):
+    """A Trainer of tiny_config() on one CPU process, built as `tinylm train` builds it, before its first step.
+    vocab_size: the model's embedding rows, when not the tokenizer's."""
+    import torch
+
+    from tinylm.distributed import Cluster
+    from tinylm.train import build_trainer
+
+    cfg = tiny_config(data, out, **train)
+    if vocab_size is not None:
+        cfg.model.vocab_size = vocab_size
+    return build_trainer(cfg, resume=False, quiet=quiet, cluster=Cluster(), device=torch.device("cpu"))
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -7,7 +7,7 @@ from conftest import tiny_config
 from tinylm.evaluate import evaluate_run
 from tinylm.metrics import read_metrics
 from tinylm.model import GPT
-from tinylm.stability import StabilityMonitor
+from tinylm.stability import StabilityMonitor, Thresholds
 from tinylm.train import train
 
 TOO_HIGH_LR = 1.0  # for the tiny model, as 0.5 is for basic: the loss jumps from 10.8 to over 40
@@ -129,7 +129,9 @@ def test_giving_up_keeps_the_last_good_weights_and_says_so(stories, tmp_path, ca
     kept = s["stability"]["kept_weights"]
     assert kept["val_loss"] == s["best_val_loss"] and s["stability"]["label"] == "unstable"
     assert f"kept the weights of step {kept['step']}" in s["stability"]["reason"]
-    assert f"the saved weights are the last good ones, from step {kept['step']}" in capsys.readouterr().out
+    said = (f"the stability guard gave up at step {s['steps']} after {Thresholds().max_recoveries} recoveries; the "
+            f"saved weights are the last good ones, from step {kept['step']} (val loss {kept['val_loss']:.4f})")  # fmt: skip
+    assert said in capsys.readouterr().out.splitlines()
 
 
 def test_a_non_finite_learning_rate_is_never_better_than_unstable(stories, tmp_path):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_trainer
 from tinylm import checkpoint
 from tinylm.config import TrainConfig
 from tinylm.errors import UserError
@@ -249,20 +249,12 @@ def test_a_block_longer_than_the_data_is_refused(tmp_path):
 # --- the Trainer's parts, one at a time ---------------------------------------------------
 
 
-def _trainer(stories, run_dir, **train_settings):
-    from tinylm.distributed import Cluster
-    from tinylm.train import build_trainer
-
-    cfg = tiny_config(stories, run_dir, **train_settings)
-    return build_trainer(cfg, resume=False, quiet=True, cluster=Cluster(), device=torch.device("cpu"))
-
-
 def _weights_of(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_one_training_step_updates_the_weights_and_counts_its_tokens(stories, tmp_path):
-    trainer = _trainer(stories, tmp_path / "run")
+    trainer = tiny_trainer(stories, tmp_path / "run")
     before = _weights_of(trainer.model)
     record = trainer.train_step()
     assert record["step"] == trainer.progress.step == 1
@@ -274,7 +266,7 @@ def test_one_training_step_updates_the_weights_and_counts_its_tokens(stories, tm
 
 
 def test_an_update_the_guard_refuses_leaves_the_weights_as_they_were(stories, tmp_path, monkeypatch):
-    trainer = _trainer(stories, tmp_path / "run", guard=True)
+    trainer = tiny_trainer(stories, tmp_path / "run", guard=True)
     monkeypatch.setattr(trainer.monitor, "allow_update", lambda step, loss, grad_norm: False)
     before = _weights_of(trainer.model)
     record = trainer.train_step()
@@ -285,7 +277,7 @@ def test_an_update_the_guard_refuses_leaves_the_weights_as_they_were(stories, tm
 
 
 def test_an_evaluation_is_kept_in_the_progress_and_judged_by_the_guard(stories, tmp_path):
-    trainer = _trainer(stories, tmp_path / "run", guard=True)
+    trainer = tiny_trainer(stories, tmp_path / "run", guard=True)
     losses = trainer.validate()
     val = losses["val_loss"]
     assert trainer.progress.val_losses == [(0, val)]
@@ -298,7 +290,7 @@ def test_a_checkpoint_carries_the_progress_and_the_whole_stability_state(stories
 
     from tinylm.stability import StabilityState
 
-    trainer = _trainer(stories, tmp_path / "run", guard=True)
+    trainer = tiny_trainer(stories, tmp_path / "run", guard=True)
     trainer.validate()
     trainer.train_step()
     trainer.maybe_checkpoint(final=True)
@@ -369,4 +361,7 @@ def test_resuming_a_run_whose_time_budget_is_spent_says_so(stories, tmp_path, ca
     train(cfg, quiet=True)
     capsys.readouterr()
     train(cfg, resume=True)
-    assert "--max-time 0.05 s is spent" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    trained = read_metrics(tmp_path / "run")[-1]["elapsed_s"]
+    assert (f"--max-time 0.05 s is spent ({trained:.1f} s trained): no step more; "
+            "resume with a larger --max-time to train on") in said.splitlines()  # fmt: skip
