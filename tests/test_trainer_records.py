@@ -264,13 +264,17 @@ def test_a_resume_may_move_the_data_but_not_change_it(stories, tmp_path):
 
     from conftest import write_stories
     from tinylm.errors import UserError
+    from tinylm.evaluate import evaluate_run
 
     run = tmp_path / "run"
     train(tiny_config(stories, run, max_steps=2, eval_every=2), quiet=True)
     moved = tmp_path / "moved" / stories.name
     moved.parent.mkdir()
     shutil.copy(stories, moved)
-    assert train(tiny_config(moved, run, max_steps=3, eval_every=2), resume=True, quiet=True).summary["steps"] == 3
+    resumed = train(tiny_config(moved, run, max_steps=3, eval_every=2), resume=True, quiet=True).summary
+    assert resumed["steps"] == 3
+    # the moved copy reuses the cache filled from the first path; the records name the data now given
+    assert resumed["data"] == str(moved) and evaluate_run(run)["data"] == str(moved)
     other = write_stories(tmp_path / "other.txt", 400, seed=1)
     with pytest.raises(UserError, match="data.content"):
         train(tiny_config(other, run, max_steps=4, eval_every=2), resume=True, quiet=True)
