@@ -126,6 +126,20 @@ def test_prepared_data_is_cached_by_content(tmp_path):
     assert other_tokenizer.directory != changed.directory
 
 
+def test_prepared_data_found_in_the_cache_names_the_source_asked_for(tmp_path):
+    # The cache is keyed by content: the same text under another folder reuses the earlier preparation,
+    # but a run's summary must name the data it was given, not a path from an earlier command.
+    first, second = (tmp_path / "a" / "s.txt", tmp_path / "b" / "s.txt")
+    for path in (first, second):
+        path.parent.mkdir()
+        write_stories(path, 50)
+    prepared_first = prepare(PrepareOptions(str(first)), quiet=True)
+    prepared_second = prepare(PrepareOptions(str(second)), quiet=True)
+    assert prepared_second.directory == prepared_first.directory  # reused, not prepared again
+    assert prepared_first.meta["source"] == str(first)
+    assert prepared_second.meta["source"] == str(second)
+
+
 def test_trained_bpe_has_the_asked_size_and_round_trips(stories, tmp_path):
     data = prepare(PrepareOptions(str(stories), tokenizer="bpe:320"), out=tmp_path / "bpe", quiet=True)
     tok = data.tokenizer

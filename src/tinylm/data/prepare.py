@@ -107,7 +107,7 @@ def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = Fals
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("cache_key") == key:
-            return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
+            return _prepared(directory, meta, source)
         if out is not None:
             raise UserError(f"{directory} holds data prepared from something else; choose another --out")
     elif directory.exists() and any(directory.iterdir()):
@@ -123,6 +123,13 @@ def prepare(options: PrepareOptions, out: Path | None = None, quiet: bool = Fals
             meta = _publish(_write(source, options, key, bpe_size, tmp, quiet), tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _prepared(directory, meta, source)
+
+
+def _prepared(directory: Path, meta: dict, source: Source) -> PreparedData:
+    """The same content may have been prepared from another path (the cache is keyed by content): the
+    meta a run records names the source it was given, not the one the cache was filled from."""
+    meta = {**meta, "source": source.description}
     return PreparedData(directory, meta, load_tokenizer(meta["tokenizer"], directory))
 
 
