@@ -51,7 +51,9 @@ def pytest_configure(config):
     if workers:
         import torch
 
-        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        from tinylm.study.local import cpu_cores  # os.sched_getaffinity is Linux's alone
+
+        threads = max(1, cpu_cores() // int(workers))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
