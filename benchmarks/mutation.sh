@@ -60,7 +60,7 @@ for name in "${names[@]}"; do
     echo "source_paths = [\"src\"]"
     echo "only_mutate = [\"$target\"]"
     echo "pytest_add_cli_args_test_selection = [$(IFS=,; echo "${selection[*]}")]"
-    echo 'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider"]'
+    echo 'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-n", "0"]'  # mutmut runs tests in its own process
   } >>"$work/pyproject.toml"
   echo "== $name: $target; tests: ${selection[*]}"
   start=$(date +%s)

@@ -121,11 +121,14 @@ def tests(check: Check) -> None:
     junit = check.work / "tests.xml"
     # -v -rf: each test's outcome is in parts.log as it finishes, even if the part runs out of time
     argv = [check.python, "-m", "pytest", "-v", "-rf", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    # The suite's addopts (pyproject.toml) ask pytest-xdist for a process per core: replaced here, where the
+    # number of processes is chosen, and so that a Python without pytest-xdist does not meet an unknown -n.
+    argv += ["-o", "addopts=", "-m", "not slow"]
     if check.smoke:
-        argv.append("tests/test_cuda.py")  # the CPU test of this script must not rerun the whole suite
+        argv.append("tests/test_cuda.py")  # the CPU test of this script must not rerun the whole suite; one process
     else:
         if _importable(check.python, "xdist"):
-            argv += ["-n", "8"]  # most tests are CPU-bound tiny runs; 2 threads each below
+            argv += ["-n", "8", "--dist", "worksteal"]  # most tests are CPU-bound tiny runs; 2 threads each below
         if _importable(check.python, "pytest_timeout"):
             argv += ["--timeout", "150"]
     result = check.run("tests", argv, timeout=120 if check.smoke else 300, env={"OMP_NUM_THREADS": "2"})

@@ -103,7 +103,7 @@ start_munge() {
   fi
   chown munge:munge /etc/munge/munge.key
   chmod 0400 /etc/munge/munge.key
-  runuser -u munge -- /usr/sbin/munged
+  runuser -u munge -- /usr/sbin/munged 9>&-  # the daemons keep no hold of the lock below
   munge -n | unmunge >/dev/null || die "munged does not answer; see /var/log/munge/munged.log"
 }
 
@@ -122,8 +122,8 @@ start() {
   mkdir -p "$LOG_DIR" "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd"
   chown slurm:slurm "$LOG_DIR" "$STATE_DIR/slurmctld"
   start_munge
-  running /run/slurmctld.pid || /usr/sbin/slurmctld
-  running /run/slurmd.pid || /usr/sbin/slurmd
+  running /run/slurmctld.pid || /usr/sbin/slurmctld 9>&-
+  running /run/slurmd.pid || /usr/sbin/slurmd 9>&-
   local waited=0
   until is_up; do
     if [ "$waited" -ge "$WAIT_S" ]; then
@@ -160,6 +160,13 @@ status() {
     return 1
   fi
 }
+
+# One start or stop at a time: two callers at once (two test processes, two shells) would otherwise both
+# install with apt-get (its lock refuses the second) and both start the daemons.
+if [ "${1:-start}" != status ] && [ "$(id -u)" = 0 ]; then
+  exec 9>/run/tinylm-slurm-cluster.lock
+  flock 9
+fi
 
 case "${1:-start}" in
   start) start ;;

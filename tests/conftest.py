@@ -43,6 +43,29 @@ def write_stories(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: a worker per core this process may use (xdist alone counts the host's cores where psutil is
+    installed, dozens in a container given two)."""
+    from tinylm.study.local import cpu_cores
+
+    return cpu_cores()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (the suite's default, -n auto), the cores are shared out among the workers: each
+    worker's torch, and the tinylm processes its tests start, take their share of threads rather than every
+    core each, which oversubscribed the CPU and made the suite slower than one process."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        from tinylm.study.local import cpu_cores  # os.sched_getaffinity is Linux's alone
+
+        threads = max(1, cpu_cores() // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()

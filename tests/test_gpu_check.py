@@ -40,12 +40,30 @@ def test_gpu_check_names_a_failed_part_and_exits_non_zero(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     missing = tmp_path / "no-such-data.txt"
     missing.write_text("")  # exists, but empty: the ablation part fails, the others still run
-    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--data", str(missing), str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    # the ablation and one bench: every part runs in the test above, this one is about a failure's record
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--only", "ablation,bench-tiny",
+                           "--data", str(missing), str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
     assert done.returncode != 0
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["failed_parts"] == ["ablation"]
+    assert {p["name"]: p["status"] for p in summary["parts"]}["bench-tiny"] == "passed"  # the others: passed
     assert "FAILED: ablation" in (out / "summary.md").read_text()
+
+
+def test_gpu_check_smoke_runs_its_few_cuda_tests_in_one_process(tmp_path):
+    # The suite's addopts spread it over every core (-n auto): on the GPU machine's 16 cores, 16 processes
+    # importing torch (and each making a CUDA context) for the smoke run's handful of tests.
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable}
+    missing = tmp_path / "unused.txt"
+    missing.write_text("")
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--only", "tests",
+                           "--data", str(missing), str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (out / "parts.log").read_text()
+    assert "tests/test_cuda.py" in log and "[gw0]" not in log, log[-3000:]
 
 
 def test_gpu_check_counts_a_part_it_had_no_time_for_as_not_proven(stories, tmp_path):
