@@ -25,8 +25,8 @@ from tinylm.distributed import Cluster
 from tinylm.loss import IGNORE_INDEX
 from tinylm.metrics import read_metrics
 from tinylm.optim import learning_rate
-from tinylm.stability import StabilityMonitor
 from tinylm.rundir import METRICS_FILE, SUMMARY_FILE
+from tinylm.stability import StabilityMonitor
 from tinylm.train import build_trainer, train
 from tinylm.trainer import StopFlag
 
