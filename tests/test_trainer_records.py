@@ -353,6 +353,16 @@ def test_a_stop_ends_the_steps_with_a_checkpoint_of_the_last_one(stories, tmp_pa
     assert json.loads((tmp_path / "run" / checkpoint.POINTER_FILE).read_text())["step"] == 2
 
 
+def test_the_summary_says_whether_a_stop_ended_the_run_before_its_step_budget(stories, tmp_path):
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=5, eval_every=100)
+    for resume, expected in ((False, (True, False, 2)), (True, (False, True, 5))):  # stopped, then finished
+        result = train(cfg, resume=resume, quiet=True, interrupt_after=None if resume else 2)
+        s = result.summary
+        assert result.interrupted is expected[0]
+        assert (s["interrupted"], s["completed"], s["steps"], s["steps_budget"]) == (*expected, 5)
+        assert json.loads((result.run_dir / SUMMARY_FILE).read_text()) == json.loads(json.dumps(s, default=str))
+
+
 # --- what the terminal says ----------------------------------------------------------------------
 
 
