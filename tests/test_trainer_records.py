@@ -392,6 +392,17 @@ def test_the_terminal_says_when_the_budget_is_extended_past_the_schedule(stories
             "steps 5-6 keep its last LR") in capsys.readouterr().out.splitlines()  # fmt: skip
 
 
+def test_a_resumed_time_budget_past_the_schedules_span_is_an_extension(stories, tmp_path):
+    trainer = tiny_trainer(stories, tmp_path / "run", max_steps=None, max_time=10.0)
+    trainer.train_step()
+    trainer.validate()
+    trainer.maybe_checkpoint(final=True)  # a checkpoint whose schedule spans 10 s
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=None, max_time=20.0)
+    resumed = build_trainer(cfg, resume=True, quiet=True, cluster=Cluster(), device=torch.device("cpu"))
+    extended = resumed.run_facts()["schedule_extended"]
+    assert (extended["from_time_s"], extended["to_time_s"]) == (10.0, 20.0)
+
+
 class Terminal(io.StringIO):
     """A stderr that says it is a terminal, as an interactive run's is: tqdm draws its bar there."""
 
