@@ -313,6 +313,18 @@ def test_the_run_clock_adds_this_process_time_to_what_the_checkpoint_says(monkey
     assert clock.elapsed_s() == 7.5
 
 
+def test_a_run_clock_with_no_earlier_time_counts_from_zero(monkeypatch):
+    import time
+
+    from tinylm.trainer import RunClock
+
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = RunClock()  # a fresh run: nothing trained before this process
+    now[0] = 101.25
+    assert clock.elapsed_s() == 1.25
+
+
 def test_recorded_time_runs_on_across_a_resume_and_ends_in_the_summary(stories, tmp_path):
     cfg = tiny_config(stories, tmp_path / "run", checkpoint_every=2)
     train(cfg, quiet=True, interrupt_after=6)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import sys
 
 import pytest
@@ -17,12 +19,14 @@ import torch.nn.functional as F
 
 import tinylm.trainer
 from conftest import tiny_config, tiny_trainer
-from tinylm import checkpoint
+from tinylm import checkpoint, tracking
+from tinylm.distributed import Cluster
 from tinylm.loss import IGNORE_INDEX
 from tinylm.metrics import read_metrics
 from tinylm.optim import learning_rate
+from tinylm.rundir import METRICS_FILE, SUMMARY_FILE
 from tinylm.stability import StabilityMonitor
-from tinylm.train import train
+from tinylm.train import build_trainer, train
 from tinylm.trainer import StopFlag
 
 BLOCK = 64  # tiny_config's block_size
@@ -120,6 +124,28 @@ def test_checkpoints_follow_checkpoint_every_when_it_is_set(stories, tmp_path, m
                         or real_save(d, m, o, progress, *a))  # fmt: skip
     train(tiny_config(stories, tmp_path / "run", max_steps=7, eval_every=4, checkpoint_every=3), quiet=True)
     assert saved_steps == [3, 6, 7]
+
+
+class Killed(Exception):
+    """What the test's stand-in for os.kill raises: the SIGKILL a real kill point sends, caught in-process."""
+
+
+def test_the_kill_point_after_a_steps_metrics_comes_once_they_are_written_and_before_its_checkpoint(
+    stories, tmp_path, monkeypatch
+):
+    # the crash tests (test_checkpoint.py) SIGKILL a real process there; here the same moment, in-process
+    run, seen = tmp_path / "run", []
+
+    def kill(pid, sig):
+        seen.append((pid, sig, [r["step"] for r in read_metrics(run)], checkpoint.exists(run)))
+        raise Killed
+
+    monkeypatch.setenv(checkpoint.KILL_ENV, "train:after-metrics:step=3")
+    monkeypatch.setattr(os, "kill", kill)
+    with pytest.raises(Killed):
+        train(tiny_config(stories, run, max_steps=6, eval_every=3, log_every=1), quiet=True)
+    monkeypatch.undo()
+    assert seen == [(os.getpid(), signal.SIGKILL, [0, 1, 2, 3], False)]  # step 3 logged, its checkpoint not yet
 
 
 def test_the_run_facts_in_the_summary_are_the_runs(logged_run, stories, tmp_path):
@@ -328,6 +354,16 @@ def test_a_stop_ends_the_steps_with_a_checkpoint_of_the_last_one(stories, tmp_pa
     assert json.loads((tmp_path / "run" / checkpoint.POINTER_FILE).read_text())["step"] == 2
 
 
+def test_the_summary_says_whether_a_stop_ended_the_run_before_its_step_budget(stories, tmp_path):
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=5, eval_every=100)
+    for resume, expected in ((False, (True, False, 2)), (True, (False, True, 5))):  # stopped, then finished
+        result = train(cfg, resume=resume, quiet=True, interrupt_after=None if resume else 2)
+        s = result.summary
+        assert result.interrupted is expected[0]
+        assert (s["interrupted"], s["completed"], s["steps"], s["steps_budget"]) == (*expected, 5)
+        assert json.loads((result.run_dir / SUMMARY_FILE).read_text()) == json.loads(json.dumps(s, default=str))
+
+
 # --- what the terminal says ----------------------------------------------------------------------
 
 
@@ -355,6 +391,17 @@ def test_the_terminal_says_when_the_budget_is_extended_past_the_schedule(stories
     train(cfg, resume=True)
     assert ("budget extended past the LR schedule's span: the schedule spans the first 4 steps; "
             "steps 5-6 keep its last LR") in capsys.readouterr().out.splitlines()  # fmt: skip
+
+
+def test_a_resumed_time_budget_past_the_schedules_span_is_an_extension(stories, tmp_path):
+    trainer = tiny_trainer(stories, tmp_path / "run", max_steps=None, max_time=10.0)
+    trainer.train_step()
+    trainer.validate()
+    trainer.maybe_checkpoint(final=True)  # a checkpoint whose schedule spans 10 s
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=None, max_time=20.0)
+    resumed = build_trainer(cfg, resume=True, quiet=True, cluster=Cluster(), device=torch.device("cpu"))
+    extended = resumed.run_facts()["schedule_extended"]
+    assert (extended["from_time_s"], extended["to_time_s"]) == (10.0, 20.0)
 
 
 class Terminal(io.StringIO):
@@ -394,3 +441,77 @@ def test_a_good_state_taken_at_the_checkpoint_step_is_saved_once(stories, tmp_pa
     trainer.maybe_checkpoint(final=True)  # ... and the checkpoint of step 1 holds it: marked, not stored again
     good = checkpoint.load(tmp_path / "run", trainer.model, trainer.optimizer)["stability"]["good"]
     assert good["step"] == 1 and good["model"] is None and good["optimizer"] is None
+
+
+def test_a_quiet_run_prints_nothing(stories, tmp_path, capsys):
+    # evaluations (a line each when not quiet), a resumed run's extended budget and a spent time budget
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=4, eval_every=2, schedule="cosine")
+    train(cfg, quiet=True)
+    cfg.train.max_steps = 6
+    train(cfg, resume=True, quiet=True)
+    cfg.train.max_time = 1e-9
+    train(cfg, resume=True, quiet=True)
+    assert capsys.readouterr().out == ""
+
+
+# --- the tracker and the other ranks ------------------------------------------------------------
+
+
+class RecordingBackend:
+    """A tracker backend that keeps what the run tells it."""
+
+    made: list[RecordingBackend] = []
+
+    def __init__(self, run, resuming: bool) -> None:
+        self.run, self.resuming, self.continued = run, resuming, False
+        self.logged: list[tuple[int, dict]] = []
+        self.summary = None
+        RecordingBackend.made.append(self)
+
+    def log(self, step: int, values: dict) -> None:
+        self.logged.append((step, values))
+
+    def finish(self, summary: dict) -> None:
+        self.summary = summary
+
+
+def test_the_tracker_gets_every_record_and_the_summary_and_a_resumed_run_says_so(stories, tmp_path, monkeypatch):
+    monkeypatch.setitem(tracking.PACKAGES, "tensorboard", ("json", "tensorboard"))  # installed or not
+    monkeypatch.setitem(tracking.BACKENDS, "tensorboard", RecordingBackend)
+    monkeypatch.setattr(RecordingBackend, "made", [])
+    cfg = tiny_config(stories, tmp_path / "run", max_steps=4, eval_every=2, tracker="tensorboard")
+    first = train(cfg, quiet=True)
+    first_steps = [r["step"] for r in read_metrics(first.run_dir)]
+    cfg.train.max_steps = 6
+    resumed = train(cfg, resume=True, quiet=True)
+    fresh, later = RecordingBackend.made
+    assert (fresh.resuming, later.resuming) == (False, True)
+    assert fresh.run.quiet and fresh.run.dir == (tmp_path / "run").resolve()
+    assert [step for step, _ in fresh.logged] == first_steps == [0, 1, 2, 3, 4]
+    assert fresh.summary == first.summary and later.summary == resumed.summary
+    # a tracked run the tracker had not continued gets metrics.jsonl's earlier records first
+    assert [step for step, _ in later.logged] == [r["step"] for r in read_metrics(resumed.run_dir)] == list(range(7))
+
+
+class SecondOfTwo(Cluster):
+    """Rank 1 of two processes, its collectives answered alone (no process group): what a rank other than 0
+    does with the run's files."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=1, world=2)
+
+    @property
+    def active(self) -> bool:
+        return False
+
+
+def test_a_rank_other_than_0_writes_nothing_and_returns_an_empty_summary(stories, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()  # rank 0 makes it
+    cfg = tiny_config(stories, run, max_steps=3, eval_every=2, grad_accum=2)
+    trainer = build_trainer(cfg, resume=False, quiet=True, cluster=SecondOfTwo(), device=torch.device("cpu"))
+    result = trainer.fit()
+    assert trainer.log is None and trainer.progress.step == 3
+    assert result.summary == {} and result.interrupted is False and result.run_dir == run
+    assert list(run.iterdir()) == []  # no metrics, checkpoint or summary: rank 0 writes them
+    assert not (run / METRICS_FILE).exists() and not (run / SUMMARY_FILE).exists()
