@@ -515,3 +515,17 @@ def test_a_rank_other_than_0_writes_nothing_and_returns_an_empty_summary(stories
     assert result.summary == {} and result.interrupted is False and result.run_dir == run
     assert list(run.iterdir()) == []  # no metrics, checkpoint or summary: rank 0 writes them
     assert not (run / METRICS_FILE).exists() and not (run / SUMMARY_FILE).exists()
+
+
+def test_a_bf16_run_trains_and_evaluates_in_bf16(stories, tmp_path):
+    # Same seed, so both runs start from the same weights: the step-0 evaluation and the first step's loss
+    # differ only by the arithmetic, which each of the run's forward passes must take from its precision.
+    records = {}
+    for precision in ("fp32", "bf16"):
+        run = train(tiny_config(stories, tmp_path / precision, max_steps=1, eval_every=1, precision=precision),
+                    quiet=True)  # fmt: skip
+        records[precision] = read_metrics(run.run_dir)
+    fp32, bf16 = records["fp32"], records["bf16"]
+    for step, key in ((0, "val_loss"), (0, "val_loss_doc"), (1, "train_loss"), (1, "val_loss")):
+        assert bf16[step][key] != fp32[step][key], (step, key)  # bf16 was really on
+        assert bf16[step][key] == pytest.approx(fp32[step][key], rel=2e-2), (step, key)
