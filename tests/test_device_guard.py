@@ -104,3 +104,16 @@ def test_muon_and_unfused_adamw_cannot_mask_an_update():
     weights = [torch.nn.Parameter(torch.randn(4, 4))]
     assert not masks_updates(torch.optim.AdamW(weights, foreach=True))
     assert not masks_updates(torch.optim.Muon(weights))
+
+
+def test_the_monitor_takes_the_device_decision_as_given():
+    # Where the two could part (a z-score within rounding of the threshold), the step was skipped or taken on
+    # the device already: the monitor counts it so, and keeps a taken step's values in its windows.
+    monitor = StabilityMonitor(guard=True)
+    for i in range(30):
+        assert monitor.allow_update(i, 3.0 + 0.01 * (i % 3), 1.0)
+    assert not monitor.allow_update(30, 3.0, 1.0, skipped=True)
+    assert monitor.skipped == 1 and monitor.state.norms[-1] == 1.0 and len(monitor.state.norms) == 30
+    assert monitor.allow_update(31, 3.0, 500.0, skipped=False)  # a hard spike, taken
+    assert monitor.skipped == 1 and monitor.state.norms[-1] == 500.0 and monitor.state.skip_streak == 0
+    assert [e["event"] for e in monitor.events] == ["grad_spike"]  # reported as the host judged it

@@ -131,26 +131,33 @@ def test_a_train_side_divergence_rolls_back_at_the_next_read(stories, tmp_path, 
     recoveries = {}
     for n in (1, 4):
         bad_batches(nan=[9, 10, 11])  # three skipped in a row: a divergence at step 11
-        result = train(tiny_config(stories, tmp_path / f"n{n}", max_steps=14, eval_every=4, host_read_every=n),
-                       quiet=True)  # fmt: skip
-        events = result.summary["events"]
+        trainer = tiny_trainer(stories, tmp_path / f"n{n}", max_steps=14, eval_every=4, host_read_every=n)
+        events = trainer.fit().summary["events"]
         assert [e["step"] for e in events if e["event"] == "divergence"] == [11]
         recoveries[n] = [(e["step"], e["restored_step"]) for e in events if e["event"] == "recovery"]
     assert recoveries == {1: [(11, 8)], 4: [(12, 8)]}
+    # the roll-back cleared the device's spike windows with the monitor's: they hold the same steps since
+    for row, history in enumerate((trainer.monitor.state.losses, trainer.monitor.state.norms)):
+        assert trainer.device_guard.counts[row].item() == len(history) == 2
+        assert trainer.device_guard.windows[row, -2:].tolist() == history
 
 
 def test_a_run_stopped_mid_interval_resumes_as_the_uninterrupted_one(stories, tmp_path, bad_batches):
-    # stopped at step 11, with the roll-back the divergence wants still due at the read of step 12
-    cfg = dict(max_steps=18, eval_every=8, host_read_every=4)
-    bad_batches(nan=[9, 10, 11])
+    # Stopped at step 7 with the roll-back its divergence wants still due (at the read of step 8), and at
+    # step 30 with full spike windows, the spike of step 31 judged against them.
+    cfg = dict(max_steps=34, eval_every=12, host_read_every=4)
+    bad = dict(nan=[5, 6, 7], spike=[31])
+    bad_batches(**bad)
     whole = train(tiny_config(stories, tmp_path / "whole", **cfg), quiet=True)
-    bad_batches(nan=[9, 10, 11])
+    assert [(e["event"], e["step"]) for e in whole.summary["events"] if e["event"] != "nan"] == [
+        ("divergence", 7), ("recovery", 8), ("loss_spike", 31), ("grad_spike", 31)]  # fmt: skip
+    bad_batches(**bad)
     split = tiny_config(stories, tmp_path / "split", **cfg)
-    stopped = train(split, quiet=True, interrupt_after=11)
-    assert stopped.interrupted and stopped.summary["steps"] == 11
-    assert not any(e["event"] == "recovery" for e in stopped.summary["events"])
+    stopped = train(split, quiet=True, interrupt_after=7)
+    assert stopped.interrupted and not any(e["event"] == "recovery" for e in stopped.summary["events"])
+    assert train(split, resume=True, quiet=True, interrupt_after=30).summary["steps"] == 30
     resumed = train(split, resume=True, quiet=True)
-    assert [e["step"] for e in whole.summary["events"] if e["event"] == "recovery"] == [12]
+    assert resumed.summary["skipped_updates"] == whole.summary["skipped_updates"] == 4
     assert _same_run(whole.run_dir, resumed.run_dir)
 
 
