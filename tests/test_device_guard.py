@@ -13,7 +13,7 @@ from tinylm.stability import StabilityMonitor
 
 
 def noisy_steps(seed: int, n: int):
-    """(loss, grad norm) pairs around a slow descent, with non-finite values (three in a row once), hard
+    """(loss, grad norm) pairs around a slow descent, with non-finite values (three in a row mid-way), hard
     spikes of either, moderate ones, and small ones the ratio filter lets pass."""
     rng = random.Random(seed)
     for i in range(n):
@@ -42,6 +42,8 @@ def test_the_device_decides_every_skip_as_the_monitor_does(seed):
         assert decided.dtype == torch.float32 and decided.shape == ()
         assert decided.item() == (0.0 if allowed else 1.0), (step, loss, norm)
         skips += not allowed
+        if step == 400:  # a resumed run's: from the monitor's saved state, its windows full
+            guard = DeviceGuard(StabilityMonitor(guard=True, state=monitor.state_dict(step)).state, torch.device("cpu"))
         if monitor.rollback_wanted and not monitor.state.recoveries == monitor.th.max_recoveries:
             monitor.rollback(torch.nn.Linear(1, 1), None, step)  # no good state kept: the windows are cleared
             guard.load(monitor.state)

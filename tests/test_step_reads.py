@@ -69,7 +69,8 @@ def test_the_host_reads_at_each_interval_and_before_evaluations_checkpoints_and_
 
 
 def _without_time(run_dir):
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_metrics(run_dir)]
+    """metrics.jsonl's records, each as its (key, value) pairs in order, the time's value left out."""
+    return [[(k, "time" if k == "elapsed_s" else v) for k, v in r.items()] for r in read_metrics(run_dir)]
 
 
 def _weights(run_dir):
@@ -85,7 +86,9 @@ def test_reading_every_four_steps_trains_the_same_run(stories, tmp_path):
     runs = {n: train(tiny_config(stories, tmp_path / f"n{n}", max_steps=14, eval_every=6, z_loss=1e-3,
                                  host_read_every=n), quiet=True).run_dir for n in (1, 4)}  # fmt: skip
     assert _same_run(runs[1], runs[4])
-    assert len([r for r in read_metrics(runs[4]) if "train_loss" in r]) == 14
+    steps = [r for r in read_metrics(runs[4]) if "train_loss" in r]
+    assert len(steps) == 14  # each step's record, its time that of its own step (read or not)
+    assert all(0 < a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(steps, steps[1:]))
 
 
 @pytest.fixture
@@ -132,9 +135,11 @@ def test_a_train_side_divergence_rolls_back_at_the_next_read(stories, tmp_path, 
     for n in (1, 4):
         bad_batches(nan=[9, 10, 11])  # three skipped in a row: a divergence at step 11
         trainer = tiny_trainer(stories, tmp_path / f"n{n}", max_steps=14, eval_every=4, host_read_every=n)
-        events = trainer.fit().summary["events"]
-        assert [e["step"] for e in events if e["event"] == "divergence"] == [11]
+        events = [r for r in read_metrics(trainer.fit().run_dir) if "event" in r]
         recoveries[n] = [(e["step"], e["restored_step"]) for e in events if e["event"] == "recovery"]
+        assert [(e["event"], e["step"]) for e in events if e["event"] != "recovery"] == [
+            ("nan", 9), ("nan", 10), ("nan", 11), ("divergence", 11)]  # fmt: skip
+        assert events[-1]["event"] == "recovery"  # in the log after the step's own events
     assert recoveries == {1: [(11, 8)], 4: [(12, 8)]}
     # the roll-back cleared the device's spike windows with the monitor's: they hold the same steps since
     for row, history in enumerate((trainer.monitor.state.losses, trainer.monitor.state.norms)):
@@ -159,6 +164,17 @@ def test_a_run_stopped_mid_interval_resumes_as_the_uninterrupted_one(stories, tm
     resumed = train(split, resume=True, quiet=True)
     assert resumed.summary["skipped_updates"] == whole.summary["skipped_updates"] == 4
     assert _same_run(whole.run_dir, resumed.run_dir)
+
+
+def test_the_device_decision_stands(stories, tmp_path, monkeypatch):
+    trainer = tiny_trainer(stories, tmp_path / "run", max_steps=8, host_read_every=4)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    monkeypatch.setattr(trainer.device_guard, "judge", lambda loss, grad_norm: torch.ones((), dtype=torch.float32))
+    for _ in range(2):
+        trainer.train_step()
+    trainer.read_steps()
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.monitor.skipped == 2 and trainer.monitor.events == []  # skipped, for no reason the host saw
 
 
 def test_guarded_muon_runs_read_every_step(stories, tmp_path, capsys):
