@@ -30,9 +30,18 @@ def device_reads(monkeypatch):
     row_losses = loss._row_losses
     monkeypatch.setattr(loss, "_row_losses", lambda *args, may_sync: row_losses(*args, may_sync=False))
     reads = []
+
+    def counted(name):
+        read = getattr(torch.Tensor, name)
+
+        def counted_read(tensor, *args, **kwargs):
+            reads.append(name)
+            return read(tensor, *args, **kwargs)
+
+        return counted_read
+
     for name in READS:
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
     try:
         yield reads
     finally:
@@ -47,9 +56,11 @@ def test_a_training_step_reads_the_device_once(stories, tmp_path, monkeypatch):
     assert record["train_loss"] > 0 and record["grad_norm"] > 0
 
 
-def test_steps_inside_a_read_interval_do_not_read_the_device(stories, tmp_path, monkeypatch):
-    trainer = tiny_trainer(stories, tmp_path / "run", max_steps=8, host_read_every=4)
-    assert trainer.device_guard is not None  # guarded by default: the skip decisions are the device's
+@pytest.mark.parametrize("settings", [{}, {"batching": "padded", "grad_accum": 2}, {"doc_mask": True, "z_loss": 1e-3},
+                                      {"guard": False}])  # fmt: skip
+def test_steps_inside_a_read_interval_do_not_read_the_device(stories, tmp_path, monkeypatch, settings):
+    trainer = tiny_trainer(stories, tmp_path / "run", max_steps=8, host_read_every=4, **settings)
+    assert (trainer.device_guard is not None) == trainer.t.guard  # guarded: the skip decisions are the device's
     with device_reads(monkeypatch) as reads:
         records = [trainer.train_step() for _ in range(3)]
     assert reads == [] and all("train_loss" not in r for r in records)
@@ -79,7 +90,8 @@ def _weights(run_dir):
 
 def _same_run(a, b) -> bool:
     wa, wb = _weights(a), _weights(b)
-    return _without_time(a) == _without_time(b) and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    same_weights = wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return same_weights and _without_time(a) == _without_time(b)
 
 
 def test_reading_every_four_steps_trains_the_same_run(stories, tmp_path):

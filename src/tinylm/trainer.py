@@ -292,7 +292,8 @@ class Trainer:
         p.step += 1
         p.tokens += t.grad_accum * t.batch_size * self.cfg.model.block_size
         p.real_tokens += step_real
-        step = TakenStep({"step": p.step, "tokens": p.tokens, "real_tokens": p.real_tokens, "lr": lr}, step_real, unread)
+        record = {"step": p.step, "tokens": p.tokens, "real_tokens": p.real_tokens, "lr": lr}
+        step = TakenStep(record, step_real, unread)
         if read is not None:
             self.complete_record(step, *read)
         self.taken.append(step)
