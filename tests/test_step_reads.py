@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config, tiny_trainer
 from tinylm import checkpoint, loss
 from tinylm.config import TrainConfig
+from tinylm.distributed import Cluster
 from tinylm.errors import UserError
 from tinylm.metrics import read_metrics
 from tinylm.model import GPT
@@ -195,6 +196,15 @@ def test_guarded_muon_runs_read_every_step(stories, tmp_path, capsys):
     assert "--host-read-every 4: reading every step instead (a guarded run needs fused AdamW" in capsys.readouterr().out
     unguarded = tiny_trainer(stories, tmp_path / "unguarded", optimizer="muon", guard=False, host_read_every=4)
     assert unguarded.read_every == 4  # nothing to mask: every update is taken
+
+
+def test_several_processes_read_every_step(stories, tmp_path, capsys):
+    # they agree on stopping with an all-reduce each step, itself a host read
+    trainer = tiny_trainer(stories, tmp_path / "run", quiet=False, host_read_every=4)
+    assert trainer.read_every == 4
+    trainer.cluster = Cluster(rank=0, world=2)
+    assert trainer.host_read_interval() == 1
+    assert "--host-read-every 4: reading every step instead (runs over several processes)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", [0, -3])
