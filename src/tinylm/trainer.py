@@ -256,6 +256,7 @@ class Trainer:
                 continue  # nothing of this step is read yet: the device goes on without the host
             *earlier, last = self.read_steps()
             for step in earlier:
+                step.record["elapsed_s"] = step.elapsed_s
                 self.log_step(step)
             if evaluate:
                 last.record.update(self.validate())
