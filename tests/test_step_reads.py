@@ -211,3 +211,28 @@ def test_several_processes_read_every_step(stories, tmp_path, capsys):
 def test_a_read_interval_below_one_is_refused(value):
     with pytest.raises(UserError, match="^host_read_every .*at least 1"):
         TrainConfig(max_steps=1, host_read_every=value)
+
+
+def test_a_run_saved_before_the_setting_existed_resumes_reading_every_step(stories, tmp_path, monkeypatch):
+    # config.json and the checkpoint's settings as a tinylm without host_read_every wrote them: the resume
+    # (config.json read back, as `tinylm train --resume` does) takes the default and trains the same run.
+    from tinylm.cli import build_parser
+    from tinylm.cli.settings import resume_config
+    from tinylm.config import RunConfig
+
+    whole = train(tiny_config(stories, tmp_path / "whole"), quiet=True)
+    to_dict = RunConfig.to_dict
+
+    def as_older_tinylm_saved_it(cfg):
+        saved = to_dict(cfg)
+        del saved["train"]["host_read_every"]
+        return saved
+
+    monkeypatch.setattr(RunConfig, "to_dict", as_older_tinylm_saved_it)
+    assert train(tiny_config(stories, tmp_path / "split"), quiet=True, interrupt_after=6).interrupted
+    monkeypatch.undo()
+    assert "host_read_every" not in (tmp_path / "split" / "config.json").read_text()
+    cfg = resume_config(build_parser().parse_args(["train", "--resume", str(tmp_path / "split")]))
+    assert cfg.train.host_read_every == 1
+    resumed = train(cfg, resume=True, quiet=True)
+    assert resumed.summary["steps"] == 12 and _same_run(whole.run_dir, resumed.run_dir)
