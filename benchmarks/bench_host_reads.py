@@ -6,8 +6,9 @@ Usage: python benchmarks/bench_host_reads.py --data SPEC [--preset basic] [--bat
 Two Trainers built as `tinylm train` builds them, the same seed and data, one reading every step (the
 guard deciding on the host) and one every N steps (the guard deciding on the device, the update masked);
 each repeat times --steps steps of each, in turns, from the first launch to the last read. No evaluation,
-metrics or checkpoint runs in the timed loop: only the steps and their reads. On a CPU the two take the
-same time (a read costs nothing there); what a GPU saves is one wait for its queue per step.
+metrics or checkpoint runs in the timed loop: only the steps and their reads. On a CPU reading less
+often saves nothing (a read costs nothing there) and the device's decision costs a little; what a GPU
+may save is one wait for its queue per step, against the decision's extra kernel launches.
 
 The printed JSON also holds the largest difference of the two variants' train losses over the same
 steps: 0 on a CPU (the same arithmetic), within a GPU's run-to-run rounding there.
