@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from tinylm.device_guard import DeviceGuard, mask_update, masks_updates
+from tinylm.device_guard import DeviceGuard, masks_updates, step_masked
 from tinylm.stability import StabilityMonitor
 
 
@@ -68,8 +68,8 @@ def test_a_masked_fused_adamw_step_leaves_weights_moments_and_step_count_bitwise
 
     def step(skip: float, grad_scale: float = 1.0) -> None:
         model(torch.randn(4, 8)).pow(2).sum().mul(grad_scale).backward()
-        mask_update(optimizer, torch.tensor(skip))
-        optimizer.step()
+        step_masked(optimizer, torch.tensor(skip))
+        assert not hasattr(optimizer, "found_inf")  # no later step inherits the decision
         optimizer.zero_grad()
 
     step(0.0)
@@ -94,8 +94,9 @@ def test_an_unmasked_step_is_bitwise_the_plain_step():
         for _ in range(3):
             model(torch.randn(4, 8)).pow(2).sum().backward()
             if masked:
-                mask_update(optimizer, torch.tensor(0.0))
-            optimizer.step()
+                step_masked(optimizer, torch.tensor(0.0))
+            else:
+                optimizer.step()
             optimizer.zero_grad()
         return [p.detach() for p in model.parameters()]
 

@@ -25,10 +25,15 @@ def masks_updates(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-def mask_update(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """The next ``optimizer.step()`` changes nothing where ``skip`` is 1 (a 0-dim float32 tensor, on the device;
-    fused AdamW subtracts it from each step count, whose shape it must have)."""
+def step_masked(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step(), changing nothing where ``skip`` is 1 (a 0-dim float32 tensor, on the device; fused
+    AdamW subtracts it from each step count, whose shape it must have). The flag is taken off the optimizer
+    afterwards, as torch's GradScaler does: a later step, or another optimizer's, must not inherit it."""
     optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 class DeviceGuard:

@@ -23,7 +23,7 @@ from tinylm import checkpoint
 from tinylm.config import RunConfig, TrainConfig
 from tinylm.costs import model_costs
 from tinylm.data.batching import Batch, RowSource
-from tinylm.device_guard import DeviceGuard, mask_update, masks_updates
+from tinylm.device_guard import DeviceGuard, masks_updates, step_masked
 from tinylm.distributed import Cluster
 from tinylm.evaluate import validation_loss_sum
 from tinylm.metrics import MetricsLog
@@ -214,7 +214,7 @@ class Trainer:
         self.monitor = StabilityMonitor(self.t.guard, progress.stability)
         self.monitor.resume_from(model, optimizer)
         self.read_every = self.host_read_interval()
-        self.device_guard = DeviceGuard(self.monitor.state, device) if self.read_every > 1 and self.t.guard else None
+        self.device_guard = DeviceGuard(self.monitor.state, device, self.monitor.th) if self.read_every > 1 and self.t.guard else None
         self.taken: list[TakenStep] = []  # the steps since the host last read
         self.log = None
         if cluster.is_main:
@@ -316,8 +316,7 @@ class Trainer:
             self.optimizer.step()
             return torch.zeros(1, dtype=torch.float64, device=self.device)
         skip = self.device_guard.judge(train_loss, grad_norm)
-        mask_update(self.optimizer, skip)
-        self.optimizer.step()
+        step_masked(self.optimizer, skip)
         return skip.double().view(1)
 
     def read_steps(self) -> list[TakenStep]:
