@@ -232,6 +232,25 @@ def ablation(check: Check) -> None:
         result.status, result.why = "failed", "the ablation wrote no report.md"
 
 
+def host_reads(check: Check) -> None:
+    """The training step reading the device every step against every 10 (train's --host-read-every), the
+    same steps in turns (benchmarks/bench_host_reads.py): ms a step of each. Run when named in --only."""
+    if check.cuda and not check.only:  # beyond the default budget, so only when named
+        check._record(PartResult("host-reads", "skipped", "name it in --only (about a minute)"))
+        return
+    figures_file = check.work / "host-reads.json"
+    if check.smoke:
+        size = ["--preset", "tiny", "--tokenizer", "bpe:300", "--batch-size", "2", "--every", "2", "--steps", "4",
+                "--repeats", "1", "--warmup", "1"]  # fmt: skip
+    else:
+        size = ["--preset", "basic", "--batch-size", "32", "--every", "10", "--steps", "60", "--repeats", "3"]
+    script = "benchmarks/bench_host_reads.py"
+    argv = [check.python, script, "--data", str(check.data), *size, "--json", str(figures_file)]
+    result = check.run("host-reads", argv, timeout=120 if check.smoke else 240)
+    if result.status == "passed":
+        result.figures = json.loads(figures_file.read_text())
+
+
 STUDY_RUNS_PER_GPU = (1, 4, 8)
 """--runs-per-gpu values the study part compares on one GPU."""
 
@@ -266,7 +285,8 @@ def study_runs_per_gpu(check: Check) -> None:
 def part_names(smoke: bool) -> list[str]:
     benches = [f"bench-{p}{suffix}" for suffix in ("", "-compile") for p in (["tiny"] if smoke else BENCH_PRESETS)]
     profile_parts = [f"profile-{p}" for p in (["tiny"] if smoke else PROFILE_PRESETS)]
-    return ["environment", "tests", "ablation", *benches, *profile_parts, *(f"study-gpu-k{k}" for k in STUDY_RUNS_PER_GPU)]
+    studies = [f"study-gpu-k{k}" for k in STUDY_RUNS_PER_GPU]
+    return ["environment", "tests", "ablation", *benches, *profile_parts, "host-reads", *studies]
 
 
 def _importable(python: str, module: str) -> bool:
@@ -344,6 +364,12 @@ def _notes(r: PartResult) -> str:
     f = r.figures
     if r.name == "tests" and f:
         return f"{f['tests']} tests, {f['failures'] + f['errors']} failed, {f['skipped']} skipped"
+    if r.name == "host-reads" and f:
+        every, ms = f["every"], f["ms_per_step"]
+        return (
+            f"{ms['every-1']:.2f} ms a step reading every step, {ms[f'every-{every}']:.2f} reading every "
+            f"{every}: {f['speedup']:.2f}×; train losses apart by at most {f['max_train_loss_difference']:.2g}"
+        )
     if r.name == "ablation" and f.get("phases"):
         return (
             "; ".join(f"{p} {v['start_val_loss']:.2f} → {v['best_val_loss']:.2f}" for p, v in f["phases"].items())
@@ -436,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     tests(check)
     ablation(check)
     benches(check, compiled=True)
+    host_reads(check)
     study_runs_per_gpu(check)
     summary = write_summary(check, started)
     print(f"\nwritten to {out}: " + ("FAILED parts: " + ", ".join(summary["failed_parts"]) if summary["failed_parts"]

@@ -50,6 +50,7 @@ def test_yaml_recipe_and_flag_override(stories, tmp_path):
         (["--n-head", "3"], "divisible"),
         (["--max-steps", "abc"], "must be a number"),
         (["--tokenizer", "wordpiece"], "unknown tokenizer"),
+        (["--host-read-every", "0"], "host_read_every"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(stories, tmp_path, args, message):

@@ -182,3 +182,51 @@ def test_every_model_switch_trains_resumes_and_samples_on_cuda(stories, tmp_path
         cached = list(generate(run.model, prompt, opts, run.tokenizer, use_cache=True))
         uncached = list(generate(run.model, prompt, opts, run.tokenizer, use_cache=False))
     assert cached == uncached
+
+
+def test_steps_inside_a_read_interval_do_not_synchronise_on_cuda(stories, tmp_path):
+    # host_read_every: the guard decides on the device and the update is masked; the host waits for nothing
+    # until it reads (torch raises on any synchronising call while the debug mode is "error").
+    from tinylm.distributed import Cluster
+    from tinylm.train import build_trainer
+
+    cfg = tiny_config(stories, tmp_path / "run", device="cuda", max_steps=8, host_read_every=4)
+    trainer = build_trainer(cfg, resume=False, quiet=True, cluster=Cluster(), device=CUDA)
+    assert trainer.read_every == 4 and trainer.device_guard is not None
+    trainer.train_step()  # the first creates the optimizer's state and warms the libraries up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    taken = trainer.read_steps()
+    assert [s.record["step"] for s in taken] == [1, 2, 3, 4] and all(s.record["train_loss"] > 0 for s in taken)
+
+
+def test_a_masked_update_skips_a_nan_step_on_cuda_as_the_host_does(stories, tmp_path, monkeypatch):
+    real_forward, calls = GPT.forward, {"n": 0}
+
+    def forward_with_one_nan(self, idx, targets=None, doc_ids=None, **options):
+        logits, *losses = real_forward(self, idx, targets, doc_ids, **options)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                losses = [loss * float("nan") for loss in losses]
+        return logits, *losses
+
+    monkeypatch.setattr(GPT, "forward", forward_with_one_nan)
+    runs = {}
+    for n in (1, 4):
+        calls["n"] = 0
+        runs[n] = train(tiny_config(stories, tmp_path / f"n{n}", device="cuda", host_read_every=n), quiet=True)
+    for run in runs.values():
+        assert [(e["event"], e["step"], e["skipped"]) for e in run.summary["events"]] == [("nan", 3, True)]
+        assert run.summary["skipped_updates"] == 1
+    a, b = read_metrics(runs[1].run_dir), read_metrics(runs[4].run_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):  # a skipped update moved nothing: the losses after it agree (atomics vary the last bits)
+        for key in ("train_loss", "val_loss"):
+            p, q = ra.get(key), rb.get(key)  # metrics.jsonl writes a non-finite value as a string
+            assert type(p) is type(q) and (not isinstance(p, float) or abs(p - q) < 2e-3), (ra["step"], key, p, q)

@@ -27,6 +27,12 @@ def test_gpu_check_runs_every_part_and_names_what_needs_cuda(stories, tmp_path):
     assert parts["ablation"]["status"] == "passed"
     assert parts["profile-tiny"]["status"] == "passed"
     assert parts["profile-tiny"]["figures"]["fp32"]["top"][0]["ms_per_step"] > 0  # the CPU profile of the step
+    host_reads = parts["host-reads"]
+    if torch.cuda.is_available():  # beyond a GPU's default budget, as the study parts: it runs when named in --only
+        assert host_reads["status"] == "skipped" and "--only" in host_reads["why"], host_reads
+    else:  # the step reading every step against every 2: the same losses on a CPU
+        assert host_reads["status"] == "passed" and host_reads["figures"]["max_train_loss_difference"] == 0.0
+        assert all(ms > 0 for ms in host_reads["figures"]["ms_per_step"].values())
     assert set(parts["ablation"]["figures"]["phases"]) == {"baseline", "init", "cosine", "packed"}
     assert (out / "ablation-report.md").exists() and (out / "summary.md").exists()
     if not torch.cuda.is_available():

@@ -148,7 +148,8 @@ def test_resume_takes_only_budget_device_compile_and_tracker(tmp_path):
     cfg = resume_config(parse(["train", "--resume", str(run), "--max-steps", "9", "--compile", "--tracker", "mlflow"]))
     assert cfg.train.max_steps == 9 and cfg.train.compile and cfg.train.out == str(run) and cfg.model.n_layer == 2
     assert cfg.train.tracker == "mlflow"  # where a copy of the metrics goes: not a setting of the mathematics
-    for extra in (["--n-layer", "3"], ["--lr", "0.1"], ["--preset", "tiny"]):
+    # --host-read-every too: it moves a guarded run's roll-backs (config.py)
+    for extra in (["--n-layer", "3"], ["--lr", "0.1"], ["--preset", "tiny"], ["--host-read-every", "4"]):
         with pytest.raises(UserError, match="with --resume only"):
             resume_config(parse(["train", "--resume", str(run), *extra]))
 

@@ -199,6 +199,14 @@ class TrainConfig:
     guard: bool = True
     """Skip non-finite or extreme updates and roll back from divergence with a lower LR."""
 
+    host_read_every: int = 1
+    """Steps between the host's reads of the training losses and gradient norms (1: every step, as tinylm
+    always has). With N > 1 a guarded step's skip decision is made on the device and its update masked,
+    so that a GPU need not wait for its queue each step; the N steps are read in one transfer, and before
+    every evaluation, checkpoint and stop. metrics.jsonl is the same, but a divergence seen in the training
+    loss rolls back at the next read rather than at once, so the setting is saved and kept on resume.
+    Guarded runs under Muon, and runs over several processes, read every step whatever it says."""
+
     # --- run ---
     seed: int = 1337
     """Random seed of the initial weights and of the order of the training rows."""
@@ -222,7 +230,7 @@ class TrainConfig:
         # "no budget": a run of no steps has nothing to measure.
         _read_fields(self)
         counts = ("batch_size", "grad_accum", "max_steps", "max_tokens", "eval_every", "eval_tokens", "log_every",
-                  "checkpoint_every")  # fmt: skip
+                  "checkpoint_every", "host_read_every")  # fmt: skip
         _require(self, counts, lambda v: v >= 1, "at least 1")
         _require(self, ("warmup_steps", "seed"), lambda v: v >= 0, "at least 0")
         _require(self, ("lr", "muon_lr", "max_time"), lambda v: v > 0, "positive")

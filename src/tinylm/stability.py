@@ -168,8 +168,12 @@ class StabilityMonitor:
 
     # --- what the training loop calls ---
 
-    def allow_update(self, step: int, loss: float, grad_norm: float) -> bool:
-        """Record the step's loss and gradient norm; False means skip this update."""
+    def allow_update(self, step: int, loss: float, grad_norm: float, skipped: bool | None = None) -> bool:
+        """Record the step's loss and gradient norm; False means skip this update.
+
+        skipped: the decision already taken on the device (DeviceGuard, when the host reads the steps
+        later): it stands, and the monitor records the step as it would have judged it.
+        """
         s = self.state
         step += 1  # events are named by the step number the update would produce
         s.last_loss_finite = math.isfinite(loss)
@@ -180,7 +184,8 @@ class StabilityMonitor:
             self._spike_z("loss_spike", step, loss, s.losses, self.th.loss_spike_ratio),
             self._spike_z("grad_spike", step, grad_norm, s.norms, self.th.grad_spike_ratio),
         )
-        if self.guard and worst_z > self.th.hard_spike_z:
+        hard_spike = worst_z > self.th.hard_spike_z if skipped is None else skipped
+        if self.guard and hard_spike:
             return self._skip(step, loss)  # keep the spike out of the history too
         s.skip_streak = 0
         self._remember(s.losses, loss)

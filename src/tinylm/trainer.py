@@ -1,7 +1,8 @@
 """The training loop: a Trainer steps a run that train.py has set up, from its progress to its budget.
 
 Each step is ``batch -> forward/backward -> clip -> guarded update``, then maybe an evaluation
-(the guard judges it and may roll back), the metrics, and maybe a checkpoint.
+(the guard judges it and may roll back), the metrics, and maybe a checkpoint. With host_read_every N > 1
+the guard decides on the device and the host reads the steps' values N at a time (see TakenStep).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tinylm import checkpoint
 from tinylm.config import RunConfig, TrainConfig
 from tinylm.costs import model_costs
 from tinylm.data.batching import Batch, RowSource
+from tinylm.device_guard import DeviceGuard, masks_updates, step_masked
 from tinylm.distributed import Cluster
 from tinylm.evaluate import validation_loss_sum
 from tinylm.metrics import MetricsLog
@@ -62,6 +64,20 @@ class RunData:
     val_batches: list[Batch]  # this rank's share of the fixed (packed) validation batches
     val_doc_batches: list[Batch]  # this rank's share of the per-document validation batches
     meta: dict[str, Any]  # the prepared data's: source, tokenizer, vocab_size ...
+
+
+@dataclass
+class TakenStep:
+    """A step whose update is done. Its record (step, tokens, real_tokens, lr) gets the step's losses and
+    gradient norm once the host has read them: in the step itself when it reads every step (the guard
+    decides there), else at the next read, from ``unread``: [loss sum, z-loss sum, grad norm, skip] on the
+    device, the skip decided there (DeviceGuard)."""
+
+    record: dict[str, Any]
+    step_real: int  # the step's real targets, the losses' divisor
+    unread: torch.Tensor | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)  # the guard's, about this step
+    elapsed_s: float = 0.0
 
 
 class RunClock:
@@ -197,6 +213,9 @@ class Trainer:
         self.schedule_extended = self.schedule.extension(steps_budget, self.t.max_time)
         self.monitor = StabilityMonitor(self.t.guard, progress.stability)
         self.monitor.resume_from(model, optimizer)
+        self.read_every = self.host_read_interval()
+        self.device_guard = DeviceGuard(self.monitor.state, device, self.monitor.th) if self.read_every > 1 and self.t.guard else None
+        self.taken: list[TakenStep] = []  # the steps since the host last read
         self.log = None
         if cluster.is_main:
             resuming = bool(progress.val_losses)  # metrics.jsonl holds an earlier process's records
@@ -228,15 +247,26 @@ class Trainer:
             print(f"--max-time {max_time:g} s is spent ({p.elapsed_s:.1f} s trained): no step more; "
                   "resume with a larger --max-time to train on", flush=True)  # fmt: skip
         while not budget_spent and not self.monitor.gave_up:
-            record = self.train_step()
+            self.train_step()
             budget_spent, stop_asked = self.agree_to_stop(stop)
-            if budget_spent or p.step % self.t.eval_every == 0:
-                record.update(self.validate())
-            if self.monitor.rollback_wanted:
-                self.monitor.rollback(self.model, self.optimizer, p.step)
-            p.elapsed_s = record["elapsed_s"] = self.clock.elapsed_s()  # the step's time, evaluation included
-            self.log_step(record)
-            self.maybe_checkpoint(final=budget_spent or stop_asked or self.monitor.gave_up)
+            evaluate, at_read = budget_spent or p.step % self.t.eval_every == 0, p.step % self.read_every == 0
+            final = budget_spent or stop_asked
+            if not (at_read or evaluate or final or self.checkpoint_due()):
+                p.elapsed_s = self.taken[-1].elapsed_s = self.clock.elapsed_s()
+                continue  # nothing of this step is read yet: the device goes on without the host
+            *earlier, last = self.read_steps()
+            for step in earlier:
+                step.record["elapsed_s"] = step.elapsed_s
+                self.log_step(step)
+            if evaluate:
+                last.record.update(self.validate())
+            # A roll-back comes at a read the step number fixes (not at a stop's, or a checkpoint's, which a
+            # resume may move): wanted at a stop, it is saved and comes at the resumed run's next such read.
+            if self.monitor.rollback_wanted and (at_read or evaluate):
+                self.roll_back()
+            p.elapsed_s = last.record["elapsed_s"] = self.clock.elapsed_s()  # the step's time, evaluation included
+            self.log_step(last)
+            self.maybe_checkpoint(final=final or self.monitor.gave_up)
             if stop_asked and not budget_spent:
                 return True
         return False
@@ -244,7 +274,8 @@ class Trainer:
     # --- its parts ---
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step: batch, forward/backward, clip, guarded update. Returns the step's metrics."""
+        """One optimizer step: batch, forward/backward, clip, guarded update. It joins self.taken; returns its
+        metrics record (whose losses and gradient norm wait for the next read when the host reads less often)."""
         t, p = self.t, self.progress
         lr = self.schedule.lr(t, p.step, p.elapsed_s) * self.monitor.lr_scale
         set_lr(self.optimizer, lr)
@@ -252,21 +283,65 @@ class Trainer:
         sums = accumulate_gradients(self.trainable, batches, step_real, self.cluster, self.device, t.z_loss,
                                     self.data.meta["vocab_size"], t.precision)  # fmt: skip
         grad_norm = clip_gradients(self.model, t.grad_clip)
-        # The guard decides on this step's update from its loss and gradient norm: the one host read of the
-        # step, both values at once (on a GPU, the one wait for its queue of kernels).
-        *loss_sums, grad_norm = torch.cat([sums, grad_norm.double().view(1)]).tolist()
-        train_loss, z_term = (s / step_real for s in self.cluster.sum(loss_sums, self.device))
-        if self.monitor.allow_update(p.step, train_loss, grad_norm):
-            self.optimizer.step()
+        values = torch.cat([sums, grad_norm.double().view(1)])
+        read, unread = None, None
+        if self.read_every == 1:
+            read = self.update_judged_on_host(values, step_real)
+        else:
+            unread = torch.cat([values, self.update_judged_on_device(values[0] / step_real, grad_norm)])
         self.optimizer.zero_grad(set_to_none=True)
         p.step += 1
         p.tokens += t.grad_accum * t.batch_size * self.cfg.model.block_size
         p.real_tokens += step_real
-        record = {"step": p.step, "tokens": p.tokens, "real_tokens": p.real_tokens, "lr": lr,
-                  "train_loss": train_loss, "grad_norm": grad_norm}  # fmt: skip
-        if t.z_loss:
-            record["train_z_loss"] = z_term  # the term backpropagated beside train_loss
-        return record
+        record = {"step": p.step, "tokens": p.tokens, "real_tokens": p.real_tokens, "lr": lr}
+        step = TakenStep(record, step_real, unread)
+        if read is not None:
+            self.complete_record(step, *read)
+        self.taken.append(step)
+        return step.record
+
+    def update_judged_on_host(self, values: torch.Tensor, step_real: int) -> tuple[float, float, float]:
+        """The guard decides on this step's update from its loss and gradient norm: the one host read of the
+        step, both values at once (on a GPU, the one wait for its queue of kernels). Returns (train loss,
+        z-loss term, gradient norm)."""
+        *loss_sums, grad_norm = values.tolist()
+        train_loss, z_term = (s / step_real for s in self.cluster.sum(loss_sums, self.device))
+        if self.monitor.allow_update(self.progress.step, train_loss, grad_norm):
+            self.optimizer.step()
+        return train_loss, z_term, grad_norm
+
+    def update_judged_on_device(self, train_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """The update, masked where the device's guard skips it; returns that decision (1: skipped), unread."""
+        if self.device_guard is None:  # an unguarded run takes every update
+            self.optimizer.step()
+            return torch.zeros(1, dtype=torch.float64, device=self.device)
+        skip = self.device_guard.judge(train_loss, grad_norm)
+        step_masked(self.optimizer, skip)
+        return skip.double().view(1)
+
+    def read_steps(self) -> list[TakenStep]:
+        """The steps since the last read, their values read from the device in one transfer and replayed through
+        the guard in order, each with its events; the device's skip decisions stand."""
+        taken, self.taken = self.taken, []
+        unread = [step.unread for step in taken if step.unread is not None]
+        for step, (loss_sum, z_sum, grad_norm, skip) in zip(taken, torch.stack(unread).tolist() if unread else []):
+            train_loss, z_term = loss_sum / step.step_real, z_sum / step.step_real
+            self.monitor.allow_update(step.record["step"] - 1, train_loss, grad_norm, skipped=bool(skip))
+            self.complete_record(step, train_loss, z_term, grad_norm)
+        return taken
+
+    def complete_record(self, step: TakenStep, train_loss: float, z_term: float, grad_norm: float) -> None:
+        """The step's losses and gradient norm into its record, and the guard's events about it beside it."""
+        step.record.update(train_loss=train_loss, grad_norm=grad_norm)
+        if self.t.z_loss:
+            step.record["train_z_loss"] = z_term  # the term backpropagated beside train_loss
+        step.events = self.monitor.drain_events()
+
+    def roll_back(self) -> None:
+        """Back to the guard's last good state; the device's spike windows are cleared with the monitor's."""
+        self.monitor.rollback(self.model, self.optimizer, self.progress.step)
+        if self.device_guard is not None:
+            self.device_guard.load(self.monitor.state)
 
     def agree_to_stop(self, stop: StopFlag) -> tuple[bool, bool]:
         """(budget spent, stop asked), the same on every rank: one stopping alone would hang the next all-reduce."""
@@ -291,27 +366,30 @@ class Trainer:
         monitor.remember_good(self.model, self.optimizer, p.step)
         return {"val_loss": loss, "val_loss_doc": loss_doc}
 
-    def log_step(self, record: dict[str, Any]) -> None:
+    def log_step(self, step: TakenStep) -> None:
         """The guard's events and the step's metrics to the log; then the progress bar (or a line per evaluation)."""
-        p = self.progress
-        for event in self.monitor.drain_events():
+        p, record = self.progress, step.record
+        for event in step.events + self.monitor.drain_events():  # the step's, then the evaluation's and roll-back's
             self.write(event)
-        if "val_loss" in record or p.step % self.t.log_every == 0:
+        if "val_loss" in record or record["step"] % self.t.log_every == 0:
             self.write(record)
-        checkpoint.kill_point("train:after-metrics", p.step)
+        checkpoint.kill_point("train:after-metrics", record["step"])
         self.bar.update(1)
         tokens_per_s = p.tokens / max(p.elapsed_s, 1e-9)
         self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         if "val_loss" in record and self.bar.disable and not self.quiet:
             print(
-                f"step {p.step}: train {record['train_loss']:.4f} val {record['val_loss']:.4f} "
+                f"step {record['step']}: train {record['train_loss']:.4f} val {record['val_loss']:.4f} "
                 f"(per-document {record['val_loss_doc']:.4f})",
                 flush=True,
             )
 
+    def checkpoint_due(self) -> bool:
+        return self.progress.step % (self.t.checkpoint_every or self.t.eval_every) == 0
+
     def maybe_checkpoint(self, final: bool) -> None:
         p = self.progress
-        if self.cluster.is_main and (final or p.step % (self.t.checkpoint_every or self.t.eval_every) == 0):
+        if self.cluster.is_main and (final or self.checkpoint_due()):
             p.stability = self.monitor.state_dict(p.step)
             self.log.sync()  # the metrics this checkpoint covers are on disk before it is committed
             checkpoint.save(self.run_dir, self.model, self.optimizer, vars(p),  # vars: the snapshot is not copied
@@ -322,6 +400,21 @@ class Trainer:
             self.log.write(record)
 
     # --- before and after ---
+
+    def host_read_interval(self) -> int:
+        """host_read_every, or 1 where reading less often is not possible: a guarded run needs an optimizer that
+        can mask an update (fused AdamW, not Muon), and several processes agree on stopping each step anyway."""
+        wanted = self.t.host_read_every
+        if wanted == 1:
+            return 1
+        why = ("runs over several processes" if self.cluster.active
+               else "a guarded run needs fused AdamW to skip an update on the device"
+               if self.t.guard and not masks_updates(self.optimizer) else None)  # fmt: skip
+        if why is None:
+            return wanted
+        if not self.quiet:
+            print(f"--host-read-every {wanted}: reading every step instead ({why})", flush=True)
+        return 1
 
     def announce(self) -> None:
         t, world = self.t, self.cluster.world
