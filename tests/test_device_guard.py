@@ -77,7 +77,10 @@ EDGES = {
     # z exactly spike_z (losses 1 and 3, a loss of 2.25: z = 0.25) is not a spike, so the ratio filter does not
     # zero it, and it is beyond a hard threshold set lower still
     "z_at_exactly_the_spike_threshold": (
-        Thresholds(spike_z=0.25, hard_spike_z=0.1), [(1.0, 1.0), (3.0, 1.0)] * 10, (2.25, 1.0), True
+        Thresholds(spike_z=0.25, hard_spike_z=0.1),
+        [(1.0, 1.0), (3.0, 1.0)] * 10,
+        (2.25, 1.0),
+        True,
     ),
 }
 
