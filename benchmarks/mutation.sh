@@ -25,10 +25,11 @@ declare -A MODULES=(
   [evaluate]="src/tinylm/evaluate.py|tests/test_use.py tests/test_doc_eval.py tests/test_closed_forms.py tests/test_precision.py|bits_per_byte or eval or beyond or per_document"
   [optim]="src/tinylm/optim.py|tests/test_optim.py tests/test_train.py tests/test_closed_forms.py tests/test_reference.py|cosine or wsd or warmup or constant or time_budget or span_holds or muon_takes or schedule_scales or longer_budget or learning_rate_schedules or round_trips or torch_without_it or gpt2_training or muon_training"
   [loss]="src/tinylm/loss.py|tests/test_loss.py tests/test_reference.py|not cuda"
-  [trainer]="src/tinylm/trainer.py|tests/test_trainer_records.py tests/test_train.py tests/test_reference.py tests/test_stability.py tests/test_step_reads.py tests/test_tracking.py|not slow and not loss_falls and not same_seed and not after_kill and not llama and not muon and not healthy_run and not high_lr_run and not non_finite and not (resume_equals_uninterrupted and (constant or wsd or doc or dropout)) and (not test_tracking or resumed_with_another_tracker)"
+  [trainer]="src/tinylm/trainer.py|tests/test_trainer_records.py tests/test_train.py tests/test_reference.py tests/test_stability.py tests/test_step_reads.py tests/test_device_guard.py tests/test_tracking.py|not slow and not loss_falls and not same_seed and not after_kill and not llama and (not muon or guarded_muon_runs_read_every_step) and not healthy_run and not high_lr_run and not non_finite and not (resume_equals_uninterrupted and (constant or wsd or doc or dropout)) and (not test_tracking or resumed_with_another_tracker)"
+  [device_guard]="src/tinylm/device_guard.py|tests/test_device_guard.py tests/test_step_reads.py tests/test_stability.py|test_device_guard or skips_the_same_bad_steps or device_decision_stands or rolls_back_at_the_next_read or guarded_muon or spike_detector or streak_of_skipped"
   [studyplan]="src/tinylm/study/plan.py|tests/test_study.py|not slow"
 )
-ORDER=(costs stats evaluate optim loss trainer studyplan)
+ORDER=(costs stats evaluate optim loss trainer device_guard studyplan)
 
 ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 OUT=${OUT:-/tmp/tinylm-mutation}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tinylm.device_guard import DeviceGuard, masks_updates, step_masked
-from tinylm.stability import StabilityMonitor
+from tinylm.stability import StabilityMonitor, Thresholds
 
 
 def noisy_steps(seed: int, n: int):
@@ -57,6 +57,45 @@ def test_the_device_decides_every_skip_as_the_monitor_does(seed):
     assert any(e["event"] == "nan" for e in monitor.events)
     assert any(e["skipped"] for e in spikes) and any(not e["skipped"] for e in spikes)
     assert skips > len([e for e in monitor.events if e["event"] == "nan"]) and rollbacks >= 1
+
+
+# Edge cases the random sequences above never land on: each a history of accepted (loss, grad norm) steps,
+# then one step, and whether it is skipped, worked out by hand from allow_update's rule.
+EDGES = {
+    # a constant window of small norms (std 0): the floor under the std is 1e-3 of the mean, so a norm of
+    # 0.05 against 0.01 is z = 4000, a hard spike
+    "floor_under_a_zero_spread": (Thresholds(), [(1.0, 0.01)] * 20, (1.0, 0.05), True),
+    # a loss exactly loss_spike_ratio (1.2) times the window's mean is not "small": z = 200, skipped
+    "loss_at_exactly_the_ratio": (Thresholds(), [(1.0, 1.0)] * 20, (1.2, 1.0), True),
+    # losses 1 and 3 (mean 2, std 1): a loss of 14 is z = 12 exactly, not beyond hard_spike_z
+    "z_at_exactly_the_hard_threshold": (Thresholds(), [(1.0, 1.0), (3.0, 1.0)] * 10, (14.0, 1.0), False),
+    # one step of history judged: its mean is that step's value, a norm 3x it (ratio 2.5) a hard spike
+    "history_of_one": (Thresholds(spike_min_history=1), [(1.0, 1.0)], (1.0, 3.0), True),
+    # a hard threshold below 1: nothing in the warm-up, nor an unusual but small loss, may reach it
+    "warm_up_under_a_low_hard_threshold": (Thresholds(hard_spike_z=0.5), [], (1.0, 1.0), False),
+    "small_loss_under_a_low_hard_threshold": (Thresholds(hard_spike_z=0.5), [(1.0, 1.0)] * 20, (1.1, 1.0), False),
+    # z exactly spike_z (losses 1 and 3, a loss of 2.25: z = 0.25) is not a spike, so the ratio filter does not
+    # zero it, and it is beyond a hard threshold set lower still
+    "z_at_exactly_the_spike_threshold": (
+        Thresholds(spike_z=0.25, hard_spike_z=0.1),
+        [(1.0, 1.0), (3.0, 1.0)] * 10,
+        (2.25, 1.0),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EDGES)
+def test_the_device_decides_the_edge_cases_as_the_monitor_does(case):
+    thresholds, history, (loss, norm), skipped = EDGES[case]
+    monitor = StabilityMonitor(guard=True, thresholds=thresholds)
+    guard = DeviceGuard(monitor.state, torch.device("cpu"), thresholds)
+    for step, (h_loss, h_norm) in enumerate(history):
+        assert guard.judge(torch.tensor(h_loss, dtype=torch.float64), torch.tensor(h_norm)).item() == 0.0
+        assert monitor.allow_update(step, h_loss, h_norm)
+    decided = guard.judge(torch.tensor(loss, dtype=torch.float64), torch.tensor(norm))
+    assert monitor.allow_update(len(history), loss, norm) is not skipped
+    assert decided.item() == float(skipped)
 
 
 def test_a_masked_fused_adamw_step_leaves_weights_moments_and_step_count_bitwise_unchanged():

@@ -207,6 +207,14 @@ def test_several_processes_read_every_step(stories, tmp_path, capsys):
     assert "--host-read-every 4: reading every step instead (runs over several processes)" in capsys.readouterr().out
 
 
+def test_a_run_reading_every_step_as_asked_is_told_nothing(stories, tmp_path, capsys):
+    # the fall-back message is for a run that asked for more than 1 and cannot have it
+    trainer = tiny_trainer(stories, tmp_path / "guarded", quiet=False, optimizer="muon")  # cannot mask an update
+    trainer.cluster = Cluster(rank=0, world=2)  # nor read less often than every step
+    assert trainer.host_read_interval() == 1
+    assert "--host-read-every" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("value", [0, -3])
 def test_a_read_interval_below_one_is_refused(value):
     with pytest.raises(UserError, match="^host_read_every .*at least 1"):
