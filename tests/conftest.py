@@ -54,7 +54,7 @@ def pytest_xdist_auto_num_workers(config):
 def pytest_configure(config):
     """Under pytest-xdist (the suite's default, -n auto), the cores are shared out among the workers: each
     worker's torch, and the tinylm processes its tests start, take their share of threads rather than every
-    core each, which oversubscribed the CPU and made the suite slower than one process."""
+    core each (which would run more threads than cores)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch

@@ -214,7 +214,9 @@ class Trainer:
         self.monitor = StabilityMonitor(self.t.guard, progress.stability)
         self.monitor.resume_from(model, optimizer)
         self.read_every = self.host_read_interval()
-        self.device_guard = DeviceGuard(self.monitor.state, device, self.monitor.th) if self.read_every > 1 and self.t.guard else None
+        self.device_guard = (
+            DeviceGuard(self.monitor.state, device, self.monitor.th) if self.read_every > 1 and self.t.guard else None
+        )
         self.taken: list[TakenStep] = []  # the steps since the host last read
         self.log = None
         if cluster.is_main:
